@@ -1,0 +1,269 @@
+"""Run configuration: the single source of defaults, documentation and validation errors.
+
+A run is described by a YAML file (see ``examples/tiny.yaml``). Every field below is a
+config key; nested models are YAML sections. Defaults follow the paper (arXiv
+2402.16141, Sec. 4.1): LoRA on q,k,v,o,gate,up,down, AdamW, constant LR 1e-4, beta2 0.99,
+global batch 24, r 8, alpha 16.
+
+Bad input never raises a traceback at the user: :func:`load_run_config` turns every
+problem into :class:`ConfigError`, whose message is one line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BUNDLED_DATASETS = ("tiny-dialogues",)  # names resolved by plora_ray.data, not paths
+
+
+class ConfigError(Exception):
+    """A user-facing configuration problem; ``str(err)`` is one line naming field and fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """Shape of the random-init ``tiny`` Llama used by tests and the quick example."""
+
+    hidden_size: int = Field(64, ge=8, description="hidden width (d_model)")
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=1)
+    max_position_embeddings: int = Field(1024, ge=16)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "tiny",
+        description="'tiny' (random-init Llama built from `tiny`), a local directory, "
+        "or a hub id transformers can load",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dtype of the backbone weights; LoRA factors, merges and the ledger "
+        "always stay fp32",
+    )
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale s = alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(PAPER_TARGETS), min_length=1)
+    init_a: Literal["kaiming", "gaussian"] = Field(
+        "kaiming", description="re-initialisation of A (peft's kaiming-uniform or gaussian)"
+    )
+
+
+class PLoraConfig(_Section):
+    unload_every_samples: int | None = Field(
+        None, ge=1, description="unload after this many training samples (paper: 4800)"
+    )
+    unload_every_steps: int | None = Field(
+        None, ge=1, description="unload after this many optimizer steps"
+    )
+    momentum: float = Field(0.0, ge=0, lt=1, description="momentum m in [0, 1)")
+    momentum_rule: Literal["preserve", "paper"] = Field(
+        "preserve",
+        description="preserve: merge (1-m)sBA, keep msBA in the adapter (B <- mB); "
+        "paper: merge (1-m)sBA, scale A and B by m each",
+    )
+    optimizer_on_unload: Literal["reset", "keep", "prune"] = "reset"
+    prune_ratio: float = Field(
+        0.99, gt=0, lt=1, description="for optimizer_on_unload=prune: fraction of moment "
+        "entries zeroed (smallest magnitude first)"
+    )
+    scheduler_on_unload: Literal["restart", "continue"] = "restart"
+    rewarmup_steps: int = Field(0, ge=0, description="linear LR re-warm-up after each unload")
+    ledger: bool = Field(True, description="keep each stage's merged factors (fp32)")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip; null disables")
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimConfig":
+        for b in self.betas:
+            if not 0 <= b < 1:
+                raise ValueError("each of optim.betas must be in [0, 1)")
+        return self
+
+
+class DataConfig(_Section):
+    train_files: list[str] = Field(
+        default_factory=lambda: ["tiny-dialogues"],
+        min_length=1,
+        description="json/jsonl/parquet files (messages, conversations or alpaca rows), "
+        f"or a bundled name: {', '.join(BUNDLED_DATASETS)}",
+    )
+    max_length: int = Field(512, ge=8, description="tokens per example (truncated)")
+    micro_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(6, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
+    shuffle: bool = True
+
+
+class RunConfig(_Section):
+    name: str = "plora-run"
+    method: Literal["plora", "lora", "full"] = "plora"
+    seed: int = 0
+    output_dir: str = Field("runs/plora-run", description="where results are written")
+    log_every_steps: int = Field(10, ge=1, description="print a step line every N steps")
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    plora: PLoraConfig = PLoraConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _unload_point(self) -> "RunConfig":
+        p = self.plora
+        if p.unload_every_samples is not None and p.unload_every_steps is not None:
+            raise ValueError(
+                "set only one of plora.unload_every_samples and plora.unload_every_steps"
+            )
+        if self.method == "plora" and p.unload_every_samples is None and p.unload_every_steps is None:
+            raise ValueError(
+                "method plora needs an unload point: set plora.unload_every_samples "
+                "(paper: 4800) or plora.unload_every_steps"
+            )
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.data.micro_batch_size * self.data.gradient_accumulation_steps
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _known_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        out.append(path)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_known_paths(ann, path + "."))
+    return out
+
+
+def nearest_key(path: str, model: type[BaseModel] = None) -> str | None:
+    """The valid dotted key closest to ``path`` (for 'did you mean' messages)."""
+    known = _known_paths(model or RunConfig)
+    parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+    same_level = [k for k in known if k.startswith(parent) and "." not in k[len(parent):]]
+    match = difflib.get_close_matches(path, same_level, n=1, cutoff=0.5) or difflib.get_close_matches(
+        path, known, n=1, cutoff=0.6
+    )
+    return match[0] if match else None
+
+
+def _describe(err: dict, model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        hint = nearest_key(loc, model)
+        fix = f"did you mean '{hint}'?" if hint else "remove it"
+        return f"unknown key '{loc}': {fix}"
+    got = err.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    field = f"field '{loc}'" if loc else "config"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"{field}: {msg}{got_s}"
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel] = None) -> str:
+    errors = exc.errors()
+    first = _describe(errors[0], model or RunConfig)
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return first + more
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. lora.rank=4)")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def apply_override(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' not found: check the path")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys (got {type(data).__name__})")
+    return data
+
+
+def build_run_config(data: dict, source: str = "config") -> RunConfig:
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc)}") from None
+    for f in cfg.data.train_files:
+        if f not in BUNDLED_DATASETS and not Path(f).exists():
+            raise ConfigError(
+                f"{source}: field 'data.train_files': file '{f}' not found: give an existing "
+                f"path or a bundled name ({', '.join(BUNDLED_DATASETS)})"
+            )
+    if cfg.model.name_or_path != "tiny":
+        looks_local = cfg.model.name_or_path.startswith((".", "/", "~"))
+        if looks_local and not Path(cfg.model.name_or_path).expanduser().exists():
+            raise ConfigError(
+                f"{source}: field 'model.name_or_path': directory '{cfg.model.name_or_path}' "
+                "not found: give a model directory, a hub id, or 'tiny'"
+            )
+    return cfg
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Read, override (``key=value``) and validate a run YAML; raises ConfigError."""
+    data = read_yaml(path)
+    for item in overrides:
+        apply_override(data, *parse_override(item))
+    return build_run_config(data, source=str(path))

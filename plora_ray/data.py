@@ -1,0 +1,188 @@
+"""Training data: conversation files -> tokenised examples with an assistant-only loss mask,
+and the step plan (micro-batches grouped into optimizer steps, short last step kept).
+
+Row formats accepted (json array, jsonl or parquet):
+
+* OpenAI / Tulu: ``{"messages": [{"role": "user", "content": ...}, ...]}``
+* ShareGPT / FastChat: ``{"conversations": [{"from": "human", "value": ...}, ...]}``
+* alpaca: ``{"instruction": ..., "input": ..., "output": ...}``
+
+Loss is on assistant tokens only (the reply and its end-of-turn token). The mask comes from
+character spans: the template rendered up to a reply (with the generation prompt) is a
+prefix of the template rendered through it, and the tokens inside that span are labelled.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant"}
+ROLES = {"system", "user", "assistant"}
+
+
+class DataError(Exception):
+    """A user-facing data problem; ``str(err)`` is one line naming file, line and fix."""
+
+
+def bundled_path(name: str) -> Path:
+    return Path(str(resources.files("plora_ray") / "data" / f"{name.replace('-', '_')}.jsonl"))
+
+
+def read_rows(path: str | Path) -> list[tuple[int, object]]:
+    """(line number, row) pairs from json / jsonl / parquet; line numbers are 1-based."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found: check data.train_files")
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(p)
+        except Exception as exc:  # pyarrow raises several types for a broken file
+            raise DataError(f"{p}: not a readable parquet file ({exc})") from None
+        return list(enumerate(table.to_pylist(), start=1))
+    text = p.read_text(encoding="utf-8", errors="strict")
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        return list(enumerate(rows, start=1))
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}:{lineno}: invalid JSON ({exc.msg}): fix or remove that line") from None
+    return out
+
+
+def to_messages(row: object, where: str) -> list[dict]:
+    """Normalise one row of any accepted format to a list of {role, content}."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list):
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}}")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataError(f"{where}: messages[{i}] needs 'role' and 'content'")
+            out.append({"role": m["role"], "content": m["content"]})
+    elif "conversations" in row:
+        convs = row["conversations"]
+        if not isinstance(convs, list):
+            raise DataError(f"{where}: 'conversations' must be a list of {{from, value}}")
+        out = []
+        for i, m in enumerate(convs):
+            if not isinstance(m, dict) or "from" not in m or "value" not in m:
+                raise DataError(f"{where}: conversations[{i}] needs 'from' and 'value'")
+            role = SHAREGPT_ROLES.get(str(m["from"]).lower())
+            if role is None:
+                raise DataError(f"{where}: conversations[{i}] has unknown speaker {m['from']!r} "
+                                f"(use one of {sorted(SHAREGPT_ROLES)})")
+            out.append({"role": role, "content": m["value"]})
+    elif "instruction" in row and "output" in row:
+        prompt = str(row["instruction"])
+        if row.get("input"):
+            prompt += "\n\n" + str(row["input"])
+        out = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    else:
+        raise DataError(f"{where}: unknown row format (keys {sorted(row)}): expected 'messages', "
+                        "'conversations' or 'instruction'/'output'")
+    for i, m in enumerate(out):
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: message {i} has role {m['role']!r}: use system, user or assistant")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: message {i} content must be a string")
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: no assistant message to learn from")
+    return out
+
+
+def tokenize_dialogue(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """input_ids and labels (IGNORE outside assistant replies), truncated to max_length."""
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start_text = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        end_text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not full.startswith(end_text) or not end_text.startswith(start_text):
+            raise DataError("the tokenizer's chat template does not render conversations "
+                            "prefix-consistently; assistant masking needs that")
+        spans.append((len(start_text), len(end_text)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][:max_length]
+    labels = [IGNORE] * len(ids)
+    for j, (s, e) in enumerate(enc["offset_mapping"][:max_length]):
+        if any(a <= s and e <= b and e > s for a, b in spans):
+            labels[j] = ids[j]
+    return {"input_ids": ids, "labels": labels}
+
+
+def load_examples(files: list[str], tokenizer, max_length: int) -> list[dict]:
+    examples = []
+    for f in files:
+        path = bundled_path(f) if not Path(f).exists() and bundled_path(f).exists() else Path(f)
+        for lineno, row in read_rows(path):
+            ex = tokenize_dialogue(tokenizer, to_messages(row, f"{path}:{lineno}"), max_length)
+            if any(label != IGNORE for label in ex["labels"][1:]):
+                examples.append(ex)
+    if not examples:
+        raise DataError(f"{', '.join(files)}: no example with assistant tokens within "
+                        "data.max_length: raise data.max_length or check the files")
+    return examples
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass
+class StepPlan:
+    """Which examples each optimizer step uses: a list of micro-batches of indices.
+
+    Per epoch the indices are shuffled with (seed, epoch); an epoch's last micro-batch
+    and last step may be short (all data is used).
+    """
+
+    num_examples: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    epochs: int = 1
+    seed: int = 0
+    shuffle: bool = True
+
+    def epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        order = list(range(self.num_examples))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        micro = [order[i: i + self.micro_batch_size] for i in range(0, len(order), self.micro_batch_size)]
+        k = self.gradient_accumulation_steps
+        return [micro[i: i + k] for i in range(0, len(micro), k)]
+
+    def steps(self) -> list[list[list[int]]]:
+        return [s for e in range(self.epochs) for s in self.epoch_steps(e)]

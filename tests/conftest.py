@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A RunConfig for the tiny model; tests tweak it with model_copy/update."""
+    from plora_ray.config import build_run_config
+
+    def make(**sections):
+        data = {"name": "test", "method": "plora", "plora": {"unload_every_steps": 2},
+                "data": {"max_length": 64, "micro_batch_size": 4, "gradient_accumulation_steps": 2}}
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                data.setdefault(key, {}).update(value)
+            else:
+                data[key] = value
+        return build_run_config(data)
+
+    return make
