@@ -167,10 +167,21 @@ def _known_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     return out
 
 
+# names researchers bring from transformers / peft / other trainers
+ALIASES = {"learning_rate": "lr", "r": "rank", "lora_r": "rank", "lora_alpha": "alpha",
+           "lora_dropout": "dropout", "batch_size": "micro_batch_size",
+           "per_device_train_batch_size": "micro_batch_size", "num_train_epochs": "epochs",
+           "model_name_or_path": "name_or_path", "gradient_accumulation": "gradient_accumulation_steps",
+           "lr_scheduler_type": "scheduler", "warmup": "warmup_steps", "target_layers": "target_modules"}
+
+
 def nearest_key(path: str, model: type[BaseModel] = None) -> str | None:
     """The valid dotted key closest to ``path`` (for 'did you mean' messages)."""
     known = _known_paths(model or RunConfig)
     parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+    alias = ALIASES.get(path.rsplit(".", 1)[-1])
+    if alias and parent + alias in known:
+        return parent + alias
     same_level = [k for k in known if k.startswith(parent) and "." not in k[len(parent):]]
     match = difflib.get_close_matches(path, same_level, n=1, cutoff=0.5) or difflib.get_close_matches(
         path, known, n=1, cutoff=0.6
