@@ -8,6 +8,8 @@ assets (``plora_ray.assets``) resolve to their cached directory.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
@@ -116,7 +118,9 @@ def apply_method(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            # peft 0.21 calls a transformers API deprecated in 5.x; not actionable here
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             torch.manual_seed(cfg.seed)
             return get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
     except ValueError as exc:

@@ -46,3 +46,14 @@ def test_example_run_unloads_with_growing_rank_and_outputs_rebuild_weights(tmp_p
         expect = ledger.rebuild(name, w0[key]) + scale * b @ a
         assert torch.allclose(merged[key], expect, rtol=0, atol=1e-5 * expect.abs().max())
     assert torch.equal(merged["model.embed_tokens.weight"], w0["model.embed_tokens.weight"])
+
+
+def test_local_model_directory_trains(tmp_path, tiny_cfg):
+    from plora_ray.train import fit, setup
+
+    cfg = tiny_cfg()
+    model_dir = tmp_path / "model"
+    tiny_model(cfg.model, len(tiny_tokenizer()), 0).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    run = fit(setup(tiny_cfg(model={"name_or_path": str(model_dir)}, data={"max_steps": 4})), progress=False)
+    assert len(run.unloads) == 2 and run.unloads[-1].mean_rank > run.unloads[0].mean_rank
