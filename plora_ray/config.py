@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BUNDLED_DATASETS = ("tiny-dialogues",)  # names resolved by plora_ray.data, not paths
+EMBEDDED_MIXES = ("embedded-mix", "embedded-mix-small")  # built from offline benchmark data
+BUNDLED_DATASETS = ("tiny-dialogues", *EMBEDDED_MIXES)  # names resolved by plora_ray.data
 
 
 class ConfigError(Exception):

@@ -134,12 +134,28 @@ def tokenize_dialogue(tokenizer, messages: list[dict], max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
+def named_rows(name: str) -> list[tuple[str, object]] | None:
+    """Rows of a bundled or embedded dataset name, with a location for messages; else None."""
+    from .config import EMBEDDED_MIXES
+
+    if name in EMBEDDED_MIXES:
+        from .embedded_mix import build_embedded_mix
+
+        return [(f"{name}[{i}]", row) for i, row in enumerate(build_embedded_mix(name))]
+    path = bundled_path(name)
+    if not Path(name).exists() and path.exists():
+        return [(f"{path}:{n}", row) for n, row in read_rows(path)]
+    return None
+
+
 def load_examples(files: list[str], tokenizer, max_length: int) -> list[dict]:
     examples = []
     for f in files:
-        path = bundled_path(f) if not Path(f).exists() and bundled_path(f).exists() else Path(f)
-        for lineno, row in read_rows(path):
-            ex = tokenize_dialogue(tokenizer, to_messages(row, f"{path}:{lineno}"), max_length)
+        rows = named_rows(f)
+        if rows is None:
+            rows = [(f"{f}:{n}", row) for n, row in read_rows(f)]
+        for where, row in rows:
+            ex = tokenize_dialogue(tokenizer, to_messages(row, where), max_length)
             if any(label != IGNORE for label in ex["labels"][1:]):
                 examples.append(ex)
     if not examples:

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import save_model
 from tqdm import tqdm
 
+from .assets import AssetError
 from .config import ConfigError, RunConfig, load_run_config
 from .data import DataError, StepPlan, collate, load_examples
 from .models import build_model
@@ -169,8 +170,7 @@ def save_outputs(run: Run, out: Path) -> None:
     if run.unloader is not None and run.unloader.ledger is not None:
         run.unloader.ledger.save(out / "ledger.safetensors")
     merged = model.merge_and_unload() if run.cfg.method != "full" else model
-    state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
-    save_file(state, str(out / "merged.safetensors"))
+    save_model(merged, str(out / "merged.safetensors"))  # handles tied embeddings
     run.tokenizer.save_pretrained(str(out / "tokenizer"))
     summary = {
         "method": run.cfg.method, "steps": run.clock.steps, "samples": run.clock.samples,
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
               f"global batch {cfg.global_batch_size}, output {out}")
         fit(run)
         save_outputs(run, out)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, AssetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
