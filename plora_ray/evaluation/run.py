@@ -1,0 +1,156 @@
+"""One entry point for all benchmarks: ``evaluate(model, tokenizer, tasks, limit, ...)``.
+
+Why one function: the trainer calls it on every checkpoint (in-memory model, possibly peft-
+wrapped) and the CLI calls it on a saved model; both get the same flat metric names, ready for
+MLflow, and the per-item records for JSON output and the lm-eval agreement test.
+
+Items: by default from ``plora_ray.benchmarks`` (MMLU test, ARC test, GSM8K test, or GSM8K's
+319 held-out problems when ``plora_ray.embedded_mix.gsm8k_heldout`` exists, so a model trained
+on the embedded mix is never scored on problems it trained on). ``items={"mmlu": [...], ...}``
+overrides per task (tests pass hand-made rows).
+
+Limit: ``limit`` items per task, the first ones (``limit_mode="first"``, lm-eval's ``--limit``)
+or a sample drawn with ``random.Random(seed)`` and kept in source order (``"sample"``). For
+MMLU the limit applies to each of its subjects, as lm-eval's ``--limit`` does (every subject is
+a task there), so every category stays represented.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from .gsm8k import evaluate_gsm8k
+from .multiple_choice import evaluate_arc, evaluate_mmlu
+
+__all__ = ["TASKS", "EvalResult", "default_items", "evaluate", "select"]
+
+TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
+PROMPT_STYLES = ("chat", "plain")
+LIMIT_MODES = ("first", "sample")
+
+
+class EvalResult(dict):
+    """Flat ``{metric: float}`` (log it as is); ``.samples[task]`` holds per-item records."""
+
+    def __init__(self, metrics: dict[str, float], samples: dict[str, list[dict]]):
+        super().__init__(metrics)
+        self.samples = samples
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metrics": dict(self), "samples": self.samples}
+
+
+def check_tasks(tasks) -> list[str]:
+    """Validated task list (``ValueError`` naming the unknown task and the valid ones)."""
+    tasks = [t.strip() for t in ([tasks] if isinstance(tasks, str) else tasks) if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        what = f"unknown task {bad[0]!r}" if bad else "no task given"
+        raise ValueError(f"{what}; choose from {', '.join(TASKS)}")
+    return list(dict.fromkeys(tasks))
+
+
+def select(items: list[dict], limit: int | None, mode: str = "first", seed: int = 1234,
+           key: str | None = None) -> list[dict]:
+    """``limit`` items (all if None): the first ones or a seeded sample in source order.
+    With ``key``, the limit applies within each group of equal ``item[key]`` (MMLU subject)."""
+    if mode not in LIMIT_MODES:
+        raise ValueError(f"limit_mode must be one of {LIMIT_MODES}, got {mode!r}")
+    if limit is None:
+        return list(items)
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if key is not None:
+        groups: dict[Any, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it[key], []).append(i)
+        keep = sorted(i for g in groups.values() for i in _pick(g, limit, mode, seed))
+    else:
+        keep = _pick(list(range(len(items))), limit, mode, seed)
+    return [items[i] for i in keep]
+
+
+def _pick(indices: list[int], limit: int, mode: str, seed: int) -> list[int]:
+    if mode == "first" or limit >= len(indices):
+        return indices[:limit]
+    return sorted(random.Random(seed).sample(indices, limit))
+
+
+def default_items(task: str) -> list[dict]:
+    """Evaluation rows of ``task`` from the offline benchmark loaders."""
+    from .. import benchmarks
+
+    if task == "mmlu":
+        return benchmarks.load_mmlu("test")
+    if task in ("arc_easy", "arc_challenge"):
+        return benchmarks.load_arc(task.split("_")[1], "test")
+    try:
+        from ..embedded_mix import gsm8k_heldout
+    except ImportError:
+        return benchmarks.load_gsm8k("test")
+    return gsm8k_heldout()
+
+
+def default_fewshot(task: str) -> list[dict]:
+    """Few-shot pools: MMLU dev (lm-eval's own); ARC validation and GSM8K's training part of
+    the embedded mix split (lm-eval uses the train splits, which are not offline)."""
+    from .. import benchmarks
+
+    if task == "mmlu":
+        return benchmarks.load_mmlu("dev")
+    if task in ("arc_easy", "arc_challenge"):
+        rows = benchmarks.load_arc(task.split("_")[1], "validation")
+        return random.Random(1234).sample(rows, len(rows))
+    rows = benchmarks.load_gsm8k("test")
+    try:
+        from ..embedded_mix import gsm8k_split
+    except ImportError:
+        raise ValueError("gsm8k few-shot needs fewshot_items= (no offline GSM8K train split)") from None
+    return [rows[i] for i in gsm8k_split()[0]]
+
+
+def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, prompt_style: str = "chat",
+             batch_size: int = 8, num_fewshot: int = 0, items: dict[str, list[dict]] | None = None,
+             *, limit_mode: str = "first", seed: int = 1234, max_new_tokens: int = 256,
+             fewshot_items: dict[str, list[dict]] | None = None,
+             categories: dict[str, str] | None = None) -> EvalResult:
+    """Evaluate ``model`` on ``tasks`` (names in ``TASKS``); see the module docstring.
+
+    Returns an :class:`EvalResult`: ``gsm8k/strict``, ``gsm8k/flexible``, ``mmlu/acc``,
+    ``mmlu/{stem,humanities,social_sciences,other}`` (categories present), ``mmlu/subject/<s>``,
+    ``arc_easy/acc``, ``arc_easy/acc_norm``, ``arc_challenge/acc``, ``arc_challenge/acc_norm``,
+    and ``<task>/n`` item counts. The model's train/eval mode is restored afterwards.
+    """
+    tasks = check_tasks(tasks)
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+    if batch_size < 1 or num_fewshot < 0:
+        raise ValueError("batch_size must be >= 1 and num_fewshot >= 0")
+    items, fewshot_items = items or {}, fewshot_items or {}
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    samples: dict[str, list[dict]] = {}
+    try:
+        for task in tasks:
+            rows = items[task] if task in items else default_items(task)
+            rows = select(rows, limit, limit_mode, seed, key="subject" if task == "mmlu" else None)
+            shots = None
+            if num_fewshot > 0:
+                shots = fewshot_items[task] if task in fewshot_items else default_fewshot(task)
+            common = dict(prompt_style=prompt_style, batch_size=batch_size, num_fewshot=num_fewshot,
+                          fewshot_items=shots)
+            if task == "gsm8k":
+                m, recs = evaluate_gsm8k(model, tokenizer, rows, max_new_tokens=max_new_tokens, **common)
+            elif task == "mmlu":
+                if categories is None:
+                    from ..benchmarks import MMLU_CATEGORIES as categories
+                m, recs = evaluate_mmlu(model, tokenizer, rows, categories=categories, **common)
+            else:
+                m, recs = evaluate_arc(model, tokenizer, rows, task=task, **common)
+            metrics.update(m)
+            samples[task] = recs
+    finally:
+        model.train(was_training)
+    return EvalResult(metrics, samples)
