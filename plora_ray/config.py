@@ -89,6 +89,9 @@ class PLoraConfig(_Section):
     scheduler_on_unload: Literal["restart", "continue"] = "restart"
     rewarmup_steps: int = Field(0, ge=0, description="linear LR re-warm-up after each unload")
     ledger: bool = Field(True, description="keep each stage's merged factors (fp32)")
+    measure_output_change: bool = Field(
+        False, description="log how much an unload changes the logits of a fixed batch "
+        "(two extra forward passes per unload; ~0 for the preserve rule)")
 
 
 class OptimConfig(_Section):
@@ -123,17 +126,36 @@ class DataConfig(_Section):
     shuffle: bool = True
 
 
+class DistributedConfig(_Section):
+    """How a run is executed: one process, or N Ray Train workers with DDP or DeepSpeed."""
+
+    workers: int = Field(1, ge=1, description="data-parallel workers (1: no Ray, one process)")
+    engine: Literal["ddp", "deepspeed"] = Field(
+        "ddp", description="with workers > 1 (or always for deepspeed): torch DDP or DeepSpeed")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    offload_optimizer: bool = Field(False, description="DeepSpeed: optimizer state on the CPU")
+    use_gpu: bool = Field(False, description="one GPU per worker (nccl); CPU uses gloo")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=-1, description="restarts from the last checkpoint; -1: unlimited")
+    storage_path: str | None = Field(None, description="Ray storage (shared on a cluster); "
+                                     "default <output_dir>/ray")
+
+
 class RunConfig(_Section):
     name: str = "plora-run"
     method: Literal["plora", "lora", "full"] = "plora"
     seed: int = 0
     output_dir: str = Field("runs/plora-run", description="where results are written")
     log_every_steps: int = Field(10, ge=1, description="print a step line every N steps")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="checkpoint (and evaluate) every N steps (paper: 100); the end "
+        "of the run is always checkpointed")
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     plora: PLoraConfig = PLoraConfig()
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _unload_point(self) -> "RunConfig":
@@ -147,11 +169,19 @@ class RunConfig(_Section):
                 "method plora needs an unload point: set plora.unload_every_samples "
                 "(paper: 4800) or plora.unload_every_steps"
             )
+        d = self.distributed
+        if d.engine == "deepspeed" and d.zero_stage == 0 and self.model.dtype == "bfloat16":
+            raise ValueError(
+                "DeepSpeed ZeRO stage 0 with bfloat16 keeps an fp32 copy that unloading cannot "
+                "update: use distributed.zero_stage 1-3, or model.dtype float32")
+        if d.offload_optimizer and (d.engine != "deepspeed" or d.zero_stage == 0):
+            raise ValueError("distributed.offload_optimizer needs engine deepspeed with zero_stage >= 1")
         return self
 
     @property
     def global_batch_size(self) -> int:
-        return self.data.micro_batch_size * self.data.gradient_accumulation_steps
+        d = self.data
+        return d.micro_batch_size * d.gradient_accumulation_steps * self.distributed.workers
 
 
 # ---------------------------------------------------------------------------- loading

@@ -45,7 +45,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_model(cfg: ModelConfig, vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+def tiny_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, eos_token_id: int = 256,
+               pad_token_id: int = 257) -> LlamaForCausalLM:
+    """Random-init Llama; the special ids default to ``tiny_tokenizer``'s."""
     t = cfg.tiny
     if t.hidden_size % t.num_attention_heads or t.num_attention_heads % t.num_key_value_heads:
         raise ConfigError(
@@ -61,6 +63,9 @@ def tiny_model(cfg: ModelConfig, vocab_size: int, seed: int = 0) -> LlamaForCaus
         num_key_value_heads=t.num_key_value_heads,
         max_position_embeddings=t.max_position_embeddings,
         tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -83,7 +88,7 @@ def load_base(cfg: ModelConfig, seed: int = 0):
     """(model, tokenizer) for ``cfg``; the tokenizer always has a pad token."""
     if cfg.name_or_path == "tiny":
         tokenizer = tiny_tokenizer()
-        return tiny_model(cfg, len(tokenizer), seed), tokenizer
+        return tiny_model(cfg, len(tokenizer), seed, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer
     path = resolve_model_path(cfg.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)

@@ -27,8 +27,7 @@ W_T can be rebuilt exactly from W_0 and the rank of the accumulated update is me
 from small matrices (QR of the stacked factors), never a d x k SVD.
 
 Distributed engines (DeepSpeed ZeRO) hold their own copies of parameters and optimizer
-state: they subclass :class:`PeriodicUnloader` and override the three hooks
-``_gathered``, ``_write_param`` and ``_reset_optimizer_state``.
+state: they pass a :class:`LocalAccess` subclass that reads, writes and resets through them.
 """
 
 from __future__ import annotations
@@ -289,6 +288,34 @@ def prune_by_magnitude(t: torch.Tensor, ratio: float) -> None:
     flat.masked_fill_(~mask, 0)
 
 
+class LocalAccess:
+    """How the unloader reads and writes parameters and optimizer state: directly.
+
+    Engines that keep their own copies (DeepSpeed ZeRO: partitioned weights, an fp32 master
+    copy and partitioned moments inside the optimizer) provide a subclass; the algorithm
+    itself never changes.
+    """
+
+    def gathered(self, params: Iterable[torch.nn.Parameter], modify: bool = False):
+        return contextlib.nullcontext()
+
+    def read(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The full parameter in fp32 (the master copy where one exists)."""
+        return param.detach().float()
+
+    def write(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        param.data.copy_(value.to(dtype=param.dtype, device=param.device))
+
+    def reset_optimizer_state(self, optimizer, params, policy: str, prune_ratio: float) -> None:
+        for p in params:
+            if policy == "reset":
+                optimizer.state.pop(p, None)  # AdamW re-creates step, exp_avg, exp_avg_sq at 0
+            elif policy == "prune":
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in optimizer.state.get(p, {}):
+                        prune_by_magnitude(optimizer.state[p][key], prune_ratio)
+
+
 @dataclass
 class UnloadEvent:
     stage: int  # stages completed after this unload (1 for the first)
@@ -296,6 +323,7 @@ class UnloadEvent:
     samples: int
     seconds: float
     ranks: dict[str, int] = field(default_factory=dict)
+    output_change: float | None = None  # max |logits after - before| / max |before|, if measured
 
     @property
     def mean_rank(self) -> float:
@@ -317,7 +345,7 @@ class PeriodicUnloader:
                  momentum: float = 0.0, momentum_rule: str = "preserve",
                  optimizer_on_unload: str = "reset", prune_ratio: float = 0.99,
                  init_a: str = "kaiming", seed: int = 0, keep_ledger: bool = True,
-                 adapter: str = ADAPTER):
+                 adapter: str = ADAPTER, access: LocalAccess | None = None):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if momentum_rule not in MOMENTUM_RULES:
@@ -335,6 +363,7 @@ class PeriodicUnloader:
         self.init_a = init_a
         self.seed = seed
         self.adapter = adapter
+        self.access = access or LocalAccess()
         self.layers = lora_layers(model, adapter)
         if not self.layers:
             raise ValueError("model has no peft LoRA layers to unload")
@@ -342,33 +371,18 @@ class PeriodicUnloader:
         self.stage = 0
 
     @classmethod
-    def from_config(cls, model, optimizer, scheduler, plora_cfg, lora_cfg, seed=0):
+    def from_config(cls, model, optimizer, scheduler, plora_cfg, lora_cfg, seed=0, access=None):
         clock = UnloadClock(plora_cfg.unload_every_samples, plora_cfg.unload_every_steps)
         return cls(model, optimizer, scheduler, clock=clock, momentum=plora_cfg.momentum,
                    momentum_rule=plora_cfg.momentum_rule,
                    optimizer_on_unload=plora_cfg.optimizer_on_unload,
                    prune_ratio=plora_cfg.prune_ratio, init_a=lora_cfg.init_a, seed=seed,
-                   keep_ledger=plora_cfg.ledger)
-
-    # -- hooks for engines that own copies of the parameters (DeepSpeed ZeRO) --------
-
-    def _gathered(self, params: Iterable[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def _write_param(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
-        param.data.copy_(value.to(dtype=param.dtype, device=param.device))
+                   keep_ledger=plora_cfg.ledger, access=access)
 
     def _reset_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
-        opt = self.optimizer
-        if opt is None or self.optimizer_on_unload == "keep":
+        if self.optimizer is None or self.optimizer_on_unload == "keep":
             return
-        for p in params:
-            if self.optimizer_on_unload == "reset":
-                opt.state.pop(p, None)  # AdamW re-creates step, exp_avg, exp_avg_sq at 0
-            else:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key in opt.state.get(p, {}):
-                        prune_by_magnitude(opt.state[p][key], self.prune_ratio)
+        self.access.reset_optimizer_state(self.optimizer, params, self.optimizer_on_unload, self.prune_ratio)
 
     # -- the algorithm ------------------------------------------------------------
 
@@ -385,26 +399,27 @@ class PeriodicUnloader:
         for index, (name, layer) in enumerate(self.layers.items()):
             lora_a, lora_b = layer.lora_A[ad].weight, layer.lora_B[ad].weight
             base = layer.get_base_layer().weight
-            with self._gathered([base, lora_a, lora_b]):
-                a = lora_a.detach().float()
-                b = lora_b.detach().float() * (c * layer.scaling[ad])
+            with self.access.gathered([base, lora_a, lora_b], modify=True):
+                a = self.access.read(lora_a)
+                b_full = self.access.read(lora_b)
+                b = b_full * (c * layer.scaling[ad])
                 delta = b @ a
                 if getattr(layer, "fan_in_fan_out", False):
                     delta = delta.T
                 # fp32 sum, cast once to the backbone dtype
-                self._write_param(base, base.detach().float() + delta.to(base.device))
+                self.access.write(base, self.access.read(base) + delta.to(base.device))
                 if self.ledger is not None:
                     self.ledger.add(name, b, a)
                 if m == 0.0:
                     g = torch.Generator().manual_seed(_seed_for(self.seed, self.stage, index))
                     new_a = init_lora_a(a.shape, layer.r[ad], self.init_a, g)
-                    new_b = torch.zeros_like(lora_b, dtype=torch.float32)
+                    new_b = torch.zeros_like(b_full)
                 elif self.momentum_rule == "preserve":
-                    new_a, new_b = a, lora_b.detach().float() * m
+                    new_a, new_b = a, b_full * m
                 else:  # paper
-                    new_a, new_b = a * m, lora_b.detach().float() * m
-                self._write_param(lora_a, new_a)
-                self._write_param(lora_b, new_b)
+                    new_a, new_b = a * m, b_full * m
+                self.access.write(lora_a, new_a)
+                self.access.write(lora_b, new_b)
         self._reset_optimizer_state(lora_parameters(self.model, ad))
         if self.scheduler is not None:
             for fn in self.scheduler.lr_lambdas:

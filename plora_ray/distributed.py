@@ -1,0 +1,161 @@
+"""Ray Train: a run as N data-parallel workers (torch DDP or DeepSpeed ZeRO 0-3).
+
+    python -m plora_ray.train RUN.yaml --workers 2 --engine deepspeed --zero 3
+
+Every worker builds the same model and plan (``train.setup``), trains its share of every
+global step, unloads at the same step (the clock counts samples summed over workers; the
+re-initialised A is seeded by (seed, stage, layer), so identical on every rank) and, every
+``checkpoint_every_steps`` and at the end, saves a checkpoint collectively and calls
+``ray.train.report`` (rank 0 passes the checkpoint). A worker that dies restarts the group
+from the last checkpoint (``distributed.max_failures``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig
+
+FAULT_STEP_ENV = "PLORA_RAY_FAULT_STEP"  # fault injection for tests: "STEP:RANK:MARKER_FILE"
+
+
+def extensions_dir() -> str:
+    """DeepSpeed JIT-builds small ops on first use; keep them in a cache we control."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "plora_ray" / "torch_extensions")
+
+
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    env = {"TORCH_EXTENSIONS_DIR": extensions_dir(), "TOKENIZERS_PARALLELISM": "false"}
+    if not cfg.distributed.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in (FAULT_STEP_ENV, "PLORA_RAY_CACHE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    spec = os.environ.get(FAULT_STEP_ENV)
+    if not spec:
+        return
+    at, who, marker = spec.split(":", 2)
+    if step == int(at) and rank == int(who) and not Path(marker).exists():
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def replica_digest(run) -> str:
+    """Hash of every trainable and unloaded backbone weight, gathered in full (collective)."""
+    from .checkpoint import _backbone_params
+
+    h = hashlib.sha256()
+    acc = run.engine.access
+    tensors = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+    tensors += sorted(_backbone_params(run).items())
+    for name, p in tensors:
+        with acc.gathered([p]):
+            h.update(name.encode())
+            h.update(acc.read(p).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def replicas_identical(run) -> bool:
+    digest = replica_digest(run)
+    if run.world == 1 or not dist.is_initialized():
+        return True
+    out = [None] * run.world
+    dist.all_gather_object(out, digest)
+    return len(set(out)) == 1
+
+
+def report_metrics(run, final: bool) -> dict:
+    last = run.history[-1]
+    m = {"step": last["step"], "samples": last["samples"], "train/loss": last["loss"],
+         "train/lr": last["lr"], "plora/stage": run.unloader.stage if run.unloader else 0,
+         "plora/unloads": len(run.unloads), "final": final}
+    if run.unloads:
+        m["plora/accumulated_rank"] = run.unloads[-1].mean_rank
+    return m
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from .train import fit, setup
+
+    cfg = RunConfig.model_validate(config["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.distributed.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
+    run = setup(cfg, rank, world, device)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            load_checkpoint(run, d)
+
+    def on_step(rec):
+        _maybe_inject_fault(rec["step"], rank)
+
+    def on_checkpoint(run, final):
+        metrics = report_metrics(run, final)
+        if final:
+            metrics["replicas_identical"] = replicas_identical(run)
+        with tempfile.TemporaryDirectory() as tmp:
+            written = save_checkpoint(run, tmp)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if written else None)
+
+    fit(run, on_step=on_step, on_checkpoint=on_checkpoint, progress=rank == 0)
+
+
+def trainer_for(cfg: RunConfig, storage_path: str, name: str):
+    """The TorchTrainer for ``cfg`` (used by the CLI and by each Tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = cfg.distributed
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
+                                     resources_per_worker={"CPU": d.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        run_config=RayRunConfig(name=name, storage_path=storage_path,
+                                failure_config=FailureConfig(max_failures=d.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                worker_runtime_env={"env_vars": worker_env(cfg)}),
+    )
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=1 << 30,
+                     log_to_driver=True)
+
+
+def run_distributed(cfg: RunConfig, out: Path, name: str, address: str | None = None):
+    """Run ``cfg`` on Ray; returns the Ray Train Result."""
+    ensure_ray(address)
+    storage = cfg.distributed.storage_path or str((out / "ray").resolve())
+    return trainer_for(cfg, storage, name).fit()
