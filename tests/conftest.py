@@ -23,3 +23,5 @@ def tiny_cfg():
         return build_run_config(data)
 
     return make
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -217,16 +217,17 @@ def test_limit_first_and_sample_are_deterministic():
     assert a == b and len(a) == 5
     assert [r["i"] for r in a] == sorted(r["i"] for r in a)  # source order kept
     assert select(rows, 5, "sample", seed=8) != a
-    per_subject = select(rows, 2, key="subject")  # MMLU: limit applies per subject
-    assert [r["i"] for r in per_subject] == [0, 1, 2, 3]
-    assert len(select(rows, 3, "sample", key="subject")) == 6
+    spread = select(rows, 3, key="subject")  # MMLU: the limit is spread over subjects
+    assert [r["i"] for r in spread] == [0, 1, 2]
+    assert len(select(rows, 7, "sample", key="subject")) == 7
+    assert {r["subject"] for r in select(rows, 2, "sample", key="subject")} == {"a", "b"}
 
 
 def test_evaluate_metric_names_and_mode_restored(tiny):
     model, tok = tiny
     model.train()
-    res = evaluate(model, tok, ["gsm8k", "mmlu", "arc_easy", "arc_challenge"], limit=1,
-                   items={"gsm8k": GSM, "mmlu": MMLU, "arc_easy": ARC, "arc_challenge": ARC[1:]},
+    res = evaluate(model, tok, ["gsm8k", "mmlu", "arc_easy", "arc_challenge"], limit=3,
+                   items={"gsm8k": GSM[:1], "mmlu": MMLU, "arc_easy": ARC[:1], "arc_challenge": ARC[1:2]},
                    max_new_tokens=4)
     assert model.training
     model.eval()
@@ -265,7 +266,7 @@ def test_cli_writes_table_and_json(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "arc_easy/acc_norm" in table and "mmlu/acc" in table
     data = json.loads(out.read_text())
-    assert data["metrics"]["arc_easy/n"] == 2 and len(data["samples"]["mmlu"]) == 4
+    assert data["metrics"]["arc_easy/n"] == 2 and len(data["samples"]["mmlu"]) == 2
 
 
 def test_cli_loads_a_train_output_dir(tmp_path):

@@ -11,8 +11,8 @@ overrides per task (tests pass hand-made rows).
 
 Limit: ``limit`` items per task, the first ones (``limit_mode="first"``, lm-eval's ``--limit``)
 or a sample drawn with ``random.Random(seed)`` and kept in source order (``"sample"``). For
-MMLU the limit applies to each of its subjects, as lm-eval's ``--limit`` does (every subject is
-a task there), so every category stays represented.
+MMLU the limit is spread evenly over its 57 subjects (see ``select``), so every category stays
+represented at any limit.
 """
 
 from __future__ import annotations
@@ -54,7 +54,11 @@ def check_tasks(tasks) -> list[str]:
 def select(items: list[dict], limit: int | None, mode: str = "first", seed: int = 1234,
            key: str | None = None) -> list[dict]:
     """``limit`` items (all if None): the first ones or a seeded sample in source order.
-    With ``key``, the limit applies within each group of equal ``item[key]`` (MMLU subject)."""
+
+    With ``key`` (MMLU's subject) the ``limit`` items are spread evenly over the groups: the
+    same number from each (the first or a sample), the remainder from the first groups, so a
+    small limit still covers every subject and category. (lm-eval's ``--limit`` counts per
+    subject instead: ``limit * 57`` items, too many for a per-checkpoint evaluation on a CPU.)"""
     if mode not in LIMIT_MODES:
         raise ValueError(f"limit_mode must be one of {LIMIT_MODES}, got {mode!r}")
     if limit is None:
@@ -65,7 +69,9 @@ def select(items: list[dict], limit: int | None, mode: str = "first", seed: int 
         groups: dict[Any, list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault(it[key], []).append(i)
-        keep = sorted(i for g in groups.values() for i in _pick(g, limit, mode, seed))
+        order = list(groups.values())
+        quota = [limit // len(order) + (n < limit % len(order)) for n in range(len(order))]
+        keep = sorted(i for g, q in zip(order, quota) for i in _pick(g, q, mode, seed))
     else:
         keep = _pick(list(range(len(items))), limit, mode, seed)
     return [items[i] for i in keep]
