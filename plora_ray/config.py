@@ -126,6 +126,20 @@ class DataConfig(_Section):
     shuffle: bool = True
 
 
+class EvalConfig(_Section):
+    """Benchmarks scored at every checkpoint (defined as lm-evaluation-harness defines them)."""
+
+    tasks: list[Literal["gsm8k", "mmlu", "arc_easy", "arc_challenge"]] = Field(
+        default_factory=list, description="empty: no evaluation")
+    limit: int | None = Field(20, ge=1, description="items per task (MMLU: spread over subjects); "
+                              "null: the whole test set")
+    limit_mode: Literal["first", "sample"] = "first"
+    prompt_style: Literal["chat", "plain"] = Field("chat", description="chat: the training template")
+    num_fewshot: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="GSM8K generation length")
+
+
 class DistributedConfig(_Section):
     """How a run is executed: one process, or N Ray Train workers with DDP or DeepSpeed."""
 
@@ -147,6 +161,9 @@ class RunConfig(_Section):
     seed: int = 0
     output_dir: str = Field("runs/plora-run", description="where results are written")
     log_every_steps: int = Field(10, ge=1, description="print a step line every N steps")
+    diverge_factor: float = Field(
+        10.0, gt=1, description="stop as diverged when the loss is NaN/inf or exceeds this "
+        "multiple of the first step's loss")
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="checkpoint (and evaluate) every N steps (paper: 100); the end "
         "of the run is always checkpointed")
@@ -156,6 +173,7 @@ class RunConfig(_Section):
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     distributed: DistributedConfig = DistributedConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _unload_point(self) -> "RunConfig":

@@ -86,6 +86,50 @@ def report_metrics(run, final: bool) -> dict:
     return m
 
 
+class TrialTracker:
+    """Rank 0's MLflow logging for a trial (``config["tracking"] = {uri, run_id}``).
+
+    A restarted worker group re-runs the steps after its last checkpoint; ``RunLogger`` skips
+    points at steps the run already has, so the curves get no duplicates.
+    """
+
+    def __init__(self, tracking: dict | None, rank: int):
+        self.logger = None
+        if tracking and rank == 0:
+            from .tracking import RunLogger
+
+            self.logger = RunLogger(tracking["uri"], tracking["run_id"])
+
+    def step(self, rec: dict) -> None:
+        if self.logger:
+            self.logger.log_metrics({"train/loss": rec["loss"], "train/lr": rec["lr"],
+                                     "train/samples": rec["samples"],
+                                     "train/tokens_per_s": rec["tokens_per_s"]}, rec["step"])
+
+    def unload(self, e) -> None:
+        if self.logger:
+            self.logger.log_unload(e.stage, e.step, e.mean_rank, e.ranks, e.seconds, e.output_change)
+
+    def metrics(self, metrics: dict, step: int) -> None:
+        if self.logger:
+            self.logger.log_metrics(metrics, step)
+            self.logger.flush()
+
+    def flush(self) -> None:
+        if self.logger:
+            self.logger.flush()
+
+
+def evaluate_on_ranks(run) -> dict:
+    """Rank 0 evaluates; under ZeRO-3 every rank must join the forward passes (gathers)."""
+    from .train import evaluate_run
+
+    zero3 = run.cfg.distributed.engine == "deepspeed" and run.cfg.distributed.zero_stage == 3
+    if run.rank == 0 or zero3:
+        return evaluate_run(run)
+    return {}
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -107,22 +151,38 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             load_checkpoint(run, d)
+    tracker = TrialTracker(config.get("tracking"), rank)
 
     def on_step(rec):
         _maybe_inject_fault(rec["step"], rank)
+        tracker.step(rec)
 
-    def on_checkpoint(run, final):
-        metrics = report_metrics(run, final)
-        if final:
-            metrics["replicas_identical"] = replicas_identical(run)
+    def report(run, metrics):
         with tempfile.TemporaryDirectory() as tmp:
             written = save_checkpoint(run, tmp)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if written else None)
 
-    fit(run, on_step=on_step, on_checkpoint=on_checkpoint, progress=rank == 0)
+    def on_checkpoint(run, final):
+        metrics = report_metrics(run, final)
+        evals = evaluate_on_ranks(run)
+        metrics.update(evals)
+        tracker.metrics(evals, run.clock.steps)
+        if final:
+            metrics["replicas_identical"] = replicas_identical(run)
+        report(run, metrics)
+
+    try:
+        fit(run, on_step=on_step, on_unload=tracker.unload, on_checkpoint=on_checkpoint, progress=rank == 0)
+    except FloatingPointError as exc:  # every rank sees the same all-reduced loss
+        tracker.flush()
+        metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
+        metrics.update({"diverged": True, "diverged_reason": str(exc)})
+        report(run, metrics)
+        return
+    tracker.flush()
 
 
-def trainer_for(cfg: RunConfig, storage_path: str, name: str):
+def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None, tracking: dict | None = None):
     """The TorchTrainer for ``cfg`` (used by the CLI and by each Tune trial)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -130,13 +190,14 @@ def trainer_for(cfg: RunConfig, storage_path: str, name: str):
     d = cfg.distributed
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json")},
+        train_loop_config={"run": cfg.model_dump(mode="json"), "tracking": tracking},
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         run_config=RayRunConfig(name=name, storage_path=storage_path,
                                 failure_config=FailureConfig(max_failures=d.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                callbacks=callbacks,
                                 worker_runtime_env={"env_vars": worker_env(cfg)}),
     )
 

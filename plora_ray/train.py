@@ -148,9 +148,17 @@ def fit(run: Run, on_step=None, on_unload=None, on_checkpoint=None, progress: bo
     end, on every rank (checkpointing is collective).
     """
     progress = progress and run.rank == 0
-    every = run.cfg.checkpoint_every_steps
     bar = tqdm(total=len(run.steps), initial=run.start_step, desc=run.cfg.name, disable=not progress,
                dynamic_ncols=True)
+    try:
+        _fit_steps(run, bar, on_step, on_unload, on_checkpoint, progress)
+    finally:
+        bar.close()
+    return run
+
+
+def _fit_steps(run: Run, bar, on_step, on_unload, on_checkpoint, progress: bool) -> None:
+    every = run.cfg.checkpoint_every_steps
     for index in range(run.start_step, len(run.steps)):
         t0 = time.perf_counter()
         out = train_step(run, run.steps[index])
@@ -162,8 +170,11 @@ def fit(run: Run, on_step=None, on_unload=None, on_checkpoint=None, progress: bo
                 after = probe_logits(run)
                 event.output_change = float((after - before).abs().max() / before.abs().max())
         dt = time.perf_counter() - t0
-        if not math.isfinite(out["loss"]):
-            raise FloatingPointError(f"loss became {out['loss']} at step {run.clock.steps}")
+        first = run.history[0]["loss"] if run.history else out["loss"]
+        limit = run.cfg.diverge_factor * first
+        if not math.isfinite(out["loss"]) or out["loss"] > limit:
+            raise FloatingPointError(f"loss {out['loss']:.4g} at step {run.clock.steps} "
+                                     f"(first step: {first:.4g}, limit {limit:.4g})")
         rec = {"step": run.clock.steps, "loss": out["loss"], "lr": out["lr"],
                "samples": run.clock.samples, "tokens_per_s": out["tokens"] / dt}
         run.history.append(rec)
@@ -186,8 +197,18 @@ def fit(run: Run, on_step=None, on_unload=None, on_checkpoint=None, progress: bo
         final = index == len(run.steps) - 1
         if on_checkpoint and (final or (every and rec["step"] % every == 0)):
             on_checkpoint(run, final)
-    bar.close()
-    return run
+
+
+def evaluate_run(run: Run) -> dict[str, float]:
+    """The configured benchmarks on the model as it is now, as ``eval/<task>/<metric>``."""
+    e = run.cfg.eval
+    if not e.tasks:
+        return {}
+    from .evaluation import evaluate
+
+    res = evaluate(run.model, run.tokenizer, list(e.tasks), e.limit, e.prompt_style, e.batch_size,
+                   e.num_fewshot, limit_mode=e.limit_mode, seed=run.cfg.seed, max_new_tokens=e.max_new_tokens)
+    return {f"eval/{k}": float(v) for k, v in res.items() if "/subject/" not in k and not k.endswith("/n")}
 
 
 def event_record(e: UnloadEvent) -> dict:
@@ -206,7 +227,7 @@ def unique_dir(path: Path) -> Path:
     return Path(f"{path}-{n}")
 
 
-def save_outputs(run: Run, out: Path) -> None:
+def save_outputs(run: Run, out: Path, evals: list[dict] = ()) -> None:
     """Config, metrics, adapter, ledger and merged weights: safetensors/json/yaml only."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(run.cfg.model_dump(mode="json"), sort_keys=False))
@@ -215,6 +236,8 @@ def save_outputs(run: Run, out: Path) -> None:
             f.write(json.dumps(rec) + "\n")
         for e in run.unloads:
             f.write(json.dumps(event_record(e)) + "\n")
+        for rec in evals:
+            f.write(json.dumps({"event": "eval", **rec}) + "\n")
     model = run.model
     if run.cfg.method != "full":
         model.save_pretrained(str(out / "adapter"), safe_serialization=True)
@@ -263,8 +286,16 @@ def run_cli(cfg: RunConfig, out: Path, resume: bool, address: str | None) -> str
         print(f"{cfg.method}: {sum(p.numel() for p in run.model.parameters() if p.requires_grad):,} "
               f"trainable parameters, {len(run.examples)} examples, {len(run.steps)} steps, "
               f"global batch {cfg.global_batch_size}, output {out}")
-        fit(run)
-        save_outputs(run, out)
+        evals = []
+
+        def on_checkpoint(run, final):
+            if cfg.eval.tasks:
+                evals.append({"step": run.clock.steps, **evaluate_run(run)})
+                tqdm.write(f"eval at step {run.clock.steps}: " + ", ".join(
+                    f"{k.removeprefix('eval/')} {v:.3f}" for k, v in evals[-1].items() if k != "step"))
+
+        fit(run, on_checkpoint=on_checkpoint)
+        save_outputs(run, out, evals)
         return f"{run.clock.steps} steps, {len(run.unloads)} unloads"
     from .distributed import run_distributed
 

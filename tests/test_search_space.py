@@ -1,0 +1,245 @@
+"""Sweep files: every mistake stops before a trial with one line naming the field; every shipped
+file validates, and each of its trials builds a valid RunConfig."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from plora_ray.config import ConfigError, RunConfig
+from plora_ray.search_space import (describe, load_sweep, trial_count, trial_run_config,
+                                    trial_values, tune_param_space)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FILES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+PAPER_FILES = sorted((ROOT / "search_spaces" / "paper").glob("*.yaml"))
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASE = {"plora": {"unload_every_steps": 2}, "data": {"max_steps": 1, "max_length": 64}}
+
+
+def sweep(**changes) -> dict:
+    data = {"name": "t", "metric": "train/loss", "base": yaml.safe_load(yaml.safe_dump(BASE)),
+            "space": {"plora.momentum": {"choice": [0.0, 0.1]}}}
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+def space(**entries) -> dict:
+    return {k.replace("__", "."): v for k, v in entries.items()}
+
+
+BAD = [
+    # (id, sweep file, --set overrides, fragment of the one-line message)
+    ("unknown-top-key", sweep(sercher={"type": "random"}), [], "unknown key 'sercher': did you mean 'searcher'"),
+    ("unknown-nested-key", sweep(searcher={"typ": "random"}), [], "unknown key 'searcher.typ': did you mean 'searcher.type'"),
+    ("unknown-scheduler-key", sweep(scheduler={"type": "asha", "grace": 2}), [], "did you mean 'scheduler.grace_period'"),
+    ("unknown-space-path", sweep(space=space(lora__rnk={"choice": [1, 2]})), [], "field 'space.lora.rnk': unknown run-config key 'lora.rnk': did you mean 'lora.rank'"),
+    ("space-alias", sweep(space=space(optim__learning_rate={"choice": [1e-3]})), [], "did you mean 'optim.lr'"),
+    ("space-section", sweep(space={"lora": {"choice": [1]}}), [], "field 'space.lora': 'lora' is a section"),
+    ("unknown-distribution", sweep(space=space(optim__lr={"choise": [1e-3]})), [], "field 'space.optim.lr': unknown distribution 'choise': did you mean 'choice'"),
+    ("two-distributions", sweep(space=space(lora__rank={"choice": [1], "grid": [2]})), [], "field 'space.lora.rank': has 2 distributions"),
+    ("bare-value", sweep(space=space(lora__rank=4)), [], "field 'space.lora.rank': must be a distribution"),
+    ("empty-choice", sweep(space=space(lora__rank={"choice": []})), [], "field 'space.lora.rank': choice needs at least one value"),
+    ("empty-grid", sweep(space=space(lora__rank={"grid": []})), [], "field 'space.lora.rank': grid needs at least one value"),
+    ("uniform-arity", sweep(space=space(plora__momentum={"uniform": [0.1]})), [], "field 'space.plora.momentum': uniform needs [low, high]"),
+    ("uniform-low-above-high", sweep(space=space(plora__momentum={"uniform": [0.3, 0.1]})), [], "uniform needs low < high"),
+    ("loguniform-zero", sweep(space=space(optim__lr={"loguniform": [0.0, 1e-3]})), [], "field 'space.optim.lr': loguniform needs low > 0"),
+    ("int-fractional", sweep(space=space(lora__rank={"int": [1, 8.5]})), [], "int needs whole-number bounds"),
+    ("uniform-on-int-field", sweep(space=space(lora__rank={"uniform": [1, 8]})), [], "field 'space.lora.rank': 'lora.rank' is a whole number"),
+    ("momentum-one-in-choice", sweep(space=space(plora__momentum={"choice": [0.1, 1.0]})), [], "field 'space.plora.momentum': value 1.0 is rejected by the run config (field 'plora.momentum': Input should be less than 1"),
+    ("momentum-range-reaches-one", sweep(space=space(plora__momentum={"uniform": [0.0, 1.0]})), [], "field 'space.plora.momentum': value 1.0"),
+    ("rank-zero-in-choice", sweep(space=space(lora__rank={"choice": [0, 8]})), [], "field 'space.lora.rank': value 0"),
+    ("rank-zero-in-int", sweep(space=space(lora__rank={"int": [0, 8]})), [], "field 'space.lora.rank': value 0"),
+    ("lr-zero-in-grid", sweep(space=space(optim__lr={"grid": [1e-3, 0.0]})), [], "field 'space.optim.lr': value 0.0"),
+    ("bad-momentum-rule", sweep(space=space(plora__momentum_rule={"choice": ["preserve", "fancy"]})), [], "field 'space.plora.momentum_rule': value 'fancy'"),
+    ("bad-target-list", sweep(space=space(lora__target_modules={"choice": [["q_proj"], []]})), [], "field 'space.lora.target_modules': value []"),
+    ("missing-base-file", sweep(base="no_such_run.yaml"), [], "field 'base': run config"),
+    ("missing-base", sweep(base=None), [], "field 'base': Field required"),
+    ("invalid-base", sweep(base={"lora": {"rank": 0}, **BASE}), [], "base: field 'lora.rank'"),
+    ("missing-data-file", sweep(base={**BASE, "data": {"train_files": ["nope.jsonl"]}}), [], "file 'nope.jsonl' not found"),
+    ("grid-under-optuna", sweep(searcher={"type": "optuna"}, space=space(lora__rank={"grid": [1, 8]})), [], "field 'space.lora.rank': grid cannot be used with searcher optuna"),
+    ("choice-under-grid", sweep(searcher={"type": "grid"}), [], "field 'space.plora.momentum': searcher grid takes grid entries only"),
+    ("unknown-searcher", sweep(searcher={"type": "bayes"}), [], "field 'searcher.type'"),
+    ("metric-never-measured", sweep(metric="eval/mmlu/acc"), [], "field 'metric': eval/mmlu/acc is never measured: add mmlu to the base's eval.tasks"),
+    ("unknown-metric", sweep(metric="eval/gsm8k/flex"), [], "field 'metric': unknown metric: did you mean 'eval/gsm8k/flexible'"),
+    ("missing-metric", sweep(metric=None), [], "field 'metric': Field required"),
+    ("bad-mode", sweep(mode="minimize"), [], "field 'mode'"),
+    ("num-samples-zero", sweep(num_samples=0), [], "field 'num_samples'"),
+    ("max-concurrent-zero", sweep(max_concurrent=0), [], "field 'max_concurrent'"),
+    ("grace-above-max-t", sweep(scheduler={"type": "asha", "grace_period": 4, "max_t": 2}), [], "field 'scheduler': grace_period 4 is above max_t 2"),
+    ("reduction-factor-one", sweep(scheduler={"type": "asha", "reduction_factor": 1}), [], "field 'scheduler.reduction_factor'"),
+    ("workers-zero", sweep(resources={"workers": 0}), [], "field 'resources.workers'"),
+    ("resource-path-in-space", sweep(space=space(distributed__workers={"choice": [1, 2]})), [], "set resources.workers instead"),
+    ("joint-arity", sweep(space={"method, lora.rank": {"grid": [["lora", 1], ["plora"]]}}), [], "field 'space.method, lora.rank': value ['plora'] must be a list of 2 values"),
+    ("joint-range", sweep(space={"lora.rank, optim.lr": {"uniform": [1, 2]}}), [], "a joint key takes choice or grid only"),
+    ("joint-unknown-path", sweep(space={"method, lora.rnk": {"grid": [["lora", 1]]}}), [], "did you mean 'lora.rank'"),
+    ("fixed-and-space", sweep(fixed={"plora.momentum": 0.1}), [], "'plora.momentum' is also set by fixed.plora.momentum"),
+    ("fixed-unknown-path", sweep(fixed={"lora.rnk": 2}), [], "field 'fixed.lora.rnk'"),
+    ("fixed-bad-value", sweep(fixed={"lora.rank": 0}), [], "field 'fixed': base + fixed + resources are rejected"),
+    ("plora-without-unload-point", sweep(base={**BASE, "method": "lora", "plora": {}},
+                                         space=space(method={"grid": ["lora", "plora"]})), [],
+     "field 'space': the trial {method='plora'} is rejected by the run config (config: method plora needs an unload point"),
+    ("override-unknown", sweep(), ["num_sample=2"], "did you mean 'num_samples'"),
+    ("override-bad-space", sweep(), ["space.plora.momentum={choice: [2.0]}"], "field 'space.plora.momentum': value 2.0"),
+    ("override-not-key-value", sweep(), ["num_samples"], "override 'num_samples' must look like key=value"),
+]
+
+
+@pytest.mark.parametrize("case_id,data,overrides,fragment", BAD, ids=[c[0] for c in BAD])
+def test_bad_sweep_gives_one_line_naming_the_field(tmp_path, case_id, data, overrides, fragment):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path, overrides)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(path)), message
+    assert fragment in message
+
+
+def test_not_yaml_and_missing_file_are_one_line(tmp_path):
+    (tmp_path / "s.yaml").write_text("space: {lora.rank: {choice: [1\n")
+    for path in (tmp_path / "s.yaml", tmp_path / "absent.yaml"):
+        with pytest.raises(ConfigError) as err:
+            load_sweep(path)
+        assert "\n" not in str(err.value)
+
+
+EXPECTED_TRIALS = {"unload": 8, "momentum": 6, "rank": 5, "lr": 7, "joint": 12}
+
+
+def _points(spec, n_random=4):
+    """Every point of a grid sweep (via Ray's own variant generator), else n random samples."""
+    from ray.tune.search.sample import Domain
+    from ray.tune.search.variant_generator import generate_variants
+
+    domains = tune_param_space(spec)
+    assert domains.keys() == spec.space.keys()
+    assert all(isinstance(d, Domain) or set(d) == {"grid_search"} for d in domains.values())
+    if spec.searcher.type == "optuna":
+        return [{k: d.sample() for k, d in domains.items()} for _ in range(n_random)]
+    return [config for _, config in generate_variants(domains)]
+
+
+@pytest.mark.parametrize("path", TINY_FILES, ids=[p.stem for p in TINY_FILES])
+def test_shipped_tiny_sweep_validates_and_every_trial_builds(path):
+    assert path.read_text().startswith("#") and f"python -m plora_ray.tune search_spaces/{path.name}" in path.read_text()
+    spec = load_sweep(path)
+    assert trial_count(spec) == EXPECTED_TRIALS[path.stem]
+    points = _points(spec)
+    if spec.searcher.type != "optuna":
+        assert len(points) * spec.num_samples == trial_count(spec)
+    for i, params in enumerate(points):
+        cfg = trial_run_config(spec, params, name=f"{spec.name}-{i}")
+        assert isinstance(cfg, RunConfig) and cfg.name == f"{spec.name}-{i}"
+        assert cfg.model.name_or_path == "tiny" and cfg.distributed.workers == 1
+        assert not cfg.distributed.use_gpu
+    assert describe(spec).startswith(f"sweep {spec.name}: {trial_count(spec)} trials")
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=[p.stem for p in PAPER_FILES])
+def test_shipped_paper_sweep_validates_at_paper_scale(path):
+    assert f"python -m plora_ray.tune search_spaces/paper/{path.name}" in path.read_text()
+    with pytest.raises(ConfigError, match="not found"):  # no LLaMA-7B or data mix here
+        load_sweep(path)
+    spec = load_sweep(path, check_paths=False)
+    expected = dict(EXPECTED_TRIALS, joint=16)[path.stem]
+    assert trial_count(spec) == expected
+    for params in _points(spec):
+        cfg = trial_run_config(spec, params)
+        d = cfg.distributed
+        assert (d.workers, d.engine, d.zero_stage, d.use_gpu) == (8, "deepspeed", 2, True)
+        assert cfg.global_batch_size == 24 and cfg.model.dtype == "bfloat16"
+        assert cfg.checkpoint_every_steps == 100
+        assert cfg.method != "plora" or cfg.plora.unload_every_samples
+
+
+def test_joint_key_sets_every_path_of_a_row():
+    spec = load_sweep(ROOT / "search_spaces" / "lr.yaml")
+    key = "method, lora.target_modules, lora.rank, optim.lr"
+    cfg = trial_run_config(spec, {key: ["plora", ALL7, 8, 5e-3]})
+    assert (cfg.method, cfg.lora.target_modules, cfg.lora.rank, cfg.optim.lr) == ("plora", ALL7, 8, 5e-3)
+    lora = trial_run_config(load_sweep(ROOT / "search_spaces" / "unload.yaml"),
+                            {"method, plora.unload_every_samples": ["lora", None],
+                             "lora.target_modules": ["q_proj", "v_proj"]})
+    assert lora.method == "lora" and lora.plora.unload_every_samples is None
+
+
+def test_resources_go_into_the_run_config_and_default_to_the_base(tmp_path):
+    data = sweep(resources={"workers": 2, "cpus_per_worker": 0.5, "gpus_per_worker": 0.5})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    cfg = trial_run_config(load_sweep(tmp_path / "s.yaml"), {"plora.momentum": 0.1})
+    assert (cfg.distributed.workers, cfg.distributed.cpus_per_worker, cfg.distributed.use_gpu) == (2, 0.5, True)
+    data = sweep(base={**BASE, "distributed": {"workers": 3, "cpus_per_worker": 2}})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    spec = load_sweep(tmp_path / "s.yaml")
+    assert (spec.resources.workers, spec.resources.cpus_per_worker, spec.resources.gpus_per_worker) == (3, 2, 0)
+
+
+def test_base_path_is_relative_to_the_sweep_file_and_overridable(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "run.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "s.yaml").write_text(yaml.safe_dump(sweep(base="../runs/run.yaml")))
+    monkeypatch.chdir(ROOT)
+    spec = load_sweep(tmp_path / "sweeps" / "s.yaml",
+                      ["num_samples=2", "base.data.max_steps=4", "space.lora.rank={int: [1, 4]}",
+                       "space.plora.momentum=null", "fixed.seed=7"])
+    assert spec.num_samples == 2 and set(spec.space) == {"lora.rank"}
+    cfg = trial_run_config(spec, {"lora.rank": 4})
+    assert (cfg.data.max_steps, cfg.lora.rank, cfg.seed) == (4, 4, 7)
+    assert spec.searcher.type == "optuna" and spec.name == "t"
+
+
+def test_defaults_mode_from_metric_and_searcher_from_space(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep(metric="eval/mmlu/acc", name=None, base={**BASE, "eval": {"tasks": ["mmlu"]}},
+                                         space=space(lora__rank={"grid": [1, 8]}))))
+    spec = load_sweep(path)
+    assert (spec.mode, spec.searcher.type, spec.name, trial_count(spec)) == ("max", "grid", "s", 2)
+    assert load_sweep(path, ["metric=train/loss"]).mode == "min"
+
+
+def test_yaml_text_bounds_like_1e_4_are_numbers(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("metric: train/loss\nbase: {plora: {unload_every_steps: 2}}\n"
+                    "space: {optim.lr: {loguniform: [1e-4, 1e-2]}}\n")
+    assert tune_param_space(load_sweep(path))["optim.lr"].lower == pytest.approx(1e-4)
+
+
+def test_loading_a_sweep_does_not_import_ray():
+    code = ("import sys; from plora_ray.search_space import load_sweep; "
+            "load_sweep('search_spaces/joint.yaml'); assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_error_in_a_base_file_names_the_base_file(tmp_path):
+    (tmp_path / "run.yaml").write_text("lora: {rnk: 4}\n")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep(base="run.yaml")))
+    with pytest.raises(ConfigError) as err:
+        load_sweep(tmp_path / "s.yaml")
+    assert str(err.value) == (f"{tmp_path / 's.yaml'}: base ({tmp_path / 'run.yaml'}): "
+                              "unknown key 'lora.rnk': did you mean 'lora.rank'?")
+
+
+def test_trial_values_split_joint_keys_into_mlflow_param_names():
+    values = trial_values({"method, plora.unload_every_samples": ["lora", None], "optim.lr": 1e-3})
+    assert values == {"method": "lora", "plora.unload_every_samples": None, "optim.lr": 1e-3}
+
+
+@pytest.mark.parametrize("name", ["unload", "joint"])
+def test_spec_survives_a_json_round_trip_into_a_trial(name):
+    """tune.py ships the spec to trials as JSON and rebuilds it there."""
+    from plora_ray.search_space import SweepSpec
+
+    spec = load_sweep(ROOT / "search_spaces" / f"{name}.yaml")
+    again = SweepSpec.model_validate(json.loads(json.dumps(spec.model_dump(mode="json"))))
+    assert again.model_dump() == spec.model_dump()
+    params = {k: d.values[0] for k, d in spec.space.items()}
+    assert trial_run_config(again, params) == trial_run_config(spec, params)

@@ -1,0 +1,138 @@
+"""The main command on a real local Ray cluster and a real SQLite MLflow store (tiny model)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from plora_ray.tracking import default_tracking_uri, sweep_trials
+from plora_ray.tune import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_shutdown():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def base(**extra):
+    run = {"name": "t", "method": "plora", "checkpoint_every_steps": 2, "log_every_steps": 100,
+           "model": {"name_or_path": "tiny"},
+           "lora": {"rank": 2, "target_modules": ["q_proj", "v_proj"]},
+           "plora": {"unload_every_steps": 2, "momentum": 0.1},
+           "optim": {"lr": 1e-3},
+           "data": {"train_files": ["tiny-dialogues"], "max_length": 64, "micro_batch_size": 4,
+                    "gradient_accumulation_steps": 1, "max_steps": 6}}
+    for key, value in extra.items():
+        run.setdefault(key, {}).update(value) if isinstance(value, dict) else run.__setitem__(key, value)
+    return run
+
+
+def write_space(tmp_path, **fields):
+    data = {"name": "t", "metric": "train/loss", "mode": "min", "searcher": {"type": "optuna", "seed": 0},
+            "num_samples": 4, "max_concurrent": 2, "resources": {"workers": 1, "cpus_per_worker": 1},
+            "base": base(), "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]},
+                                      "plora.momentum": {"choice": [0.0, 0.3]}}}
+    data.update(fields)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def history(uri, run_id, key):
+    from mlflow import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)]
+
+
+def test_optuna_asha_sweep_logs_one_run_per_trial_with_curves(tmp_path, capsys):
+    space = write_space(tmp_path, scheduler={"type": "asha", "grace_period": 1, "max_t": 3},
+                        base=base(eval={"tasks": ["arc_easy"], "limit": 2, "batch_size": 2}))
+    assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 0
+    out = capsys.readouterr().out
+    assert "best: train/loss=" in out and "mlflow ui --backend-store-uri sqlite:////" in out
+    uri = default_tracking_uri(tmp_path / "sweeps")
+    sweep = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())
+    trials = sweep_trials(uri, sweep["parent_run_id"])
+    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
+    for t in trials:
+        assert t["status"] in ("finished", "stopped_early")
+        steps = [s for s, _ in history(uri, t["run_id"], "train/loss")]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) in (2, 4, 6)
+        checkpoints = [s for s in (2, 4, 6) if s <= len(steps)]
+        assert [s for s, _ in history(uri, t["run_id"], "plora/accumulated_rank")] == checkpoints
+        assert [s for s, _ in history(uri, t["run_id"], "eval/arc_easy/acc")] == checkpoints
+        assert t["params"]["lora.rank"] == "2"
+
+
+def test_diverging_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    space = write_space(tmp_path, searcher={"type": "grid"}, num_samples=1,
+                        space={"optim.lr": {"grid": [1e-3, 10.0]}},  # full fine-tuning at lr 10 blows up
+                        base=base(method="full", optim={"max_grad_norm": None}))
+    assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 0
+    uri = default_tracking_uri(tmp_path / "sweeps")
+    sweep = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())
+    status = {t["params"]["optim.lr"]: t["status"] for t in sweep_trials(uri, sweep["parent_run_id"])}
+    assert status == {"0.001": "finished", "10.0": "diverged"}
+    assert "best: train/loss=" in capsys.readouterr().out
+
+
+def test_killed_sweep_resumes_without_lost_or_duplicated_trials(tmp_path):
+    space = write_space(tmp_path, searcher={"type": "random", "seed": 1}, max_concurrent=1)
+    storage = tmp_path / "sweeps"
+    cmd = [sys.executable, "-m", "plora_ray.tune", str(space), "--storage", str(storage)]
+    uri = default_tracking_uri(storage)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # kill the driver once a trial has finished
+            latest = storage / "t.latest.json"
+            if latest.exists():
+                parent = json.loads(latest.read_text())["parent_run_id"]
+                if sum(t["status"] == "finished" for t in sweep_trials(uri, parent)) >= 1:
+                    break
+            time.sleep(2)
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    before = sweep_trials(uri, parent)
+    assert len(before) < 4  # really interrupted
+    done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = sweep_trials(uri, parent)
+    assert len(after) == 4 and len({t["trial_id"] for t in after}) == 4
+    assert all(t["status"] == "finished" for t in after)
+    assert {t["run_id"] for t in before} <= {t["run_id"] for t in after}  # continued, not duplicated
+
+
+def test_bad_search_space_files_exit_2_with_one_line(tmp_path, capsys):
+    from test_search_space import BAD
+
+    assert len(BAD) >= 15
+    for case_id, data, overrides, fragment in BAD:
+        path = tmp_path / f"{case_id}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        argv = [str(path), "--dry-run"] + [x for o in overrides for x in ("--set", o)]
+        assert main(argv) == 2, case_id
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], (case_id, err)
+
+
+def test_shipped_spaces_validate_in_dry_run(capsys):
+    for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
+        assert main([str(path), "--dry-run"]) == 0, path
+    assert "trials" in capsys.readouterr().out
