@@ -88,6 +88,9 @@ def test_diverging_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
 
 
 def test_killed_sweep_resumes_without_lost_or_duplicated_trials(tmp_path):
+    import ray
+
+    ray.shutdown()  # this process must not be a driver of the cluster `ray stop` ends below
     space = write_space(tmp_path, searcher={"type": "random", "seed": 1}, max_concurrent=1)
     storage = tmp_path / "sweeps"
     cmd = [sys.executable, "-m", "plora_ray.tune", str(space), "--storage", str(storage)]
