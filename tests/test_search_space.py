@@ -14,7 +14,8 @@ from plora_ray.search_space import (describe, load_sweep, trial_count, trial_run
                                     trial_values, tune_param_space)
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_FILES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+MAIN_FILE = ROOT / "search_spaces" / "unload.yaml"  # the main job: SmolLM2, the embedded default
+TINY_FILES = sorted(p for p in (ROOT / "search_spaces").glob("*.yaml") if p != MAIN_FILE)
 PAPER_FILES = sorted((ROOT / "search_spaces" / "paper").glob("*.yaml"))
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE = {"plora": {"unload_every_steps": 2}, "data": {"max_steps": 1, "max_length": 64}}
@@ -111,7 +112,7 @@ def test_not_yaml_and_missing_file_are_one_line(tmp_path):
         assert "\n" not in str(err.value)
 
 
-EXPECTED_TRIALS = {"unload": 8, "momentum": 6, "rank": 5, "lr": 7, "joint": 12}
+EXPECTED_TRIALS = {"unload_tiny": 8, "momentum": 6, "rank": 5, "lr": 7, "joint": 12}
 
 
 def _points(spec, n_random=4):
@@ -149,7 +150,7 @@ def test_shipped_paper_sweep_validates_at_paper_scale(path):
     with pytest.raises(ConfigError, match="not found"):  # no LLaMA-7B or data mix here
         load_sweep(path)
     spec = load_sweep(path, check_paths=False)
-    expected = dict(EXPECTED_TRIALS, joint=16)[path.stem]
+    expected = dict(EXPECTED_TRIALS, joint=16, unload=8)[path.stem]
     assert trial_count(spec) == expected
     for params in _points(spec):
         cfg = trial_run_config(spec, params)
@@ -165,7 +166,7 @@ def test_joint_key_sets_every_path_of_a_row():
     key = "method, lora.target_modules, lora.rank, optim.lr"
     cfg = trial_run_config(spec, {key: ["plora", ALL7, 8, 5e-3]})
     assert (cfg.method, cfg.lora.target_modules, cfg.lora.rank, cfg.optim.lr) == ("plora", ALL7, 8, 5e-3)
-    lora = trial_run_config(load_sweep(ROOT / "search_spaces" / "unload.yaml"),
+    lora = trial_run_config(load_sweep(ROOT / "search_spaces" / "unload_tiny.yaml"),
                             {"method, plora.unload_every_samples": ["lora", None],
                              "lora.target_modules": ["q_proj", "v_proj"]})
     assert lora.method == "lora" and lora.plora.unload_every_samples is None
@@ -226,6 +227,15 @@ def test_error_in_a_base_file_names_the_base_file(tmp_path):
         load_sweep(tmp_path / "s.yaml")
     assert str(err.value) == (f"{tmp_path / 's.yaml'}: base ({tmp_path / 'run.yaml'}): "
                               "unknown key 'lora.rnk': did you mean 'lora.rank'?")
+
+
+def test_main_sweep_runs_smollm2_on_the_embedded_mix_and_scores_arc():
+    spec = load_sweep(MAIN_FILE)
+    assert trial_count(spec) == 4 and spec.metric == "eval/arc_easy/acc_norm" and spec.mode == "max"
+    for params in _points(spec):
+        cfg = trial_run_config(spec, params)
+        assert cfg.model.name_or_path == "smollm2-135m-instruct"
+        assert cfg.data.train_files == ["embedded-mix-small"] and cfg.eval.tasks == ["arc_easy"]
 
 
 def test_trial_values_split_joint_keys_into_mlflow_param_names():
