@@ -29,7 +29,7 @@ from .plora import UnloadEvent, UnloadLedger
 FORMAT = 1
 
 
-def _backbone_params(run) -> dict[str, torch.nn.Parameter]:
+def backbone_params(run) -> dict[str, torch.nn.Parameter]:
     if run.unloader is None:
         return {}
     names = {id(p): n for n, p in run.model.named_parameters()}
@@ -66,7 +66,7 @@ def save_checkpoint(run, directory: str | Path) -> Path | None:
             optim[f"{name}::{key}"] = value.cpu().contiguous()
     rng = _gather_rng(run)  # every rank draws its own dropout masks
     backbone = {}
-    for name, w in _backbone_params(run).items():
+    for name, w in backbone_params(run).items():
         with acc.gathered([w]):
             backbone[name] = w.detach().cpu().clone().contiguous()
     if run.rank != 0:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import backbone_params, load_checkpoint, save_checkpoint
 from .config import RunConfig
 
 FAULT_STEP_ENV = "PLORA_RAY_FAULT_STEP"  # fault injection for tests: "STEP:RANK:MARKER_FILE"
@@ -54,12 +54,10 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
 
 def replica_digest(run) -> str:
     """Hash of every trainable and unloaded backbone weight, gathered in full (collective)."""
-    from .checkpoint import _backbone_params
-
     h = hashlib.sha256()
     acc = run.engine.access
     tensors = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
-    tensors += sorted(_backbone_params(run).items())
+    tensors += sorted(backbone_params(run).items())
     for name, p in tensors:
         with acc.gathered([p]):
             h.update(name.encode())

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from plora_ray.data import collate
 from plora_ray.plora import (PeriodicUnloader, StageLR, UnloadClock, UnloadLedger, lora_layers,
                              lora_parameters, make_scheduler, numerical_rank)
-from plora_ray.train import causal_lm_loss_sum, setup, train_step
+from plora_ray.train import setup, train_step
 
 
 def train_steps(run, n):
