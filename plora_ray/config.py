@@ -158,7 +158,8 @@ class DistributedConfig(_Section):
 class RunConfig(_Section):
     name: str = "plora-run"
     method: Literal["plora", "lora", "full"] = "plora"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**64 - 1, description="torch / data-order seed (a 64-bit "
+                      "unsigned integer)")
     output_dir: str = Field("runs/plora-run", description="where results are written")
     log_every_steps: int = Field(10, ge=1, description="print a step line every N steps")
     diverge_factor: float = Field(
@@ -283,16 +284,66 @@ def apply_override(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKeyError(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; ConfigError (one line) for a binary or undecodable file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} file ({exc.strerror}): check its "
+                          "permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text {what} file (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start} is not UTF-8): give the {what} file itself") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text {what} file (it holds NUL bytes): give the {what} "
+                          "file itself")
+    return text
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
+    """The top-level mapping of a YAML file; ConfigError (one line) for a missing, binary or
+    invalid file, a top level that is not a mapping, or a key given twice in one mapping."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' not found: check the path")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(read_text_file(p, "YAML"), Loader=_UniqueKeyLoader)  # noqa: S506 (safe)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{p} line {exc.line}: key '{exc.key}' is given twice in the same mapping "
+                          "(the later one would silently win): keep one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        reason = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
+        raise ConfigError(f"{p}{where}: not valid YAML ({' '.join(str(reason).split())})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -29,6 +29,7 @@ from .config import ConfigError, RunConfig, load_run_config
 from .data import DataError, StepPlan, collate, load_examples
 from .engines import make_engine
 from .models import build_model
+from .preflight import check_run
 from .plora import PeriodicUnloader, StageLR, UnloadClock, UnloadEvent, make_scheduler
 
 
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not args.output:
             raise ConfigError("--resume needs --output DIR: the directory of the run to continue")
         out = Path(args.output or cfg.output_dir)
+        check_run(cfg, out, args.resume)  # preflight: paths, model, data, before any work
         out = out if args.resume else unique_dir(out)
         done = run_cli(cfg, out, args.resume, args.address)
     except (ConfigError, DataError, AssetError) as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 from .assets import AssetError
 from .config import ConfigError
 from .data import DataError
+from .preflight import SweepFailed, check_sweep, raise_if_every_trial_failed
 
 DIVERGED_PENALTY = {"min": 1e6, "max": -1.0}  # what the searcher sees for a diverged trial
 
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         from .search_space import describe, load_sweep
 
         spec = load_sweep(args.space, args.overrides)
+        check_sweep(spec, args.storage, args.resume, args.tracking_uri)  # before Ray starts
         if args.dry_run:
             print(describe(spec))
             return 0
@@ -159,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, AssetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SweepFailed as exc:
+        print(exc.summary)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -184,7 +190,9 @@ def run_sweep(spec, args) -> str:
     ensure_ray(args.address)
     restore = str(storage / sweep["name"]) if args.resume else None
     results = build_tuner(spec, sweep, restore).fit()
-    return summarize(spec, results, sweep)
+    summary = summarize(spec, results, sweep)
+    raise_if_every_trial_failed(results, summary)
+    return summary
 
 
 if __name__ == "__main__":
