@@ -39,6 +39,8 @@ def bundled_path(name: str) -> Path:
 def read_rows(path: str | Path) -> list[tuple[int, object]]:
     """(line number, row) pairs from json / jsonl / parquet; line numbers are 1-based."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory: list its json, jsonl or parquet files in data.train_files")
     if not p.is_file():
         raise DataError(f"{p}: file not found: check data.train_files")
     suffix = p.suffix.lower()
