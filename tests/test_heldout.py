@@ -24,7 +24,7 @@ from plora_ray.models import load_base
 
 ARC = [dict(id=f"arc-{i}", question=f"Q{i}?", choices=["yes", "no", "maybe"], labels=list("ABC"), gold=i % 3)
        for i in range(3)]
-GSM = [dict(question="What is 2 plus 3?", answer="2+3=5\n#### 5")]
+GSM = [dict(question="What is 2 plus 3?", answer="2+3=5\n#### 5"), dict(question="7 minus 1?", answer="#### 6")]
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +101,15 @@ def test_checkpoint_runs_final_only_tasks_at_the_end(tiny, examples, monkeypatch
             "eval/arc_easy/acc_norm_stderr"} <= set(metrics)
     assert not any(k.endswith(("/n", "/tokens")) or k.startswith("eval/gsm8k") for k in metrics)
     metrics, items = evaluate_checkpoint(model, tok, cfg, examples[:3], final=True)
-    assert "eval/gsm8k/strict_stderr" in metrics and items["gsm8k"]["ids"] == ["gsm8k-0"]
+    assert "eval/gsm8k/strict_stderr" in metrics and items["gsm8k"]["ids"] == ["gsm8k-0", "gsm8k-1"]
+    assert not any(math.isnan(v) for v in metrics.values())
     assert evaluate_checkpoint(model, tok, EvalConfig(), None) == ({}, {})
 
 
 def test_items_record_matches_the_tracking_layout(tiny, examples, monkeypatch):
     model, tok = tiny
     cfg = EvalConfig(tasks=["arc_easy", "gsm8k", "mmlu"], max_new_tokens=4, limit=None)
-    items_mmlu = [dict(question="2+2?", subject="anatomy", choices=list("1234"), answer=3)]
+    items_mmlu = [dict(question="2+2?", subject="anatomy", choices=list("1234"), answer=3)]  # 1 item
     monkeypatch.setattr(run_mod, "default_items",
                         lambda task: {"arc_easy": ARC, "gsm8k": GSM, "mmlu": items_mmlu}[task])
     _, items = evaluate_checkpoint(model, tok, cfg, examples[:2], final=True)

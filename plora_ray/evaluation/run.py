@@ -25,6 +25,7 @@ At a training checkpoint call :func:`evaluate_checkpoint`.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -198,9 +199,9 @@ def evaluate_checkpoint(model, tokenizer, cfg, heldout: list[dict] | None = None
     ``cfg`` is the run's ``EvalConfig``; ``heldout`` the examples from
     ``heldout.prepare_heldout`` (scored at every checkpoint). Tasks in
     ``cfg.final_only_tasks`` run only when ``final``. ``metrics`` are ``eval/<task>/<metric>``
-    and ``eval/<task>/<metric>_stderr`` floats for MLflow (per-subject MMLU and counts left
-    out); ``items`` is the ``tasks`` part of ``items/step_*.json`` (``records.items_record``).
-    Both are ``{}`` when there is nothing to evaluate. Call on every rank (see :func:`evaluate`);
+    and ``eval/<task>/<metric>_stderr`` floats for MLflow (left out: per-subject MMLU,
+    counts, and the NaN standard errors of single-item groups); ``items`` is the ``tasks``
+    part of ``items/step_*.json`` (``records.items_record``). Both are ``{}`` when there is nothing to evaluate. Call on every rank (see :func:`evaluate`);
     every rank gets the same result.
     """
     tasks = [t for t in cfg.tasks if final or t not in cfg.final_only_tasks]
@@ -209,6 +210,8 @@ def evaluate_checkpoint(model, tokenizer, cfg, heldout: list[dict] | None = None
     res = evaluate(model, tokenizer, tasks, cfg.limit, cfg.prompt_style, cfg.batch_size, cfg.num_fewshot,
                    limit_mode=cfg.limit_mode, seed=seed, max_new_tokens=cfg.max_new_tokens,
                    heldout=heldout, rank=rank, world=world, lockstep=lockstep)
+    # a standard error over fewer than two items is NaN (lm-eval: N/A): left out of MLflow
     metrics = {f"eval/{k}": float(v) for k, v in res.items()
-               if "/subject/" not in k and not k.endswith(("/n", "/tokens"))}
+               if "/subject/" not in k and not k.endswith(("/n", "/tokens"))
+               and not (k.endswith("_stderr") and math.isnan(v))}
     return metrics, items_record(res)
