@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plora_ray.config import ConfigError, EvalConfig, ModelConfig, build_run_config
+from plora_ray.config import ConfigError, EvalConfig, ModelConfig
 from plora_ray.data import IGNORE, load_examples
 from plora_ray.evaluation import (
     evaluate_checkpoint,

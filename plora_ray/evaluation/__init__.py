@@ -1,7 +1,8 @@
 """Benchmark evaluators (GSM8K, MMLU, ARC-Easy/Challenge) defined as lm-evaluation-harness
-0.4.13 defines them, runnable on an in-memory model, sharded over the ranks of a distributed run, plus the held-out
-loss and lm-eval standard errors. Entry points: :func:`evaluate`; in a training run
-:func:`evaluate_checkpoint` (metrics for MLflow + per-item results)."""
+0.4.13 defines them, runnable on an in-memory model and sharded over the ranks of a
+distributed run, plus the held-out loss and lm-eval standard errors. Entry points:
+:func:`evaluate`; in a training run :func:`evaluate_checkpoint` (metrics for MLflow and
+per-item results)."""
 
 from .gsm8k import evaluate_gsm8k, exact_match, extract_flexible, extract_strict, generate_until
 from .heldout import evaluate_heldout, heldout_losses, load_heldout, prepare_heldout, split_heldout

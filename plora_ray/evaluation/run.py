@@ -201,8 +201,9 @@ def evaluate_checkpoint(model, tokenizer, cfg, heldout: list[dict] | None = None
     ``cfg.final_only_tasks`` run only when ``final``. ``metrics`` are ``eval/<task>/<metric>``
     and ``eval/<task>/<metric>_stderr`` floats for MLflow (left out: per-subject MMLU,
     counts, and the NaN standard errors of single-item groups); ``items`` is the ``tasks``
-    part of ``items/step_*.json`` (``records.items_record``). Both are ``{}`` when there is nothing to evaluate. Call on every rank (see :func:`evaluate`);
-    every rank gets the same result.
+    part of ``items/step_*.json`` (``records.items_record``). Both are ``{}`` when there is
+    nothing to evaluate. Call on every rank (see :func:`evaluate`); every rank gets the same
+    result.
     """
     tasks = [t for t in cfg.tasks if final or t not in cfg.final_only_tasks]
     if not tasks and not heldout:
