@@ -126,11 +126,40 @@ class DataConfig(_Section):
     shuffle: bool = True
 
 
+HELDOUT_NAMES = ("gsm8k-heldout",)  # the 319 GSM8K problems the embedded mix never trains on
+
+
+class HeldoutConfig(_Section):
+    """Held-out dialogues scored by teacher-forced loss at every checkpoint (``eval/heldout/loss``)."""
+
+    files: list[str] | None = Field(
+        None, description="dialogue files (data.train_files formats) or a bundled name "
+        f"({', '.join(BUNDLED_DATASETS + HELDOUT_NAMES)}); null: gsm8k-heldout when training on "
+        "an embedded mix, else none; []: none")
+    fraction: float = Field(0.0, ge=0, lt=1, description="seeded fraction of the training "
+                            "examples kept out of training and scored as held-out")
+    seed: int = Field(0, description="seed of the fraction split (fixed, so trials of "
+                      "different run seeds hold out the same examples)")
+    limit: int | None = Field(None, ge=1, description="score only the first N held-out examples")
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> "HeldoutConfig":
+        for f in self.files or []:
+            if f not in BUNDLED_DATASETS + HELDOUT_NAMES and not Path(f).exists():
+                raise ValueError(f"file '{f}' not found: give an existing path or a bundled name "
+                                 f"({', '.join(BUNDLED_DATASETS + HELDOUT_NAMES)})")
+        return self
+
+
 class EvalConfig(_Section):
     """Benchmarks scored at every checkpoint (defined as lm-evaluation-harness defines them)."""
 
     tasks: list[Literal["gsm8k", "mmlu", "arc_easy", "arc_challenge"]] = Field(
-        default_factory=list, description="empty: no evaluation")
+        default_factory=list, description="empty: no benchmark (the held-out loss may still run)")
+    final_only_tasks: list[Literal["gsm8k", "mmlu", "arc_easy", "arc_challenge"]] = Field(
+        default_factory=list, description="tasks of eval.tasks scored only at the final "
+        "checkpoint (e.g. [gsm8k]: generation is slow); the others run at every checkpoint")
+    heldout: HeldoutConfig = HeldoutConfig()
     limit: int | None = Field(20, ge=1, description="items per task (MMLU: spread over subjects); "
                               "null: the whole test set")
     limit_mode: Literal["first", "sample"] = "first"
@@ -138,6 +167,14 @@ class EvalConfig(_Section):
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(256, ge=1, description="GSM8K generation length")
+
+    @model_validator(mode="after")
+    def _final_only_in_tasks(self) -> "EvalConfig":
+        for t in self.final_only_tasks:
+            if t not in self.tasks:
+                raise ValueError(f"final_only_tasks names '{t}', which is not in eval.tasks: "
+                                 "add it to eval.tasks or remove it")
+        return self
 
 
 class DistributedConfig(_Section):
