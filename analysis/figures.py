@@ -132,7 +132,7 @@ def rank_figure(sweep: Sweep, path: Path) -> Path | None:
     """Accumulated update rank per stage (mean over layers, min–max band) against T·r."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    drawn, top = 0, 0.0
+    drawn, top, references = 0, 0.0, {}
     for t in sweep.trials:
         steps, stage = t.history("plora/stage")
         _, rank = t.history("plora/accumulated_rank")
@@ -145,18 +145,19 @@ def rank_figure(sweep: Sweep, path: Path) -> Path | None:
             ax.fill_between(stage, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
         r = t.param("lora.rank")
         if isinstance(r, (int, float)):
-            ax.plot(stage, np.asarray(stage, float) * r, ls="--", lw=0.8,
-                    color=line.get_color())
+            references[r] = max(references.get(r, 0), max(stage))
         top = max(top, max(rank))
         drawn += 1
     if not drawn:
         plt.close(fig)
         return None
+    for r, last in sorted(references.items()):  # the bound an unload adds at most r to
+        ax.plot([0, last], [0, last * r], ls="--", lw=0.8, color="0.3", label=f"T·r, r={r}")
     ax.set_xlabel("stage T (unloads so far)")
     ax.set_ylabel("accumulated update rank")
     ax.set_title("Accumulated update rank per stage (dashed: T·r)")
     ax.set_ylim(0, top * 1.1 + 1)
-    _legend(ax, drawn)
+    _legend(ax, drawn + len(references))
     return _save(fig, path)
 
 

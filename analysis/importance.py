@@ -15,6 +15,7 @@ MIN_TRIALS = 10   # below this the importances are noise: the report says so
 def _distribution(values: list):
     import optuna.distributions as d
 
+    # a value that is None for some trials (LoRA has no unload point) makes a category
     if all(isinstance(v, bool) for v in values) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         return d.CategoricalDistribution(sorted({str(v) for v in values})), str
@@ -38,7 +39,7 @@ def study_from_sweep(sweep: Sweep):
         if step is None:
             continue
         value = t.value_at(metric, step)
-        params = {k: v for k, v in t.space.items() if k not in SEED_KEYS and v is not None}
+        params = {k: v for k, v in t.space.items() if k not in SEED_KEYS}
         if math.isfinite(value) and params:
             rows.append((params, value))
     keys = sorted({k for p, _ in rows for k in p})

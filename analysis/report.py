@@ -102,7 +102,8 @@ def build_report(sweep: Sweep, out_dir: Path, loss_window: int = 150,
     running = [t for t in sweep.trials if t.running]
     numbers: dict = {"experiment": sweep.experiment_name, "partial": bool(running),
                      "n_trials": len(sweep.trials), "selection_metric": select,
-                     "sweep_run_id": sweep.parent.info.run_id if sweep.parent else None}
+                     "sweep_run_id": sweep.parent.info.run_id if sweep.parent else None,
+                     "extra_figures": []}
     title = sweep.parent.info.run_name if sweep.parent else sweep.experiment_name
     md = [f"# Sweep report: {title}", ""]
     if running:
@@ -181,6 +182,7 @@ def build_report(sweep: Sweep, out_dir: Path, loss_window: int = 150,
             md.append(f"\nPED-ANOVA could not run: {imp['ped_anova_error']}")
         if figures.importance_figure(imp, out_dir / "importance.png"):
             md += ["", "![importance](importance.png)"]
+            numbers["extra_figures"].append("importance.png")
     md.append("")
 
     # Pareto
@@ -199,6 +201,7 @@ def build_report(sweep: Sweep, out_dir: Path, loss_window: int = 150,
                       f"{which} |")
     if figures.pareto_figure(points, metric or "", out_dir / "pareto.png"):
         md += ["", "![pareto](pareto.png)"]
+        numbers["extra_figures"].append("pareto.png")
     md.append("")
 
     # curves
@@ -230,5 +233,8 @@ def write_report(tracking_uri: str, experiment: str, sweep_run_id: str | None = 
     path.write_text(text)
     (out / "report.json").write_text(json.dumps(numbers, indent=1, default=str))
     if log_to_mlflow and sweep.parent is not None:
-        sweep.client.log_artifacts(sweep.parent.info.run_id, str(out), artifact_path="report")
+        # only what this call wrote: `out` may be a directory that holds other files
+        for name in ["report.md", "report.json", *numbers["figures"], *numbers["extra_figures"]]:
+            sweep.client.log_artifact(sweep.parent.info.run_id, str(out / name),
+                                      artifact_path="report")
     return path

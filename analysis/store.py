@@ -27,9 +27,17 @@ class AnalysisError(Exception):
 
 
 def client_for(tracking_uri: str):
+    """A client on an existing store: a missing SQLite file is an error here, not a new
+    empty database created as a side effect of reading."""
+    uri = str(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        if path not in ("", ":memory:") and not Path(path).exists():
+            raise AnalysisError(f"--tracking-uri: no MLflow database at {Path(path).resolve()} "
+                                "(give the store the sweep wrote, e.g. sqlite:////abs/mlflow.db)")
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=str(tracking_uri))
+    return MlflowClient(tracking_uri=uri)
 
 
 def search_all(client, experiment_ids, filter_string: str = "") -> list:

@@ -263,7 +263,8 @@ def test_figures_are_pngs_of_the_expected_size(store):
 
 def test_report_is_logged_under_report_of_the_sweep_run(store):
     logged = {a.path for a in store["client"].list_artifacts(store["parent"], "report")}
-    assert {"report/report.md", "report/train_loss.png", "report/report.json"} <= logged
+    assert {"report/report.md", "report/train_loss.png", "report/report.json",
+            "report/pareto.png", "report/importance.png"} <= logged
     assert "PARTIAL" not in store["md"]
 
 
@@ -334,3 +335,47 @@ def test_bad_experiment_is_one_line_and_exit_2(store, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --experiment: no experiment named 'nope'")
     assert len(err.splitlines()) == 1
+
+
+def test_columns_follow_the_papers_order():
+    from types import SimpleNamespace
+    from analysis.results import eval_metric_keys
+    keys = ["eval/heldout/loss", "eval/arc_challenge/acc_norm", "eval/mmlu/acc",
+            "eval/mmlu/stem", "eval/arc_easy/acc_norm", "eval/gsm8k/strict", "eval/mmlu/other",
+            "eval/samples", "eval/gsm8k/strict_stderr", "eval/zz/x"]
+    assert eval_metric_keys([SimpleNamespace(metric_keys=keys)]) == [
+        "eval/gsm8k/strict", "eval/mmlu/other", "eval/mmlu/stem", "eval/mmlu/acc",
+        "eval/arc_easy/acc_norm", "eval/arc_challenge/acc_norm", "eval/heldout/loss",
+        "eval/zz/x"]
+
+
+def test_analysis_imports_nothing_from_plora_ray_ray_or_torch():
+    import subprocess
+    import sys
+    code = ("import sys, analysis, analysis.report, analysis.compare, analysis.__main__;"
+            "print([m for m in sys.modules if m.split('.')[0] in ('plora_ray', 'ray', 'torch')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_item_scores_weight_heldout_by_tokens_and_split_mmlu_by_category():
+    from analysis.results import item_scores
+    items = {"tasks": {
+        "heldout": {"ids": ["h0", "h1"], "loss": [1.0, 3.0], "tokens": [3, 1]},
+        "mmlu": {"ids": ["m0", "m1", "m2"], "acc": [1, 0, 1],
+                 "category": ["stem", "other", "stem"]}}}
+    ids, loss, weights = item_scores(items, "eval/heldout/loss")
+    assert np.average(loss, weights=weights) == pytest.approx(1.5)
+    ids, acc, weights = item_scores(items, "eval/mmlu/stem")
+    assert ids == ["m0", "m2"] and acc.tolist() == [1, 1] and weights is None
+    assert item_scores(items, "eval/mmlu/acc")[1].tolist() == [1, 0, 1]
+
+
+def test_missing_store_or_sweep_run_is_one_line_and_exit_2(store, tmp_path, capsys):
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    assert cli(["report", "--experiment", "unload", "--tracking-uri", missing]) == 2
+    assert "--tracking-uri: no MLflow database at" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+    assert cli(["report", "--experiment", "unload", "--sweep", "0" * 32,
+                "--tracking-uri", store["uri"]]) == 2
+    assert capsys.readouterr().err.startswith("error: --sweep: no run")
