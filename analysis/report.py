@@ -70,13 +70,13 @@ def pareto_points(sweep: Sweep) -> tuple[list[dict], str | None]:
 # ----------------------------------------------------------------------------- sections
 
 
-def _table_md(table, partial_configs) -> list[str]:
-    head = [*table.varied] if table.varied else ["trial"]
+def _table_md(table) -> list[str]:
+    head = [*table.varied] if table.varied else ["configuration"]
     short = [m[len("eval/"):] for m in table.metrics]
     lines = ["| " + " | ".join(head + short + ["seeds", "trainable params"]) + " |",
              "|" + "---|" * (len(head) + len(short) + 2)]
     for i, c in enumerate(table.configs):
-        label = [str(c.values[k]) for k in table.varied] if table.varied else [c.trials[0].name]
+        label = [str(c.values[k]) for k in table.varied] if table.varied else [c.label()]
         if c.running:
             label[-1] += " (partial)"
         cells = [table.cells[m][i].text(3) for m in table.metrics]
@@ -115,16 +115,27 @@ def build_report(sweep: Sweep, out_dir: Path, loss_window: int = 150,
         statuses[t.status] = statuses.get(t.status, 0) + 1
     md += [f"Experiment `{sweep.experiment_name}`, tracking URI `{sweep.tracking_uri}`; "
            f"{len(sweep.trials)} trials ("
-           + ", ".join(f"{v} {k}" for k, v in sorted(statuses.items())) + ").",
-           f"Best checkpoint of a trial: the one with the {'lowest' if lower else 'highest'} "
-           f"`{select}`.", ""]
+           + ", ".join(f"{v} {k}" for k, v in sorted(statuses.items())) + ").", ""]
+    numbers.update(tables={}, learning_ability=[], importance=None, pareto=[])
+    if select is None:
+        md += ["No checkpoint has been evaluated yet (no `eval/*` metric): the tables, learning "
+               "ability, importance and cost sections need one. Training curves only.", ""]
+    else:
+        md += [f"Best checkpoint of a trial: the one with the {'lowest' if lower else 'highest'} "
+               f"`{select}`.", ""]
+        md += _evaluated_sections(sweep, out_dir, numbers)
+    md += _curves(sweep, out_dir, numbers, loss_window, eval_window)
+    return "\n".join(md) + "\n", numbers
+
+
+def _evaluated_sections(sweep: Sweep, out_dir: Path, numbers: dict) -> list[str]:
+    md: list[str] = []
 
     # tables
-    numbers["tables"] = {}
     for which in ("best", "last"):
         table = build_table(sweep, which)
         md += [f"## Results at the {which} checkpoint", ""]
-        md += _table_md(table, running)
+        md += _table_md(table)
         md += ["", f"Cells: value [{int(LEVEL * 100)}% interval] (across seeds when a "
                "configuration has several, else the evaluator's stderr); **bold**: the column's "
                "best; ≈: not distinguishable from it (" + _tests_used(table) + ").", ""]
@@ -141,7 +152,6 @@ def build_report(sweep: Sweep, out_dir: Path, loss_window: int = 150,
     # learning ability
     abilities = learning_ability(sweep)
     md += ["## Learning ability (PLoRA vs LoRA at the same rank)", "", DEFINITION, ""]
-    numbers["learning_ability"] = []
     if abilities:
         md += ["| PLoRA | LoRA reference | target | (a) speed n_LoRA/n_PLoRA | (b) best ratio |",
                "|---|---|---|---|---|"]
@@ -203,9 +213,12 @@ def build_report(sweep: Sweep, out_dir: Path, loss_window: int = 150,
         md += ["", "![pareto](pareto.png)"]
         numbers["extra_figures"].append("pareto.png")
     md.append("")
+    return md
 
-    # curves
-    md += ["## Curves", ""]
+
+def _curves(sweep: Sweep, out_dir: Path, numbers: dict, loss_window: int,
+            eval_window: int) -> list[str]:
+    md = ["## Curves", ""]
     made = []
     if figures.train_loss_figure(sweep, out_dir / "train_loss.png", loss_window):
         made.append(("train_loss.png", f"training loss, moving average over {loss_window} steps"))
@@ -218,7 +231,7 @@ def build_report(sweep: Sweep, out_dir: Path, loss_window: int = 150,
     for name, caption in made:
         md += [f"![{caption}]({name})", ""]
     numbers["figures"] = [n for n, _ in made]
-    return "\n".join(md) + "\n", numbers
+    return md
 
 
 def write_report(tracking_uri: str, experiment: str, sweep_run_id: str | None = None,

@@ -151,8 +151,10 @@ class Config:
         return any(t.running for t in self.trials)
 
     def label(self) -> str:
-        text = " ".join(f"{k}={v}" for k, v in self.values.items()) or self.trials[0].name
-        return text
+        """The varied values; when nothing varied, the searched values; else the run name."""
+        shown = self.values or {k: v for k, v in self.trials[0].space.items()
+                                if k not in SEED_KEYS}
+        return " ".join(f"{k}={v}" for k, v in shown.items()) or self.trials[0].name
 
 
 def group_configs(trials: list[Trial]) -> tuple[list[Config], list[str]]:

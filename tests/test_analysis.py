@@ -379,3 +379,15 @@ def test_missing_store_or_sweep_run_is_one_line_and_exit_2(store, tmp_path, caps
     assert cli(["report", "--experiment", "unload", "--sweep", "0" * 32,
                 "--tracking-uri", store["uri"]]) == 2
     assert capsys.readouterr().err.startswith("error: --sweep: no run")
+
+
+def test_sweep_without_checkpoints_yet_reports_training_curves_only(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("early", artifact_location=str(tmp_path / "a"))
+    parent = client.create_run(exp, tags={"plora.run_type": "sweep"}).info.run_id
+    log_trial(client, exp, parent, tmp_path, config="p16", seed=0, space=P16, status="running",
+              acc=[], heldout=[], train_steps=6)
+    md = write_report(uri, "early", out_dir=tmp_path / "r", log_to_mlflow=False).read_text()
+    assert "No checkpoint has been evaluated yet" in md and "PARTIAL" in md
+    assert (tmp_path / "r" / "train_loss.png").exists()
