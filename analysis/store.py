@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 RUN_TYPE = "plora.run_type"
 PARENT = "mlflow.parentRunId"
 STATUS = "plora.status"
@@ -152,7 +154,9 @@ class Trial:
         """Training samples at `step` (eval/samples, else train/samples, else nan)."""
         value = self.value_at("eval/samples", step)
         if math.isnan(value):
-            value = self.value_at("train/samples", step)
+            steps, values = self.history("train/samples")
+            if steps and steps[0] <= step <= steps[-1]:  # logged every few steps: interpolate
+                value = float(np.interp(step, steps, values))
         return value
 
     def items(self, step: int) -> dict | None:

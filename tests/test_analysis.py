@@ -182,6 +182,13 @@ def store(tmp_path_factory):
             "numbers": json.loads((out / "report.json").read_text())}
 
 
+@pytest.fixture
+def scratch(store):
+    """The same store for tests that write their own experiment (a new SQLite store costs a
+    schema migration, seconds)."""
+    return store["uri"], store["client"]
+
+
 def _row(numbers, which, unload):
     return next(r for r in numbers["tables"][which]
                 if r["config"]["plora.unload_every_samples"] == unload)
@@ -281,9 +288,8 @@ def test_pareto_front_keeps_trials_nobody_beats_on_cost_and_metric(store):
     assert not points["lora s0"]["pareto_samples"]
 
 
-def test_importance_ranks_first_the_parameter_that_drives_the_metric(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+def test_importance_ranks_first_the_parameter_that_drives_the_metric(scratch, tmp_path):
+    uri, client = scratch
     exp = client.create_experiment("imp", artifact_location=str(tmp_path / "a"))
     parent = client.create_run(exp, tags={"plora.run_type": "sweep", "plora.mode": "min",
                                           "plora.metric": "eval/heldout/loss"}).info.run_id
@@ -304,9 +310,8 @@ def test_importance_ranks_first_the_parameter_that_drives_the_metric(tmp_path):
     assert next(iter(imp["ped_anova"])) == "optim.lr"
 
 
-def test_partial_sweep_is_marked_partial(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+def test_partial_sweep_is_marked_partial(scratch, tmp_path):
+    uri, client = scratch
     exp = client.create_experiment("live", artifact_location=str(tmp_path / "a"))
     parent = client.create_run(exp, tags={"plora.run_type": "sweep"}).info.run_id
     log_trial(client, exp, parent, tmp_path, config="lora", seed=0, space=LORA,
@@ -381,9 +386,8 @@ def test_missing_store_or_sweep_run_is_one_line_and_exit_2(store, tmp_path, caps
     assert capsys.readouterr().err.startswith("error: --sweep: no run")
 
 
-def test_sweep_without_checkpoints_yet_reports_training_curves_only(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+def test_sweep_without_checkpoints_yet_reports_training_curves_only(scratch, tmp_path):
+    uri, client = scratch
     exp = client.create_experiment("early", artifact_location=str(tmp_path / "a"))
     parent = client.create_run(exp, tags={"plora.run_type": "sweep"}).info.run_id
     log_trial(client, exp, parent, tmp_path, config="p16", seed=0, space=P16, status="running",
