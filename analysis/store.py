@@ -105,7 +105,10 @@ class Trial:
 
     @property
     def running(self) -> bool:
-        return self.status == "running" or self.run.info.status == "RUNNING"
+        # the producer's tag decides; MLflow's own status only for runs without one
+        if STATUS in self.tags:
+            return self.tags[STATUS] == "running"
+        return self.run.info.status == "RUNNING"
 
     @cached_property
     def space(self) -> dict:
