@@ -20,19 +20,39 @@ ENGINES = {
 }
 
 
+SETTINGS = ("RAY_AUTH_MODE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """The module's local cluster, started as the CLI starts one; yields this process's Ray
+    settings before and after (RAY_AUTH_MODE unset for the start, as for a user)."""
     import ray
 
-    env = dict(os.environ)
-    ensure_ray(num_cpus=2)
-    yield env, dict(os.environ)
+    auth = os.environ.pop("RAY_AUTH_MODE", None)
+    try:
+        before = {k: os.environ.get(k) for k in SETTINGS}
+        ensure_ray(num_cpus=2)
+        after = {k: os.environ.get(k) for k in SETTINGS}
+    finally:
+        if auth is not None:
+            os.environ["RAY_AUTH_MODE"] = auth
+    yield before, after
     ray.shutdown()
 
 
 def test_starting_a_local_cluster_leaves_the_environment_as_it_was(ray_cluster):
+    import ray
+
     before, after = ray_cluster
-    assert before == after
+    assert before == after == {k: None for k in SETTINGS}
+
+    @ray.remote
+    def seen():
+        return {k: os.environ.get(k) for k in SETTINGS}
+
+    # ...while the cluster's own processes run without token auth and poll fast
+    assert ray.get(seen.remote()) == {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def run_config(workers=2, **sections):
