@@ -6,7 +6,6 @@ import os
 import uuid
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from plora_ray.checkpoint import save_checkpoint
