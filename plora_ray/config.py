@@ -205,6 +205,10 @@ class RunConfig(_Section):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="checkpoint (and evaluate) every N steps (paper: 100); the end "
         "of the run is always checkpointed")
+    # output options (rundir.py)
+    save_merged: bool = Field(
+        True, description="write merged/: the trained model as a Hugging Face model directory "
+        "(transformers, lm-eval --model hf, vLLM load it); false: adapter, ledger and checkpoint only")
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     plora: PLoraConfig = PLoraConfig()
