@@ -39,6 +39,8 @@ class Run:
     history: list = field(default_factory=list)  # per-step dicts
     unloads: list = field(default_factory=list)  # UnloadEvent
     evals: list = field(default_factory=list)  # {"step": n, "eval/<task>/<metric>": v} per checkpoint
+    heldout: list = field(default_factory=list)  # held-out examples, scored at every checkpoint
+    items: dict = field(default_factory=dict)  # the last checkpoint's per-item results (items_record)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -59,6 +61,11 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model(cfg)
     examples = load_examples(cfg.data.train_files, tokenizer, cfg.data.max_length) if data else []
+    heldout = []
+    if data:  # rows kept out of training are chosen before the plan, identically on every rank
+        from .evaluation.heldout import prepare_heldout
+
+        examples, heldout = prepare_heldout(cfg, tokenizer, examples)
     # one global plan; each rank takes its share of every step's micro-batches
     plan = StepPlan(len(examples), cfg.data.micro_batch_size, cfg.data.gradient_accumulation_steps * world,
                     cfg.data.epochs, cfg.seed, cfg.data.shuffle)
@@ -82,7 +89,8 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
         clock = unloader.clock
     else:
         clock = UnloadClock()  # never fires; counts samples and steps
-    return Run(cfg, engine, tokenizer, examples, steps, scheduler, clock, unloader, rank, world)
+    return Run(cfg, engine, tokenizer, examples, steps, scheduler, clock, unloader, rank, world,
+               heldout=heldout)
 
 
 def causal_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -153,21 +161,21 @@ def probe_logits(run: Run) -> torch.Tensor:
     return logits.float()
 
 
-def evaluate_run(run: Run) -> dict[str, float]:
-    """The configured benchmarks on the model as it is now, as ``eval/<task>/<metric>``.
+def evaluate_run(run: Run, final: bool = False) -> dict[str, float]:
+    """Held-out loss and the configured benchmarks on the model as it is now.
 
-    Called on every rank at each checkpoint point. Rank 0 scores; under ZeRO-3 every rank
-    joins the forward passes (they gather the partitioned weights) and all get the scores.
+    Called on every rank at each checkpoint point: each rank scores its share of the items
+    and all get the gathered result (under ZeRO-3 the ranks' forward calls are kept in
+    lockstep, since each one gathers the partitioned weights). Returns
+    ``eval/<task>/<metric>`` and ``..._stderr``; the per-item results go to ``run.items``.
     """
-    e = run.cfg.eval
-    zero3 = run.cfg.distributed.engine == "deepspeed" and run.cfg.distributed.zero_stage == 3
-    if not e.tasks or not (run.rank == 0 or zero3):
-        return {}
-    from .evaluation import evaluate
+    from .evaluation import evaluate_checkpoint
 
-    res = evaluate(run.model, run.tokenizer, list(e.tasks), e.limit, e.prompt_style, e.batch_size,
-                   e.num_fewshot, limit_mode=e.limit_mode, seed=run.cfg.seed, max_new_tokens=e.max_new_tokens)
-    return {f"eval/{k}": float(v) for k, v in res.items() if "/subject/" not in k and not k.endswith("/n")}
+    d = run.cfg.distributed
+    zero3 = d.engine == "deepspeed" and d.zero_stage == 3
+    metrics, run.items = evaluate_checkpoint(run.model, run.tokenizer, run.cfg.eval, run.heldout,
+                                             rank=run.rank, world=run.world, lockstep=zero3, final=final)
+    return metrics
 
 
 def fit(run: Run, on_step=None, on_unload=None, on_checkpoint=None, progress: bool = True) -> Run:
@@ -230,12 +238,13 @@ def _fit_steps(run: Run, bar, on_step, on_unload, on_checkpoint, progress: bool)
 
 
 def checkpoint_point(run: Run, final: bool, on_checkpoint, progress: bool) -> None:
-    scores = evaluate_run(run)
+    scores = evaluate_run(run, final)
     if scores:
         run.evals.append({"step": run.clock.steps, **scores})
         if progress:
             tqdm.write(f"eval at step {run.clock.steps}: " + ", ".join(
-                f"{k.removeprefix('eval/')} {v:.3f}" for k, v in scores.items()))
+                f"{k.removeprefix('eval/')} {v:.3f} ± {scores.get(k + '_stderr', float('nan')):.3f}"
+                for k, v in scores.items() if not k.endswith("_stderr")))
     if on_checkpoint:
         on_checkpoint(run, final)
 
