@@ -2,14 +2,38 @@
 
     python bench/zero3_drift.py [--steps 4] [--memory-efficient-linear both|on|off]
 
-Runs the same global steps (tiny model, unload every step, optimizer reset) once in one
-process and once as 2 gloo processes under ZeRO-3, captures every trainable gradient just
-before each optimizer step (``safe_get_full_grad`` under ZeRO-3) and prints, per step, how
-many gradient elements differ bitwise from the one-process run, the largest difference
-and how many flip sign. With ``zero_optimization.memory_efficient_linear`` on (DeepSpeed's
-default) ZeRO-3 replaces ``torch.nn.functional.linear`` by its own autograd function
-(``deepspeed/runtime/zero/linear.py``), whose weight gradient is computed as a different
-matmul than torch's, so gradients differ in the last bits from the first step on.
+Runs the same global steps (tiny model, fp32, unload + optimizer reset after every step)
+once in one process (2 micro-batches accumulated) and once as 2 gloo processes under
+ZeRO-3 (1 micro-batch each), and compares bitwise, per step, (a) rank 0's own micro-batch
+gradient (a hook on each LoRA parameter, before any reduction; divided by the 2 the
+workers' loss weight carries) against the one-process first micro-batch gradient, and
+(b) the reduced gradient the step applies (``safe_get_full_grad``) against the
+one-process accumulated one.
+
+Measured (2026-11, DeepSpeed 0.19.8, torch 2.13 CPU, 1 thread per process):
+
+    step   (a) rank-0 local vs one process      (b) reduced vs one process
+      1    4278 / 16384 differ, max 7.5e-09      4242 / 16384 differ, max 9.3e-09
+      2   13925 / 16384 differ, max 1.5e-08     13562 / 16384 differ, max 1.9e-08
+
+identical with ``memory_efficient_linear`` on (DeepSpeed's default: F.linear replaced) and
+off (not replaced). So:
+
+* the difference exists at step 1, before any unload or optimizer reset, and already in a
+  rank's *own* micro-batch gradient before any communication: it is **not** the
+  reduce-scatter order (the note's suspicion), nor DeepSpeed's memory-efficient linear;
+* nor the alignment of gathered weights inside ZeRO-3's flat buffers (a one-process run
+  whose Linear weights are views at float offsets 0, 1, 3, 16 of a flat buffer gives
+  bitwise identical gradients);
+* it comes from ZeRO-3's forward/backward path itself (its module hooks and parameter
+  gather/release around each sub-module); the exact operation is not pinned down yet.
+  DDP and ZeRO-2 run the plain module and match one process bitwise.
+
+The reset is only the amplifier: a fresh Adam's first update is lr * g / (|g| + eps) ~
+lr * sign(g), so last-bit gradient noise on near-zero gradients becomes lr-sized weight
+differences (1.5e-5 relative on merged weights after 4 resets at lr 1e-2), while with
+``optimizer_on_unload: keep`` the same noise stays at 9e-7. Not cheaply fixable from
+plora-ray: tests keep ZeRO-3's tolerance (1e-4) and DDP/ZeRO-2 exact.
 """
 
 import argparse
@@ -85,7 +109,8 @@ def zero3_worker(rank, port, steps, mel, out):
     replaced = torch.nn.functional.linear is not linear
     grads = train_capturing(run, steps, safe_get_full_grad)
     if rank == 0:
-        torch.save({"grads": grads, "linear_replaced": replaced}, out)
+        torch.save({"grads": grads, "linear_replaced": replaced, "threads": torch.get_num_threads(),
+                    "attn": run.model.config._attn_implementation}, out)
     dist.destroy_process_group()
 
 
@@ -124,7 +149,8 @@ def main():
             out = os.path.join(tmp, "grads.pt")
             mp.start_processes(zero3_worker, args=(port, args.steps, mel, out), nprocs=2, start_method="spawn")
             res = torch.load(out)
-        print(f"ZeRO-3, memory_efficient_linear={mel} (F.linear replaced: {res['linear_replaced']})")
+        print(f"ZeRO-3, memory_efficient_linear={mel} (F.linear replaced: {res['linear_replaced']}, "
+              f"torch threads {res['threads']}, attention {res['attn']})")
         print("step  differing grad elements  max |diff|  sign flips   (step 1 is before any unload; "
               "unload + optimizer reset after every step)")
         for key in ("first_micro_batch", "full"):
