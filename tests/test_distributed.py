@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plora_ray.checkpoint import save_checkpoint
+from plora_ray.checkpoint import read_backbone, save_checkpoint
 from plora_ray.config import build_run_config
 from plora_ray.distributed import ensure_ray, run_distributed, trainer_for
 from plora_ray.loop import fit, setup
@@ -71,20 +71,25 @@ def ray_fit(cfg, tmp_path, on_step=None):
     result = trainer_for(cfg, str(tmp_path / "ray"), f"t-{uuid.uuid4().hex[:8]}", on_step=on_step).fit()
     assert result.error is None
     with result.checkpoint.as_directory() as d:
-        files = {name: load_file(os.path.join(d, f"{name}.safetensors")) for name in ("trainable", "backbone")}
+        files = {"trainable": load_file(os.path.join(d, "trainable.safetensors")),
+                 "backbone": read_backbone(setup(one_process(cfg)), d)}  # W_0 + the ledger
         state = __import__("json").loads(open(os.path.join(d, "state.json")).read())
     return result, files, state
 
 
-def single_process(cfg, tmp_path):
+def one_process(cfg):
     """The same global batches in one process: micro-batches x (accumulation x workers)."""
-    one = cfg.model_copy(update={
+    return cfg.model_copy(update={
         "data": cfg.data.model_copy(update={"gradient_accumulation_steps":
                                             cfg.data.gradient_accumulation_steps * cfg.distributed.workers}),
         "distributed": cfg.distributed.model_copy(update={"workers": 1, "engine": "ddp"})})
-    run = fit(setup(one), progress=False)
+
+
+def single_process(cfg, tmp_path):
+    run = fit(setup(one_process(cfg)), progress=False)
     d = save_checkpoint(run, tmp_path / "single")
-    return run, {name: load_file(str(d / f"{name}.safetensors")) for name in ("trainable", "backbone")}
+    return run, {"trainable": load_file(str(d / "trainable.safetensors")),
+                 "backbone": read_backbone(setup(one_process(cfg)), d)}
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
