@@ -13,18 +13,16 @@ from the last checkpoint (``distributed.max_failures``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from .checkpoint import backbone_params
 from .config import RunConfig
 from .loop import fit, setup
+from .replicas import replicas_identical
 from .rundir import CHECKPOINT, load_run_checkpoint, restore_run, save_run_checkpoint, write_run_dir
 
 
@@ -44,28 +42,6 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     if "PLORA_RAY_CACHE" in os.environ:
         env["PLORA_RAY_CACHE"] = os.environ["PLORA_RAY_CACHE"]
     return env
-
-
-def replica_digest(run) -> str:
-    """Hash of every trainable and unloaded backbone weight, gathered in full (collective)."""
-    h = hashlib.sha256()
-    acc = run.engine.access
-    tensors = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
-    tensors += sorted(backbone_params(run).items())
-    for name, p in tensors:
-        with acc.gathered([p]):
-            h.update(name.encode())
-            h.update(acc.read(p).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def replicas_identical(run) -> bool:
-    digest = replica_digest(run)
-    if run.world == 1 or not dist.is_initialized():
-        return True
-    out = [None] * run.world
-    dist.all_gather_object(out, digest)
-    return len(set(out)) == 1
 
 
 def report_metrics(run, final: bool) -> dict:
