@@ -65,7 +65,8 @@ def worker(rank, world, port, engine, out_dir):
         corrupt(run, engine)
     after = replicas_identical(run)
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
-        json.dump({"before": before, "after": after}, f)
+        json.dump({"before": before, "after": after, "holds_ledger": run.unloader.ledger is not None,
+                   "ranks": run.unloader.ledger.ranks() if run.unloader.ledger else None}, f)
     dist.destroy_process_group()
 
 
@@ -75,3 +76,10 @@ def test_replicas_identical_fails_when_one_rank_is_corrupted(tmp_path, engine):
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     assert all(r["before"] is True for r in results)
     assert all(r["after"] is False for r in results)
+
+
+def test_only_rank_0_holds_the_ledger_and_measures_the_rank(tmp_path):
+    mp.start_processes(worker, args=(2, free_port(), "ddp", str(tmp_path)), nprocs=2, start_method="spawn")
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [r["holds_ledger"] for r in results] == [True, False]
+    assert results[0]["ranks"] and min(results[0]["ranks"].values()) >= 8  # 2 unloads of rank 8 measured
