@@ -13,8 +13,10 @@ and ``summary/summary.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from .tracking import _client, _retry, config_label, sweep_trials
 
 LEVEL = 0.95
 N_BOOT = 2000
+PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def _parse(value: str) -> Any:
@@ -58,8 +61,23 @@ def _last_items(client, run_id: str, metric: str, scratch: Path):
     files = sorted(a.path for a in client.list_artifacts(run_id, "items") if a.path.endswith(".json"))
     if not files:
         return None
-    local = _retry(client.download_artifacts, run_id, files[-1], str(scratch))
+    with _no_progress_bar():
+        local = _retry(client.download_artifacts, run_id, files[-1], str(scratch))
     return item_scores(json.loads(Path(local).read_text()).get("tasks", {}), metric)
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a progress bar per download: a closing table is not the place."""
+    old = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PROGRESS_ENV)
+        else:
+            os.environ[PROGRESS_ENV] = old
 
 
 def _mean_items(per_seed: list) -> tuple[dict, dict | None] | None:
@@ -128,11 +146,16 @@ def sweep_summary(tracking_uri: str, parent_run_id: str, metric: str, mode: str,
     for c in configs:
         del c["_xs"], c["_items"]
     others = [c for c in scored if c is not best]
+    winner = any(c["verdict"] == "distinguishable" for c in others)
+    if best is not None and not winner:
+        best["verdict"] = "reference"  # the top value, but not a winner
+    sign = 1 if mode == "min" else -1  # best first, configurations without a result last
+    configs.sort(key=lambda c: (math.isnan(c["value"]), sign * c["value"] if not math.isnan(c["value"]) else 0))
     if best is None:
         sentence = f"No trial finished with {metric}: nothing to compare."
     elif not others:
         sentence = f"Only one configuration finished with {metric}: nothing to compare it with."
-    elif not any(c["verdict"] == "distinguishable" for c in others):
+    elif not winner:
         sentence = (f"No configuration is distinguishable from the best at the {level:.0%} level "
                     f"(every difference interval includes 0): this sweep names no winner.")
     else:
@@ -140,7 +163,7 @@ def sweep_summary(tracking_uri: str, parent_run_id: str, metric: str, mode: str,
         sentence = (f"Best: {best['label']} ({metric} {best['value']:.4g}); indistinguishable from it "
                     f"at {level:.0%}: {', '.join(tied) if tied else 'none'}.")
     return {"metric": metric, "mode": mode, "level": level, "best_config_id": best and best["config_id"],
-            "winner": bool(best and others and any(c["verdict"] == "distinguishable" for c in others)),
+            "winner": winner,
             "sentence": sentence, "configs": configs}
 
 
