@@ -8,7 +8,12 @@ One trial = one Ray Train TorchTrainer run (``distributed.trainer_for``) built b
 function that asks for a sliver of CPU (Train V2 refuses ``Tuner(TorchTrainer)``); its workers
 take the trial's resources. The driver creates the MLflow experiment, a parent run for the
 sweep and one nested run per trial (idempotent per trial id, so a restarted trial continues its
-run); rank 0 of each trial logs the curves into it.
+run, named from its searched values: ``u16 m0.1 r1 s0``); rank 0 of each trial logs the curves
+into it. ``repeats: N`` runs every configuration with N seeds (separate trials). When Tune is
+done, or the driver stops for any reason, every trial still RUNNING gets its end (finished /
+stopped_early / failed), and the closing table (``summary.py``: each configuration's metric
+with its 95 % interval, its difference to the best with a paired interval) is printed last
+and stored on the sweep's run.
 """
 
 from __future__ import annotations
