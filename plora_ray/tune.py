@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -184,6 +185,10 @@ def run_sweep(spec, args) -> str:
                  "parent_run_id": parent, "spec": spec.model_dump(mode="json")}
         latest.write_text(json.dumps(sweep))
     uri, parent, ended = sweep["tracking_uri"], sweep["parent_run_id"], False
+    # Ray Train V2 routes a worker's print() through the root logger *and* the original print:
+    # every line twice. Workers of a local cluster inherit this; distributed.worker_env should
+    # carry it too for clusters started elsewhere (--address).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     try:
         ensure_ray(args.address)
         restore = str(storage / sweep["name"]) if args.resume else None
