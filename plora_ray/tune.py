@@ -128,15 +128,21 @@ def trial_outcomes(results) -> dict[str, str]:
     return outcome
 
 
-def summarize(spec, sweep: dict) -> str:
+def summarize(spec, sweep: dict, results=None) -> str:
     """The closing table (stored on the sweep's run) and where to look further."""
     from .summary import log_summary, sweep_summary
     from .tracking import mlflow_ui_command
 
     summary = sweep_summary(sweep["tracking_uri"], sweep["parent_run_id"], spec.metric, spec.mode)
     table = log_summary(sweep["tracking_uri"], sweep["parent_run_id"], summary)
-    return "\n".join([f"sweep {sweep['name']}: {spec.mode} {spec.metric}", table,
-                      f"compare the runs: {mlflow_ui_command(sweep['tracking_uri'])}"])
+    lines = [f"sweep {sweep['name']}: {spec.mode} {spec.metric}", table]
+    try:  # the single best trial's weights, whatever the intervals say about its lead
+        best = results.get_best_result(metric=spec.metric, mode=spec.mode, filter_nan_and_inf=True)
+        if (best.metrics or {}).get("checkpoint_path"):
+            lines.append(f"checkpoint of the top trial: {best.metrics['checkpoint_path']}")
+    except Exception:  # no results, or no trial reported the metric
+        pass
+    return "\n".join([*lines, f"compare the runs: {mlflow_ui_command(sweep['tracking_uri'])}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +200,7 @@ def run_sweep(spec, args) -> str:
         restore = str(storage / sweep["name"]) if args.resume else None
         results = build_tuner(spec, sweep, restore).fit()
         end_running_trials(uri, parent, trial_outcomes(results))
-        text = summarize(spec, sweep)
+        text = summarize(spec, sweep, results)
         finish_sweep(uri, parent)
         ended = True
         return text
