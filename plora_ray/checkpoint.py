@@ -4,15 +4,20 @@ A checkpoint directory holds:
 
 * ``trainable.safetensors`` — the trainable parameters in full fp32 (LoRA A/B, or every
   weight for full fine-tuning), read from the engine's master copy;
-* ``backbone.safetensors`` — the backbone weights unloads have changed (PLoRA's target
-  layers, in their own dtype, so the restored W_T is bit-exact);
+* ``ledger.safetensors`` — the unload ledger. It *is* the backbone: W_T is rebuilt from
+  the base model by replaying it stage by stage (``UnloadLedger.replay``: the unload's own
+  fp32 merge and cast, so bit-exact). T r (d + k) fp32 numbers per layer instead of a
+  d x k copy; ``state.json`` records the digest of W_0 and a different base model is
+  refused (:class:`CheckpointMismatch`);
+* ``backbone.safetensors`` — only when the run keeps no ledger (``plora.ledger: false``):
+  full copies of the unloaded layers, in their own dtype;
 * ``optimizer.safetensors`` — AdamW's exp_avg, exp_avg_sq and step per trainable parameter;
-* ``ledger.safetensors`` — the unload ledger;
 * ``rng.safetensors`` — every rank's torch RNG state (ranks draw different dropout masks);
-* ``state.json`` — step, samples, unload clock, stage, scheduler state, metric history.
+* ``state.json`` — step, samples, unload clock, stage, ``scheduler.state_dict()``, history.
 
-Saving is collective (every rank calls it; under ZeRO the full tensors are gathered) and
-rank 0 writes; loading runs on every rank.
+Saving is collective: under ZeRO the full tensors are assembled by collectives every rank
+must join, but only rank 0 copies them to host memory and writes; the others drop them.
+Loading runs on every rank.
 """
 
 from __future__ import annotations
@@ -24,9 +29,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from .config import ConfigError
 from .plora import UnloadEvent, UnloadLedger
 
-FORMAT = 1
+FORMAT = 2
+
+
+class CheckpointMismatch(ConfigError):
+    """The checkpoint cannot resume this run (other format, method or base model)."""
 
 
 def backbone_params(run) -> dict[str, torch.nn.Parameter]:
@@ -53,41 +63,54 @@ def _gather_rng(run) -> dict[str, torch.Tensor]:
     return {f"{k}.{rank}": v for rank, st in enumerate(states) for k, v in st.items()}
 
 
+def _factored(run) -> bool:
+    return run.unloader is not None and run.unloader.keeps_ledger
+
+
 def save_checkpoint(run, directory: str | Path) -> Path | None:
     """Collective. Returns the directory on rank 0, None elsewhere."""
     acc = run.engine.access
+    keep = run.rank == 0
     trainable, optim = {}, {}
     for name, p in run.model.named_parameters():
         if not p.requires_grad:
             continue
         with acc.gathered([p]):
-            trainable[name] = acc.read(p).cpu().contiguous()
-        for key, value in acc.read_optimizer_state(p).items():
-            optim[f"{name}::{key}"] = value.cpu().contiguous()
+            full = acc.read(p)  # collective under ZeRO: every rank joins, rank 0 keeps
+            if keep:
+                trainable[name] = full.cpu().contiguous()
+            del full
+        state = acc.read_optimizer_state(p)  # collective under ZeRO too
+        if keep:
+            optim.update({f"{name}::{k}": v.cpu().contiguous() for k, v in state.items()})
+        del state
     rng = _gather_rng(run)  # every rank draws its own dropout masks
     backbone = {}
-    for name, w in backbone_params(run).items():
-        with acc.gathered([w]):
-            backbone[name] = w.detach().cpu().clone().contiguous()
-    if run.rank != 0:
+    if run.unloader is not None and not _factored(run):
+        for name, w in backbone_params(run).items():
+            with acc.gathered([w]):
+                if keep:
+                    backbone[name] = w.detach().cpu().clone().contiguous()
+    if not keep:
         return None
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file(trainable, str(out / "trainable.safetensors"))
-    save_file(backbone or {"_empty": torch.zeros(0)}, str(out / "backbone.safetensors"))
+    if backbone:
+        save_file(backbone, str(out / "backbone.safetensors"))
     save_file(optim or {"_empty": torch.zeros(0)}, str(out / "optimizer.safetensors"))
-    if run.unloader is not None and run.unloader.ledger is not None:
+    if _factored(run):
         run.unloader.ledger.save(out / "ledger.safetensors")
     save_file(rng, str(out / "rng.safetensors"))
-    sched = run.scheduler
     state = {
         "format": FORMAT,
         "method": run.cfg.method,
+        "backbone": "ledger" if _factored(run) else ("copies" if backbone else "base"),
+        "base_digest": run.unloader.base_digest if run.unloader else None,
         "step": run.clock.steps,
         "clock": run.clock.state_dict(),
         "unloader": run.unloader.state_dict() if run.unloader else None,
-        "scheduler": {"last_epoch": sched.last_epoch, "base_lrs": sched.base_lrs,
-                      "last_lr": sched.get_last_lr(), "schedule": sched.lr_lambdas[0].__dict__},
+        "scheduler": run.scheduler.state_dict(),  # StageLR's fields ride in 'lr_lambdas'
         "history": run.history,
         "unloads": [_event_dict(e) for e in run.unloads],
     }
@@ -95,21 +118,47 @@ def save_checkpoint(run, directory: str | Path) -> Path | None:
     return out
 
 
+def _check(run, d: Path, state: dict) -> None:
+    """Refuse, with one line, a checkpoint this run cannot continue (before loading tensors)."""
+    if state.get("format") != FORMAT:
+        raise CheckpointMismatch(f"{d}: checkpoint format {state.get('format')}, this version reads "
+                                 f"{FORMAT}: start the run afresh")
+    if state["method"] != run.cfg.method:
+        raise CheckpointMismatch(f"{d}: checkpoint of method '{state['method']}' cannot resume a "
+                                 f"'{run.cfg.method}' run: set 'method: {state['method']}'")
+    if state["backbone"] == "ledger":
+        if not _factored(run):
+            raise CheckpointMismatch(f"{d}: the checkpoint stores the unload ledger, not the backbone: "
+                                     "resume with 'plora.ledger: true'")
+        if state["base_digest"] != run.unloader.base_digest:
+            raise CheckpointMismatch(
+                f"{d}: base model differs from the one this checkpoint was trained from (digest of "
+                f"the target layers {run.unloader.base_digest[:12]} != {state['base_digest'][:12]}): "
+                "set model.name_or_path (and model.dtype) as in that run")
+
+
 def load_checkpoint(run, directory: str | Path) -> None:
-    """Restore ``run`` (already set up from the same config) to the checkpointed step."""
+    """Restore ``run`` (freshly set up from the same config) to the checkpointed step."""
     d = Path(directory)
     state = json.loads((d / "state.json").read_text())
-    if state.get("format") != FORMAT or state["method"] != run.cfg.method:
-        raise ValueError(f"{d}: checkpoint of format {state.get('format')} / method "
-                         f"{state.get('method')} does not match this run")
+    _check(run, d, state)
     acc = run.engine.access
     trainable = load_file(str(d / "trainable.safetensors"))
-    backbone = load_file(str(d / "backbone.safetensors"))
     optim = load_file(str(d / "optimizer.safetensors"))
+    if state["backbone"] == "ledger":
+        ledger = UnloadLedger.load(d / "ledger.safetensors")
+        for name, layer in run.unloader.layers.items():
+            w = layer.get_base_layer().weight
+            with acc.gathered([w], modify=True):  # w holds W_0: the run was just set up
+                w.data.copy_(ledger.replay(name, w.detach(), getattr(layer, "fan_in_fan_out", False)))
+        if run.unloader.ledger is not None:  # the rank that holds the ledger keeps it
+            run.unloader.ledger = ledger
+    elif state["backbone"] == "copies":
+        backbone = load_file(str(d / "backbone.safetensors"))
+        for name, w in backbone_params(run).items():
+            with acc.gathered([w], modify=True):
+                w.data.copy_(backbone[name].to(w.device))
     for name, p in run.model.named_parameters():
-        if name in backbone:
-            with acc.gathered([p], modify=True):
-                p.data.copy_(backbone[name].to(p.device))
         if not p.requires_grad:
             continue
         with acc.gathered([p], modify=True):
@@ -119,15 +168,9 @@ def load_checkpoint(run, directory: str | Path) -> None:
     run.clock.load_state_dict(state["clock"])
     if run.unloader is not None:
         run.unloader.load_state_dict(state["unloader"])
-        if run.unloader.ledger is not None and (d / "ledger.safetensors").exists():
-            run.unloader.ledger = UnloadLedger.load(d / "ledger.safetensors")
-    s = state["scheduler"]
-    sched = run.scheduler
-    sched.lr_lambdas[0].__dict__.update(s["schedule"])
-    sched.last_epoch, sched.base_lrs = s["last_epoch"], s["base_lrs"]
-    sched._last_lr = s["last_lr"]
-    for group, lr in zip(run.optimizer.param_groups, s["last_lr"]):
-        group["lr"] = lr
+    run.scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(run.optimizer.param_groups, run.scheduler.get_last_lr()):
+        group["lr"] = lr  # the optimizer's lr is not part of the per-parameter state saved above
     rng = load_file(str(d / "rng.safetensors"))
     mine = run.rank if f"torch.{run.rank}" in rng else 0  # a different world size reuses rank 0's
     torch.set_rng_state(rng[f"torch.{mine}"])
@@ -136,3 +179,17 @@ def load_checkpoint(run, directory: str | Path) -> None:
     run.history = list(state["history"])
     run.unloads = [UnloadEvent(**e) for e in state["unloads"]]
     run.start_step = state["step"]
+
+
+def read_backbone(run, directory: str | Path) -> dict[str, torch.Tensor]:
+    """The unloaded layers' W_T stored in a checkpoint, by parameter name: the copies, or the
+    ledger replayed onto ``run``'s base weights (a freshly set-up run: they are W_0).
+    Single process (for tests and analysis)."""
+    d = Path(directory)
+    if (d / "backbone.safetensors").exists():
+        return load_file(str(d / "backbone.safetensors"))
+    ledger = UnloadLedger.load(d / "ledger.safetensors")
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    return {names[id(layer.get_base_layer().weight)]:
+            ledger.replay(name, layer.get_base_layer().weight.detach(), getattr(layer, "fan_in_fan_out", False))
+            for name, layer in run.unloader.layers.items()}

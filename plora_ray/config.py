@@ -126,11 +126,40 @@ class DataConfig(_Section):
     shuffle: bool = True
 
 
+HELDOUT_NAMES = ("gsm8k-heldout",)  # the 319 GSM8K problems the embedded mix never trains on
+
+
+class HeldoutConfig(_Section):
+    """Held-out dialogues scored by teacher-forced loss at every checkpoint (``eval/heldout/loss``)."""
+
+    files: list[str] | None = Field(
+        None, description="dialogue files (data.train_files formats) or a bundled name "
+        f"({', '.join(BUNDLED_DATASETS + HELDOUT_NAMES)}); null: gsm8k-heldout when training on "
+        "an embedded mix, else none; []: none")
+    fraction: float = Field(0.0, ge=0, lt=1, description="seeded fraction of the training "
+                            "examples kept out of training and scored as held-out")
+    seed: int = Field(0, description="seed of the fraction split (fixed, so trials of "
+                      "different run seeds hold out the same examples)")
+    limit: int | None = Field(None, ge=1, description="score only the first N held-out examples")
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> "HeldoutConfig":
+        for f in self.files or []:
+            if f not in BUNDLED_DATASETS + HELDOUT_NAMES and not Path(f).exists():
+                raise ValueError(f"file '{f}' not found: give an existing path or a bundled name "
+                                 f"({', '.join(BUNDLED_DATASETS + HELDOUT_NAMES)})")
+        return self
+
+
 class EvalConfig(_Section):
     """Benchmarks scored at every checkpoint (defined as lm-evaluation-harness defines them)."""
 
     tasks: list[Literal["gsm8k", "mmlu", "arc_easy", "arc_challenge"]] = Field(
-        default_factory=list, description="empty: no evaluation")
+        default_factory=list, description="empty: no benchmark (the held-out loss may still run)")
+    final_only_tasks: list[Literal["gsm8k", "mmlu", "arc_easy", "arc_challenge"]] = Field(
+        default_factory=list, description="tasks of eval.tasks scored only at the final "
+        "checkpoint (e.g. [gsm8k]: generation is slow); the others run at every checkpoint")
+    heldout: HeldoutConfig = HeldoutConfig()
     limit: int | None = Field(20, ge=1, description="items per task (MMLU: spread over subjects); "
                               "null: the whole test set")
     limit_mode: Literal["first", "sample"] = "first"
@@ -138,6 +167,14 @@ class EvalConfig(_Section):
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(256, ge=1, description="GSM8K generation length")
+
+    @model_validator(mode="after")
+    def _final_only_in_tasks(self) -> "EvalConfig":
+        for t in self.final_only_tasks:
+            if t not in self.tasks:
+                raise ValueError(f"final_only_tasks names '{t}', which is not in eval.tasks: "
+                                 "add it to eval.tasks or remove it")
+        return self
 
 
 class DistributedConfig(_Section):
@@ -158,7 +195,8 @@ class DistributedConfig(_Section):
 class RunConfig(_Section):
     name: str = "plora-run"
     method: Literal["plora", "lora", "full"] = "plora"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**64 - 1, description="torch / data-order seed (a 64-bit "
+                      "unsigned integer)")
     output_dir: str = Field("runs/plora-run", description="where results are written")
     log_every_steps: int = Field(10, ge=1, description="print a step line every N steps")
     diverge_factor: float = Field(
@@ -167,6 +205,10 @@ class RunConfig(_Section):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="checkpoint (and evaluate) every N steps (paper: 100); the end "
         "of the run is always checkpointed")
+    # output options (rundir.py)
+    save_merged: bool = Field(
+        True, description="write merged/: the trained model as a Hugging Face model directory "
+        "(transformers, lm-eval --model hf, vLLM load it); false: adapter, ledger and checkpoint only")
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     plora: PLoraConfig = PLoraConfig()
@@ -283,16 +325,66 @@ def apply_override(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKeyError(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; ConfigError (one line) for a binary or undecodable file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} file ({exc.strerror}): check its "
+                          "permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text {what} file (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start} is not UTF-8): give the {what} file itself") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text {what} file (it holds NUL bytes): give the {what} "
+                          "file itself")
+    return text
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
+    """The top-level mapping of a YAML file; ConfigError (one line) for a missing, binary or
+    invalid file, a top level that is not a mapping, or a key given twice in one mapping."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' not found: check the path")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(read_text_file(p, "YAML"), Loader=_UniqueKeyLoader)  # noqa: S506 (safe)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{p} line {exc.line}: key '{exc.key}' is given twice in the same mapping "
+                          "(the later one would silently win): keep one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        reason = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
+        raise ConfigError(f"{p}{where}: not valid YAML ({' '.join(str(reason).split())})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

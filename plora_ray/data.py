@@ -33,12 +33,14 @@ class DataError(Exception):
 
 
 def bundled_path(name: str) -> Path:
-    return Path(str(resources.files("plora_ray") / "data" / f"{name.replace('-', '_')}.jsonl"))
+    return Path(str(resources.files("plora_ray") / "resources" / f"{name.replace('-', '_')}.jsonl"))
 
 
 def read_rows(path: str | Path) -> list[tuple[int, object]]:
     """(line number, row) pairs from json / jsonl / parquet; line numbers are 1-based."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory: list its json, jsonl or parquet files in data.train_files")
     if not p.is_file():
         raise DataError(f"{p}: file not found: check data.train_files")
     suffix = p.suffix.lower()
@@ -48,9 +50,20 @@ def read_rows(path: str | Path) -> list[tuple[int, object]]:
         try:
             table = pq.read_table(p)
         except Exception as exc:  # pyarrow raises several types for a broken file
-            raise DataError(f"{p}: not a readable parquet file ({exc})") from None
+            raise DataError(f"{p}: not a readable parquet file ({' '.join(str(exc).split())})") from None
         return list(enumerate(table.to_pylist(), start=1))
-    text = p.read_text(encoding="utf-8", errors="strict")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{p}: cannot read ({exc.strerror}): check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+                        "give a json, jsonl or parquet file") from None
+    if "\x00" in text:
+        raise DataError(f"{p}: binary content (NUL bytes) in a json/jsonl file: give a json, jsonl "
+                        "or parquet file")
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -148,13 +161,33 @@ def named_rows(name: str) -> list[tuple[str, object]] | None:
     return None
 
 
+def file_rows(name: str) -> list[tuple[str, object]]:
+    """(location, row) pairs of a data.train_files entry; DataError if it holds no row."""
+    rows = named_rows(name)
+    if rows is None:
+        rows = [(f"{name}:{n}", row) for n, row in read_rows(name)]
+    if not rows:
+        raise DataError(f"{name}: the file holds no rows: give a file of conversations or remove it "
+                        "from data.train_files")
+    return rows
+
+
+def check_files(files: list[str]) -> None:
+    """Read and normalise every row, as training will, without a tokenizer: a broken, binary,
+    empty or assistant-less file fails here in the driver (DataError, one line) instead of in
+    every worker. The embedded mixes are skipped: they are built from verified benchmark data."""
+    from .config import EMBEDDED_MIXES
+
+    for name in dict.fromkeys(files):
+        if name not in EMBEDDED_MIXES:
+            for where, row in file_rows(name):
+                to_messages(row, where)
+
+
 def load_examples(files: list[str], tokenizer, max_length: int) -> list[dict]:
     examples = []
     for f in files:
-        rows = named_rows(f)
-        if rows is None:
-            rows = [(f"{f}:{n}", row) for n, row in read_rows(f)]
-        for where, row in rows:
+        for where, row in file_rows(f):
             ex = tokenize_dialogue(tokenizer, to_messages(row, where), max_length)
             if any(label != IGNORE for label in ex["labels"][1:]):
                 examples.append(ex)

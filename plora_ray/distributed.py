@@ -2,7 +2,7 @@
 
     python -m plora_ray.train RUN.yaml --workers 2 --engine deepspeed --zero 3
 
-Every worker builds the same model and plan (``train.setup``), trains its share of every
+Every worker builds the same model and plan (``loop.setup``), trains its share of every
 global step, unloads at the same step (the clock counts samples summed over workers; the
 re-initialised A is seeded by (seed, stage, layer), so identical on every rank) and, every
 ``checkpoint_every_steps`` and at the end, saves a checkpoint collectively and calls
@@ -12,19 +12,22 @@ from the last checkpoint (``distributed.max_failures``).
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
-import signal
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from .checkpoint import backbone_params, load_checkpoint, save_checkpoint
 from .config import RunConfig
+from .loop import fit, setup
+from .replicas import replicas_identical
+from .rundir import CHECKPOINT, load_run_checkpoint, restore_run, save_run_checkpoint, write_run_dir
 
-FAULT_STEP_ENV = "PLORA_RAY_FAULT_STEP"  # fault injection for tests: "STEP:RANK:MARKER_FILE"
+
+class DistributedError(Exception):
+    """A Ray run that failed (a worker group error, no cluster); one line for the user."""
 
 
 def extensions_dir() -> str:
@@ -36,42 +39,9 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     env = {"TORCH_EXTENSIONS_DIR": extensions_dir(), "TOKENIZERS_PARALLELISM": "false"}
     if not cfg.distributed.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in (FAULT_STEP_ENV, "PLORA_RAY_CACHE"):
-        if key in os.environ:
-            env[key] = os.environ[key]
+    if "PLORA_RAY_CACHE" in os.environ:
+        env["PLORA_RAY_CACHE"] = os.environ["PLORA_RAY_CACHE"]
     return env
-
-
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    spec = os.environ.get(FAULT_STEP_ENV)
-    if not spec:
-        return
-    at, who, marker = spec.split(":", 2)
-    if step == int(at) and rank == int(who) and not Path(marker).exists():
-        Path(marker).write_text(str(os.getpid()))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def replica_digest(run) -> str:
-    """Hash of every trainable and unloaded backbone weight, gathered in full (collective)."""
-    h = hashlib.sha256()
-    acc = run.engine.access
-    tensors = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
-    tensors += sorted(backbone_params(run).items())
-    for name, p in tensors:
-        with acc.gathered([p]):
-            h.update(name.encode())
-            h.update(acc.read(p).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def replicas_identical(run) -> bool:
-    digest = replica_digest(run)
-    if run.world == 1 or not dist.is_initialized():
-        return True
-    out = [None] * run.world
-    dist.all_gather_object(out, digest)
-    return len(set(out)) == 1
 
 
 def report_metrics(run, final: bool) -> dict:
@@ -118,21 +88,14 @@ class TrialTracker:
             self.logger.flush()
 
 
-def evaluate_on_ranks(run) -> dict:
-    """Rank 0 evaluates; under ZeRO-3 every rank must join the forward passes (gathers)."""
-    from .train import evaluate_run
-
-    zero3 = run.cfg.distributed.engine == "deepspeed" and run.cfg.distributed.zero_stage == 3
-    if run.rank == 0 or zero3:
-        return evaluate_run(run)
-    return {}
-
-
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: the loop of ``loop.fit`` with Ray's checkpoints and reports.
+
+    ``config["on_step"]``, if given, is called as ``on_step(rec, rank)`` after every step
+    (an injection point: tests use it to kill a worker).
+    """
     import ray.train
     from ray.train import Checkpoint
-
-    from .train import fit, setup
 
     cfg = RunConfig.model_validate(config["run"])
     ctx = ray.train.get_context()
@@ -148,23 +111,26 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            load_checkpoint(run, d)
+            load_run_checkpoint(run, d)
     tracker = TrialTracker(config.get("tracking"), rank)
+    hook = config.get("on_step")
 
     def on_step(rec):
-        _maybe_inject_fault(rec["step"], rank)
+        if hook:
+            hook(rec, rank)
         tracker.step(rec)
 
     def report(run, metrics):
         with tempfile.TemporaryDirectory() as tmp:
-            written = save_checkpoint(run, tmp)
+            written = save_run_checkpoint(run, tmp)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if written else None)
 
     def on_checkpoint(run, final):
         metrics = report_metrics(run, final)
-        evals = evaluate_on_ranks(run)
-        metrics.update(evals)
-        tracker.metrics(evals, run.clock.steps)
+        scores = run.evals[-1] if run.evals and run.evals[-1]["step"] == run.clock.steps else {}
+        scores = {k: v for k, v in scores.items() if k != "step"}
+        metrics.update(scores)
+        tracker.metrics(scores, run.clock.steps)
         if final:
             metrics["replicas_identical"] = replicas_identical(run)
         report(run, metrics)
@@ -180,15 +146,17 @@ def train_loop_per_worker(config: dict) -> None:
     tracker.flush()
 
 
-def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None, tracking: dict | None = None):
-    """The TorchTrainer for ``cfg`` (used by the CLI and by each Tune trial)."""
+def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None, tracking: dict | None = None,
+                on_step=None):
+    """The TorchTrainer for ``cfg`` (used by the CLI and by each Tune trial). ``on_step(rec, rank)``
+    runs in every worker after every step (it must be picklable)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.distributed
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "tracking": tracking},
+        train_loop_config={"run": cfg.model_dump(mode="json"), "tracking": tracking, "on_step": on_step},
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
@@ -200,21 +168,63 @@ def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None, tr
     )
 
 
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    """Set environment variables for the ``with`` block only."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address``, or start a local cluster (unless Ray is already initialised).
+
+    Only a local cluster started here gets settings: token authentication off unless the
+    user set ``RAY_AUTH_MODE`` (Ray would otherwise write ``~/.ray/auth_token``; its processes
+    inherit the variable when they start, it is not left set in this process), and Ray
+    Train's controller polling every 0.25 s instead of 2 s (each ``report`` waits one poll),
+    through this job's runtime environment.
+    """
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=1 << 30,
-                     log_to_driver=True)
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    auth = {} if "RAY_AUTH_MODE" in os.environ else {"RAY_AUTH_MODE": "disabled"}
+    with _env(auth):
+        ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=1 << 30, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}})
 
 
-def run_distributed(cfg: RunConfig, out: Path, name: str, address: str | None = None):
-    """Run ``cfg`` on Ray; returns the Ray Train Result."""
-    ensure_ray(address)
-    storage = cfg.distributed.storage_path or str((out / "ray").resolve())
-    return trainer_for(cfg, storage, name).fit()
+def run_distributed(cfg: RunConfig, out: Path, name: str, address: str | None = None, on_step=None) -> dict:
+    """Run ``cfg`` on Ray and write the run directory ``out`` (as a one-process run does) from
+    the final checkpoint. Returns the summary. Raises DistributedError, FloatingPointError."""
+    import ray.exceptions
+    import ray.train
+
+    try:
+        ensure_ray(address)
+        storage = cfg.distributed.storage_path or str((out / "ray").resolve())
+        result = trainer_for(cfg, storage, name, on_step=on_step).fit()
+    except (ray.train.TrainingFailedError, ray.exceptions.RayError, ConnectionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistributedError(f"distributed run failed ({first}); the worker logs above say why") from None
+    if result.error:
+        raise DistributedError(f"distributed run failed: {result.error}")
+    final = out / CHECKPOINT
+    with result.checkpoint.as_directory() as d:
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(d, final)
+    metrics = result.metrics or {}
+    if metrics.get("diverged"):
+        raise FloatingPointError(metrics.get("diverged_reason", "diverged"))
+    return write_run_dir(restore_run(final), out, replicas_identical=metrics.get("replicas_identical"))

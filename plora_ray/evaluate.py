@@ -4,9 +4,9 @@
         --limit 20 [--prompt-style chat|plain] [--batch-size 8] [--output results.json]
 
 MODEL_OR_CHECKPOINT: ``tiny`` (random-init test model), an embedded asset name such as
-``smollm2-135m-instruct``, a model directory or hub id transformers can load, or the output
-directory of ``python -m plora_ray.train`` (its ``config.yaml`` names the base model and
-``merged.safetensors`` holds the trained weights). Prints a table; ``--output`` writes metrics
+``smollm2-135m-instruct``, a model directory or hub id transformers can load, the output
+directory of ``python -m plora_ray.train`` (one process or Ray: its ``merged/`` model, else its
+checkpoint), or a checkpoint directory (e.g. the best checkpoint a sweep prints). Prints a table; ``--output`` writes metrics
 and per-item records as JSON. Bad input: one ``error:`` line on stderr and exit status 2.
 """
 
@@ -62,14 +62,20 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 
 def load_model(name: str, dtype: str | None = None):
-    """(model, tokenizer) for a model name/dir, or for a train output dir (merged weights)."""
+    """(model, tokenizer) for a model name/dir, a train output dir or a checkpoint dir."""
     import yaml
 
     from .config import ModelConfig
     from .models import load_base
 
     run_dir = Path(name).expanduser()
+    if run_dir.is_dir():
+        from .rundir import is_run_output, load_trained
+
+        if is_run_output(run_dir):
+            return load_trained(run_dir, dtype)
     if (run_dir / "config.yaml").is_file() and (run_dir / "merged.safetensors").is_file():
+        # the layout of runs written before merged/ existed
         from safetensors.torch import load_model as load_weights
 
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}

@@ -8,13 +8,16 @@ assets (``plora_ray.assets``) resolve to their cached directory.
 
 from __future__ import annotations
 
+import difflib
 import warnings
+from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
+from transformers.pytorch_utils import Conv1D
 
 from .config import ConfigError, ModelConfig, RunConfig
 
@@ -25,6 +28,17 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The architecture of each embedded model (assets.KNOWN_MODELS), so its module tree can be
+# checked before the weights are fetched and converted (HuggingFaceTB/SmolLM2-135M-Instruct).
+EMBEDDED_CONFIGS = {
+    "smollm2-135m-instruct": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2),
+}
+# layer types peft's LoRA can wrap (transformers' Conv1D is GPT-2's linear layer)
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -108,12 +122,81 @@ def load_base(cfg: ModelConfig, seed: int = 0):
     return model, tokenizer
 
 
+def base_config(cfg: ModelConfig):
+    """The transformers config of a non-tiny base, without loading weights; ConfigError (one
+    line) if there is none. A hub id is looked up in the local cache only when HF_HUB_OFFLINE
+    is set, so a missing model fails at once instead of after the hub's retries."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import logging as hub_logging
+
+    name = cfg.name_or_path
+    if name in EMBEDDED_CONFIGS:
+        return LlamaConfig(**EMBEDDED_CONFIGS[name])
+    local = Path(name).expanduser()
+    offline = bool(constants.HF_HUB_OFFLINE)
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # the hub's retry warnings would bury the one-line error
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.is_dir() else name,
+                                          trust_remote_code=cfg.trust_remote_code,
+                                          local_files_only=offline and not local.is_dir())
+    except (OSError, ValueError, KeyError) as exc:
+        first = " ".join(str(exc).strip().split("\n")[0].split()) or type(exc).__name__
+        known = ", ".join(["tiny", *EMBEDDED_CONFIGS])
+        if local.is_dir():
+            fix = f"'{name}' is not a model directory ({first}): give a directory written by save_pretrained"
+        elif offline:
+            fix = (f"'{name}' is not a local directory and not in the hub cache (HF_HUB_OFFLINE is "
+                   f"set): fix the name, use one of {known}, or download it first")
+        else:
+            fix = f"cannot load the config of '{name}' ({first}): give a local directory, a hub id, or one of {known}"
+        raise ConfigError(f"field 'model.name_or_path': {fix}") from None
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+def model_skeleton(cfg: ModelConfig) -> torch.nn.Module:
+    """The base model's module tree on the meta device: no weight is read or allocated, so
+    checking module names costs milliseconds even for a large model."""
+    if cfg.name_or_path == "tiny":
+        with torch.device("meta"):
+            tok = tiny_tokenizer()
+            return tiny_model(cfg, len(tok), 0, tok.eos_token_id, tok.pad_token_id)
+    config = base_config(cfg)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except (ValueError, KeyError) as exc:  # a config of an architecture with no causal-LM head
+        first = " ".join(str(exc).strip().split("\n")[0].split()) or type(exc).__name__
+        raise ConfigError(f"field 'model.name_or_path': '{cfg.name_or_path}' is not a causal language "
+                          f"model ({first}): give a decoder model") from None
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every name in ``lora.target_modules`` must match (as peft matches: the module's name or
+    its last dotted parts) at least one layer LoRA can wrap; peft itself only fails when no
+    name matches, so a typo beside a valid name would silently train fewer layers."""
+    modules = list(model.named_modules())
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, LORA_LAYERS) and n})
+    for target in targets:
+        hits = [m for n, m in modules if n == target or n.endswith("." + target)]
+        if not hits:
+            hint = difflib.get_close_matches(target, linear, n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else "fix or remove it"
+            raise ConfigError(f"field 'lora.target_modules': '{target}' matches no module of the model "
+                              f"({fix}); its adaptable layers are: {', '.join(linear)}")
+        if not any(isinstance(m, LORA_LAYERS) for m in hits):
+            raise ConfigError(f"field 'lora.target_modules': '{target}' names {type(hits[0]).__name__} "
+                              f"modules, which LoRA cannot adapt: name layers such as {', '.join(linear)}")
+
+
 def apply_method(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     """Wrap for ``plora``/``lora`` (peft LoRA, adapters kept in fp32) or unfreeze for ``full``."""
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    check_target_modules(model, cfg.lora.target_modules)
     peft_cfg = PeftLoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,

@@ -184,15 +184,73 @@ def numerical_rank(bs: list[torch.Tensor], as_: list[torch.Tensor], rtol: float 
     return int((sv > tol).sum())
 
 
+def merge_stage(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """One stage's merge, W + B A, in fp32 (the caller casts once to the weight's dtype).
+
+    The unload and the ledger's replay both call this, on the same device, so a backbone
+    rebuilt from W_0 and the ledger is bit-identical to the one training produced.
+    """
+    delta = b @ a
+    if fan_in_fan_out:
+        delta = delta.T
+    return w.float() + delta.to(w.device)
+
+
+def _rank_from_grams(gb: torch.Tensor, ga: torch.Tensor, d: int, k: int, rtol: float | None) -> int:
+    """Rank of B A from G_B = B^T B and G_A = A A^T (both n x n, float64).
+
+    B = U_B S_B V_B^T and A^T = U_A S_A V_A^T with (V, S^2) the eigen-pairs of the Grams, so
+    the singular values of B A are those of S_B V_B^T V_A S_A (n x n). Eigenvalues of a Gram
+    carry an absolute error of ~eps64 * lambda_max, i.e. ~1.5e-8 * sigma_max on the
+    singular values: far below the fp32-based tolerance, so the rank equals
+    :func:`numerical_rank`'s on the same factors.
+    """
+    lb, vb = torch.linalg.eigh(gb)
+    la, va = torch.linalg.eigh(ga)
+    core = (lb.clamp_min(0).sqrt()[:, None] * (vb.T @ va)) * la.clamp_min(0).sqrt()[None, :]
+    sv = torch.linalg.svdvals(core)
+    if sv.numel() == 0 or sv[0] == 0:
+        return 0
+    tol = (rtol if rtol is not None else max(d, k) * torch.finfo(torch.float32).eps) * sv[0]
+    return int((sv > tol).sum())
+
+
 class UnloadLedger:
-    """Per layer, the fp32 factors merged at each stage: W_T = W_0 + sum_t B_t A_t."""
+    """Per layer, the fp32 factors merged at each stage: W_T = W_0 + sum_t B_t A_t.
+
+    Beside the factors it keeps each layer's Gram matrices G_B = B_cat^T B_cat and
+    G_A = A_cat A_cat^T (n x n, n = T r, float64), extended at every :meth:`add` by the new
+    factors' cross products with the old ones: O((d + k) T r^2) per layer and stage instead
+    of the O((d + k) (T r)^2) QRs of :func:`numerical_rank`, and the rank (:meth:`rank`) is
+    then computed from n x n matrices only. In a data-parallel run one rank holds it
+    (the unloader's ``hold_ledger``).
+    """
 
     def __init__(self):
         self.factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._grams: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # G_B, G_A, stages in them
 
     def add(self, layer: str, b: torch.Tensor, a: torch.Tensor) -> None:
         entry = (b.detach().float().cpu().clone(), a.detach().float().cpu().clone())
         self.factors.setdefault(layer, []).append(entry)
+        self._update_grams(layer)
+
+    def _update_grams(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extend the layer's Grams by the stages added since the last call."""
+        entries = self.factors[layer]
+        gb, ga, done = self._grams.get(layer, (None, None, 0))
+        for i in range(done, len(entries)):
+            bd, ad = entries[i][0].double(), entries[i][1].double()
+            bb, aa = bd.T @ bd, ad @ ad.T
+            if gb is None:
+                gb, ga = bb, aa
+                continue
+            cb = torch.cat([ob.double().T @ bd for ob, _ in entries[:i]], dim=0)  # (n x r)
+            ca = torch.cat([oa.double() @ ad.T for _, oa in entries[:i]], dim=0)
+            gb = torch.cat([torch.cat([gb, cb], 1), torch.cat([cb.T, bb], 1)], 0)
+            ga = torch.cat([torch.cat([ga, ca], 1), torch.cat([ca.T, aa], 1)], 0)
+        self._grams[layer] = (gb, ga, len(entries))
+        return gb, ga
 
     @property
     def num_stages(self) -> int:
@@ -204,14 +262,31 @@ class UnloadLedger:
         return torch.cat(bs, dim=1) @ torch.cat(as_, dim=0)
 
     def rebuild(self, layer: str, w0: torch.Tensor) -> torch.Tensor:
+        """W_0 + sum_t B_t A_t in one fp32 pass (not bit-equal to training: see :meth:`replay`)."""
         return w0.float() + self.delta(layer).to(w0.device)
 
+    def replay(self, layer: str, w0: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+        """W_T as training produced it, bit for bit: every stage's merge in order, each
+        cast to W_0's dtype, on W_0's device (a bf16 W_T differs from the one-pass
+        :meth:`rebuild` by the T intermediate roundings)."""
+        w = w0
+        for b, a in self.factors.get(layer, []):
+            w = merge_stage(w, b.to(w.device), a.to(w.device), fan_in_fan_out).to(w0.dtype)
+        return w
+
     def rank(self, layer: str, rtol: float | None = None) -> int:
-        bs, as_ = zip(*self.factors.get(layer, [])) if self.factors.get(layer) else ((), ())
-        return numerical_rank(list(bs), list(as_), rtol)
+        """Numerical rank of the accumulated update (same rule as :func:`numerical_rank`)."""
+        entries = self.factors.get(layer)
+        if not entries:
+            return 0
+        gb, ga = self._update_grams(layer)
+        return _rank_from_grams(gb, ga, entries[0][0].shape[0], entries[0][1].shape[1], rtol)
 
     def ranks(self, rtol: float | None = None) -> dict[str, int]:
         return {name: self.rank(name, rtol) for name in self.factors}
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes + a.nbytes for entries in self.factors.values() for b, a in entries)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -222,11 +297,10 @@ class UnloadLedger:
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.factors = {}
+        self.factors, self._grams = {}, {}
         keys = sorted({k.rsplit(".", 1)[0] for k in state}, key=lambda k: (k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])))
-        for key in keys:
-            name = key.rsplit("@", 1)[0]
-            self.factors.setdefault(name, []).append((state[key + ".B"], state[key + ".A"]))
+        for key in keys:  # the Grams are built on the first rank() call, if any
+            self.factors.setdefault(key.rsplit("@", 1)[0], []).append((state[key + ".B"], state[key + ".A"]))
 
     def save(self, path) -> None:
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
@@ -236,6 +310,17 @@ class UnloadLedger:
         ledger = cls()
         ledger.load_state_dict(load_file(str(path)))
         return ledger
+
+
+def weights_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes (identifies a base model's weights)."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 # -------------------------------------------------------------------------- unloader
@@ -316,6 +401,12 @@ class LocalAccess:
                         prune_by_magnitude(optimizer.state[p][key], prune_ratio)
 
 
+def _lap(parts: dict, key: str, since: float) -> float:
+    now = time.perf_counter()
+    parts[key] += now - since
+    return now
+
+
 @dataclass
 class UnloadEvent:
     stage: int  # stages completed after this unload (1 for the first)
@@ -324,6 +415,7 @@ class UnloadEvent:
     seconds: float
     ranks: dict[str, int] = field(default_factory=dict)
     output_change: float | None = None  # max |logits after - before| / max |before|, if measured
+    parts: dict[str, float] = field(default_factory=dict)  # seconds: merge, ledger, reinit, ...
 
     @property
     def mean_rank(self) -> float:
@@ -345,7 +437,7 @@ class PeriodicUnloader:
                  momentum: float = 0.0, momentum_rule: str = "preserve",
                  optimizer_on_unload: str = "reset", prune_ratio: float = 0.99,
                  init_a: str = "kaiming", seed: int = 0, keep_ledger: bool = True,
-                 adapter: str = ADAPTER, access: LocalAccess | None = None):
+                 hold_ledger: bool = True, adapter: str = ADAPTER, access: LocalAccess | None = None):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if momentum_rule not in MOMENTUM_RULES:
@@ -367,17 +459,37 @@ class PeriodicUnloader:
         self.layers = lora_layers(model, adapter)
         if not self.layers:
             raise ValueError("model has no peft LoRA layers to unload")
-        self.ledger = UnloadLedger() if keep_ledger else None
+        # keep_ledger: the run records its unloads (checkpoints store the ledger instead of
+        # the backbone); hold_ledger: this process holds it (one data-parallel rank suffices)
+        self.keeps_ledger = keep_ledger
+        self.ledger = UnloadLedger() if keep_ledger and hold_ledger else None
+        self.base_digest = self._digest_base() if keep_ledger else None
         self.stage = 0
+
+    def base_weights(self) -> dict[str, torch.nn.Parameter]:
+        return {name: layer.get_base_layer().weight for name, layer in self.layers.items()}
+
+    def _digest_base(self) -> str:
+        """Digest of W_0 (the target layers' weights before any unload): a factored
+        checkpoint is only valid on the same base model. Collective under ZeRO-3."""
+        def tensors():
+            for name, w in self.base_weights().items():
+                with self.access.gathered([w]):
+                    yield name, w.detach().cpu()  # gathered views die with the context
+        return weights_digest(tensors())
 
     @classmethod
     def from_config(cls, model, optimizer, scheduler, plora_cfg, lora_cfg, seed=0, access=None):
+        """Under torch.distributed only rank 0 holds the ledger (and measures the rank):
+        every rank merges the same factors, so one copy in host memory is enough."""
+        hold = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_rank() == 0
         clock = UnloadClock(plora_cfg.unload_every_samples, plora_cfg.unload_every_steps)
         return cls(model, optimizer, scheduler, clock=clock, momentum=plora_cfg.momentum,
                    momentum_rule=plora_cfg.momentum_rule,
                    optimizer_on_unload=plora_cfg.optimizer_on_unload,
                    prune_ratio=plora_cfg.prune_ratio, init_a=lora_cfg.init_a, seed=seed,
-                   keep_ledger=plora_cfg.ledger, access=access)
+                   keep_ledger=plora_cfg.ledger, hold_ledger=hold, access=access)
 
     def _reset_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
         if self.optimizer is None or self.optimizer_on_unload == "keep":
@@ -393,6 +505,7 @@ class PeriodicUnloader:
     @torch.no_grad()
     def unload(self) -> UnloadEvent:
         t0 = time.perf_counter()
+        parts = dict.fromkeys(("merge", "ledger", "reinit", "optimizer", "rank"), 0.0)
         m = self.momentum
         c = 1.0 - m
         ad = self.adapter
@@ -400,16 +513,18 @@ class PeriodicUnloader:
             lora_a, lora_b = layer.lora_A[ad].weight, layer.lora_B[ad].weight
             base = layer.get_base_layer().weight
             with self.access.gathered([base, lora_a, lora_b], modify=True):
+                t = time.perf_counter()
                 a = self.access.read(lora_a)
                 b_full = self.access.read(lora_b)
                 b = b_full * (c * layer.scaling[ad])
-                delta = b @ a
-                if getattr(layer, "fan_in_fan_out", False):
-                    delta = delta.T
-                # fp32 sum, cast once to the backbone dtype
-                self.access.write(base, self.access.read(base) + delta.to(base.device))
+                # fp32 sum, cast once to the backbone dtype: the ledger's replay does the same
+                merged = merge_stage(self.access.read(base), b.to(base.device), a.to(base.device),
+                                     getattr(layer, "fan_in_fan_out", False))
+                self.access.write(base, merged)
+                t = _lap(parts, "merge", t)
                 if self.ledger is not None:
                     self.ledger.add(name, b, a)
+                t = _lap(parts, "ledger", t)
                 if m == 0.0:
                     g = torch.Generator().manual_seed(_seed_for(self.seed, self.stage, index))
                     new_a = init_lora_a(a.shape, layer.r[ad], self.init_a, g)
@@ -420,16 +535,20 @@ class PeriodicUnloader:
                     new_a, new_b = a * m, b_full * m
                 self.access.write(lora_a, new_a)
                 self.access.write(lora_b, new_b)
+                _lap(parts, "reinit", t)
+        t = time.perf_counter()
         self._reset_optimizer_state(lora_parameters(self.model, ad))
         if self.scheduler is not None:
             for fn in self.scheduler.lr_lambdas:
                 if isinstance(fn, StageLR):
                     fn.mark_unload(self.scheduler.last_epoch)
             refresh_lr(self.scheduler)
+        t = _lap(parts, "optimizer", t)
         self.stage += 1
         ranks = self.ledger.ranks() if self.ledger is not None else {}
+        _lap(parts, "rank", t)
         return UnloadEvent(stage=self.stage, step=self.clock.steps, samples=self.clock.samples,
-                           seconds=time.perf_counter() - t0, ranks=ranks)
+                           seconds=time.perf_counter() - t0, ranks=ranks, parts=parts)
 
     def state_dict(self) -> dict:
         return {"stage": self.stage, "clock": self.clock.state_dict()}

@@ -111,7 +111,7 @@ class Searcher(_Strict):
     type: Literal["optuna", "random", "grid"] | None = Field(
         None, description="optuna (seeded TPE) | random | grid; default grid if every space "
         "entry is a grid, else optuna")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="searcher seed (numpy's range: 0 to 2**32 - 1)")
 
 
 class Scheduler(_Strict):
@@ -408,6 +408,23 @@ def trial_run_config(spec: SweepSpec, trial_params: dict[str, object], name: str
     if name:
         data["name"] = name
     return _validate_run(data, f"{spec._source}: trial {name or trial_params}", spec._check_paths)
+
+
+def trial_points(spec: SweepSpec, touching: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Space points covering every value a trial can get: none (base + fixed), each value alone
+    (both bounds of a range), then every combination of the entries with a path under one of
+    ``touching`` (all entries if empty); beyond MAX_COMBINATIONS, the first value of each."""
+    def touches(key: str) -> bool:
+        return not touching or any(p == t or p.startswith(t + ".") for p in _paths(key) for t in touching)
+
+    keys = [key for key in spec.space if touches(key)]
+    points = [{}] + [{key: value} for key in keys for value in spec.space[key].values]
+    values = [spec.space[key].values for key in keys]
+    if math.prod(map(len, values)) > MAX_COMBINATIONS:
+        values = [v[:1] for v in values]
+    if len(keys) > 1:
+        points += [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    return points
 
 
 def trial_count(spec: SweepSpec) -> int:

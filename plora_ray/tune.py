@@ -28,6 +28,7 @@ from pathlib import Path
 from .assets import AssetError
 from .config import ConfigError
 from .data import DataError
+from .preflight import SweepFailed, check_sweep, raise_if_every_trial_failed
 
 DIVERGED_PENALTY = {"min": 1e6, "max": -1.0}  # what the searcher sees for a diverged trial
 
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         from .search_space import describe, load_sweep
 
         spec = load_sweep(args.space, args.overrides)
+        check_sweep(spec, args.storage, args.resume, args.tracking_uri)  # before Ray starts
         if args.dry_run:
             print(describe(spec))
             return 0
@@ -167,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, AssetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SweepFailed as exc:
+        print(exc.summary)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -203,11 +209,12 @@ def run_sweep(spec, args) -> str:
         text = summarize(spec, sweep, results)
         finish_sweep(uri, parent)
         ended = True
-        return text
     finally:  # an exception or Ctrl-C: no trial (and not the sweep) is left RUNNING
         if not ended:
             end_running_trials(uri, parent)
             finish_sweep(uri, parent, status="FAILED")
+    raise_if_every_trial_failed(results, text)
+    return text
 
 
 if __name__ == "__main__":

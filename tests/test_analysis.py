@@ -75,3 +75,323 @@ def test_t_quantile_fallback_matches_scipy(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_scipy)
     assert stats.t_quantile(0.975, 4.0) == pytest.approx(2.776445, abs=1e-4)
+
+
+# ============================================================================ the report
+
+import json
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from analysis.__main__ import main as cli
+from analysis.figures import DPI, FIGSIZE, smooth
+from analysis.report import write_report
+
+N_ITEMS = 40
+CHECKPOINTS = (10, 20, 30, 40)
+SAMPLES_PER_STEP = 8
+ORDER = np.random.default_rng(7).permutation(N_ITEMS)  # items a run gets right, best first
+TOKENS = [10 + i % 5 for i in range(N_ITEMS)]
+_NOISE = np.array([0.1 * ((i % 3) - 1) for i in range(N_ITEMS)])
+NOISE = _NOISE - np.average(_NOISE, weights=TOKENS)  # token-weighted mean 0: task loss = target
+
+
+def _items(step, correct, heldout):
+    acc = np.zeros(N_ITEMS)
+    acc[ORDER[:correct]] = 1
+    return {"step": step, "samples": step * SAMPLES_PER_STEP, "tasks": {
+        "heldout": {"ids": [f"h{i}" for i in range(N_ITEMS)],
+                    "loss": (heldout + NOISE).tolist(), "tokens": TOKENS},
+        "arc_easy": {"ids": [f"a{i}" for i in range(N_ITEMS)],
+                     "acc": acc.tolist(), "acc_norm": acc.tolist()}}}
+
+
+def log_trial(client, exp_id, parent_id, tmp, *, config, seed, space, acc, heldout,
+              status="finished", rank=2, train_steps=40):
+    """A trial written as docs/tracking_layout.md says; acc = items correct per checkpoint."""
+    tags = {"mlflow.parentRunId": parent_id, "plora.run_type": "trial", "plora.status": status,
+            "plora.config_id": config, "plora.seed": str(seed), "space.seed": str(seed),
+            **{f"space.{k}": str(v) for k, v in space.items()}}
+    run = client.create_run(exp_id, tags=tags, run_name=f"{config} s{seed}")
+    rid = run.info.run_id
+    client.log_batch(rid, params=[], metrics=[Metric("model/trainable_params", 1000.0 * rank, 0, 0)])
+    metrics = []
+    for step in range(1, train_steps + 1):
+        metrics += [Metric("train/loss", 3.0 - 0.01 * step + 0.5 * (step % 2), 0, step),
+                    Metric("train/samples", step * SAMPLES_PER_STEP, 0, step),
+                    Metric("time/elapsed_s", 0.5 * step, 0, step)]
+    if space.get("method") == "plora":
+        for stage, step in enumerate(range(2, train_steps + 1, 2), start=1):
+            metrics += [Metric("plora/stage", stage, 0, step),
+                        Metric("plora/accumulated_rank", min(stage * rank, 64), 0, step),
+                        Metric("plora/accumulated_rank_min", min(stage * rank, 64), 0, step),
+                        Metric("plora/accumulated_rank_max", min(stage * rank, 64), 0, step)]
+    for step, k, loss in zip(CHECKPOINTS, acc, heldout):
+        if step > train_steps:
+            break
+        items = _items(step, k, loss)
+        a = items["tasks"]["arc_easy"]["acc_norm"]
+        h = items["tasks"]["heldout"]["loss"]
+        metrics += [Metric("eval/arc_easy/acc_norm", float(np.mean(a)), 0, step),
+                    Metric("eval/arc_easy/acc_norm_stderr", lm_mean_stderr(a), 0, step),
+                    Metric("eval/heldout/loss", float(loss), 0, step),
+                    Metric("eval/heldout/loss_stderr", lm_mean_stderr(h), 0, step),
+                    Metric("eval/samples", step * SAMPLES_PER_STEP, 0, step)]
+        path = tmp / f"step_{step:07d}.json"
+        path.write_text(json.dumps(items))
+        client.log_artifact(rid, str(path), artifact_path="items")
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(rid, metrics=metrics[start:start + 1000])
+    if status != "running":
+        client.set_terminated(rid, status="FINISHED")
+    return rid
+
+
+LORA = {"method": "lora", "lora.rank": 2, "plora.unload_every_samples": None}
+P16 = {"method": "plora", "lora.rank": 2, "plora.unload_every_samples": 16}
+P8 = {"method": "plora", "lora.rank": 2, "plora.unload_every_samples": 8}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A finished 'unload' sweep: LoRA and PLoRA/16 with 2 seeds, PLoRA/8 with one."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("unload", artifact_location=str(root / "artifacts"))
+    parent = client.create_run(exp, run_name="unload", tags={
+        "plora.run_type": "sweep", "plora.sweep": "unload",
+        "plora.metric": "eval/arc_easy/acc_norm", "plora.mode": "max"}).info.run_id
+    runs = {}
+    for key, config, seed, space, acc, heldout in [
+            ("L0", "lora", 0, LORA, [20, 24, 26, 28], [2.0, 1.6, 1.4, 1.3]),
+            ("L1", "lora", 1, LORA, [20, 23, 25, 27], [2.01, 1.61, 1.41, 1.31]),
+            ("P16_0", "p16", 0, P16, [22, 28, 32, 34], [1.8, 1.35, 1.25, 1.2]),
+            ("P16_1", "p16", 1, P16, [22, 29, 33, 33], [1.8, 1.30, 1.25, 1.21]),
+            ("P8_0", "p8", 0, P8, [22, 28, 32, 34], [1.9, 1.5, 1.45, 1.4])]:
+        tmp = root / key
+        tmp.mkdir()
+        runs[key] = log_trial(client, exp, parent, tmp, config=config, seed=seed, space=space,
+                              acc=acc, heldout=heldout)
+    client.set_terminated(parent)
+    out = root / "report"
+    path = write_report(uri, "unload", out_dir=out)
+    return {"uri": uri, "client": client, "parent": parent, "runs": runs, "out": out,
+            "path": path, "md": path.read_text(),
+            "numbers": json.loads((out / "report.json").read_text())}
+
+
+@pytest.fixture
+def scratch(store):
+    """The same store for tests that write their own experiment (a new SQLite store costs a
+    schema migration, seconds)."""
+    return store["uri"], store["client"]
+
+
+def _row(numbers, which, unload):
+    return next(r for r in numbers["tables"][which]
+                if r["config"]["plora.unload_every_samples"] == unload)
+
+
+def test_table_cell_across_seeds_is_mean_with_t_interval(store):
+    from scipy import stats as sst
+    cell = _row(store["numbers"], "best", None)["cells"]["eval/arc_easy/acc_norm"]
+    per_seed = [28 / 40, 27 / 40]  # LoRA's best checkpoints: step 40 for both seeds
+    half = sst.t.ppf(0.975, 1) * np.std(per_seed, ddof=1) / np.sqrt(2)
+    assert cell["value"] == pytest.approx(np.mean(per_seed))
+    assert (cell["lo"], cell["hi"]) == pytest.approx((np.mean(per_seed) - half,
+                                                      np.mean(per_seed) + half))
+    assert cell["n_seeds"] == 2
+
+
+def test_table_cell_of_one_seed_uses_the_logged_stderr(store):
+    cell = _row(store["numbers"], "best", 8)["cells"]["eval/arc_easy/acc_norm"]
+    se = lm_mean_stderr(_items(40, 34, 1.4)["tasks"]["arc_easy"]["acc_norm"])
+    assert cell["value"] == pytest.approx(34 / 40)
+    assert (cell["lo"], cell["hi"]) == pytest.approx((0.85 - 1.959964 * se, 0.85 + 1.959964 * se),
+                                                     abs=1e-5)
+    assert cell["best"]
+    assert f"**0.850 [{0.85 - 1.959964 * se:.3f}, {0.85 + 1.959964 * se:.3f}]**" in store["md"]
+
+
+def test_best_checkpoint_is_chosen_by_the_sweep_metric(store):
+    # PLoRA/16 seed 1 peaks on ARC-Easy at step 30 (33 items), where its held-out loss is 1.25
+    cell = _row(store["numbers"], "best", 16)["cells"]["eval/heldout/loss"]
+    assert cell["value"] == pytest.approx((1.2 + 1.25) / 2)
+    last = _row(store["numbers"], "last", 16)["cells"]["eval/heldout/loss"]
+    assert last["value"] == pytest.approx((1.2 + 1.21) / 2)
+
+
+def test_cells_not_distinguishable_from_the_best_are_marked(store):
+    acc = {u: _row(store["numbers"], "best", u)["cells"]["eval/arc_easy/acc_norm"]
+           for u in (None, 16, 8)}
+    # PLoRA/16 seed 0 got exactly PLoRA/8's items right: paired difference 0
+    assert acc[16]["tied"] and acc[16]["test"] == "paired"
+    # LoRA misses 6 of the items PLoRA/8 gets right, and gets none it misses
+    assert not acc[None]["tied"] and acc[None]["test"] == "paired"
+    loss = {u: _row(store["numbers"], "best", u)["cells"]["eval/heldout/loss"]
+            for u in (None, 16, 8)}
+    assert loss[16]["best"]
+    assert loss[None]["tied"] and loss[None]["test"] == "seeds"  # 2 seeds each: Welch, wide
+    assert not loss[8]["tied"]  # 0.2 higher on every item
+
+
+def test_learning_ability_ratios_are_sample_ratios_to_the_lora_best(store):
+    rows = {(r["plora"], r["target"]): r for r in store["numbers"]["learning_ability"]}
+    p16 = next(k for k in rows if "16" in k[0] and k[1] == "held-out loss")
+    held = rows[p16]
+    # LoRA's best loss at step 40 (320 samples); PLoRA/16 reaches it at step 30 (seed 0: 240)
+    # and step 20 (seed 1: 160)
+    assert held["speed_per_seed"] == pytest.approx([320 / 240, 320 / 160])
+    assert held["speed"][0] == pytest.approx(np.mean([320 / 240, 2.0]))
+    assert held["quality_per_seed"] == pytest.approx([1.2 / 1.3, 1.21 / 1.31])
+    bench = rows[(p16[0], "benchmark")]
+    assert bench["speed_per_seed"] == pytest.approx([2.0, 2.0])
+
+
+def test_learning_ability_says_when_the_target_is_never_reached(store):
+    p8 = next(r for r in store["numbers"]["learning_ability"]
+              if "=8" in r["plora"] and r["target"] == "held-out loss")
+    assert p8["speed_per_seed"] == [None] and p8["speed"] is None
+    assert "not reached in 1 of 1 seed(s): no number" in store["md"]
+
+
+def test_figures_are_pngs_of_the_expected_size(store):
+    import matplotlib.image as mpimg
+    names = store["numbers"]["figures"]
+    assert {"train_loss.png", "eval_arc_easy_acc_norm.png", "eval_heldout_loss.png",
+            "accumulated_rank.png"} <= set(names)
+    for name in names:
+        image = mpimg.imread(store["out"] / name)
+        assert image.shape[:2] == (FIGSIZE[1] * DPI, FIGSIZE[0] * DPI)
+        assert f"]({name})" in store["md"]
+
+
+def test_report_is_logged_under_report_of_the_sweep_run(store):
+    logged = {a.path for a in store["client"].list_artifacts(store["parent"], "report")}
+    assert {"report/report.md", "report/train_loss.png", "report/report.json",
+            "report/pareto.png", "report/importance.png"} <= logged
+    assert "PARTIAL" not in store["md"]
+
+
+def test_smoothing_is_a_trailing_moving_average():
+    assert smooth([1, 2, 3, 4, 5], 3).tolist() == pytest.approx([1, 1.5, 2, 3, 4])
+    assert smooth([1.0, 5.0], 150).tolist() == pytest.approx([1, 3])
+
+
+def test_pareto_front_keeps_trials_nobody_beats_on_cost_and_metric(store):
+    points = {p["trial"]: p for p in store["numbers"]["pareto"]}
+    # PLoRA/16 seed 1: 33/40 at step 30 (240 samples); seed 0 and PLoRA/8: 34/40 at 320
+    assert points["p16 s1"]["samples"] == 240 and points["p16 s1"]["pareto_samples"]
+    assert points["p16 s0"]["pareto_samples"] and points["p8 s0"]["pareto_samples"]
+    assert not points["lora s0"]["pareto_samples"]
+
+
+def test_importance_ranks_first_the_parameter_that_drives_the_metric(scratch, tmp_path):
+    uri, client = scratch
+    exp = client.create_experiment("imp", artifact_location=str(tmp_path / "a"))
+    parent = client.create_run(exp, tags={"plora.run_type": "sweep", "plora.mode": "min",
+                                          "plora.metric": "eval/heldout/loss"}).info.run_id
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        lr, momentum = 10 ** rng.uniform(-5, -2), float(rng.uniform(0, 1))
+        rid = client.create_run(exp, tags={
+            "mlflow.parentRunId": parent, "plora.status": "finished",
+            "space.optim.lr": str(lr), "space.plora.momentum": str(momentum),
+            "space.lora.rank": str(int(rng.choice([1, 2, 4])))}).info.run_id
+        loss = (np.log10(lr) + 3.5) ** 2  # the learning rate alone decides
+        client.log_batch(rid, metrics=[Metric("eval/heldout/loss", loss, 0, 10)])
+    from analysis.importance import param_importances
+    from analysis.store import load_sweep
+    imp = param_importances(load_sweep(uri, "imp"))
+    assert imp["n_trials"] == 24 and imp["warning"] is None
+    assert next(iter(imp["fanova"])) == "optim.lr"
+    assert next(iter(imp["ped_anova"])) == "optim.lr"
+
+
+def test_partial_sweep_is_marked_partial(scratch, tmp_path):
+    uri, client = scratch
+    exp = client.create_experiment("live", artifact_location=str(tmp_path / "a"))
+    parent = client.create_run(exp, tags={"plora.run_type": "sweep"}).info.run_id
+    log_trial(client, exp, parent, tmp_path, config="lora", seed=0, space=LORA,
+              acc=[20, 24, 26, 28], heldout=[2.0, 1.6, 1.4, 1.3])
+    log_trial(client, exp, parent, tmp_path, config="p16", seed=0, space=P16, status="running",
+              acc=[22, 28], heldout=[1.8, 1.35], train_steps=20)
+    path = write_report(uri, "live", out_dir=tmp_path / "r", log_to_mlflow=False)
+    md = path.read_text()
+    assert "**PARTIAL: the sweep is still running** — 1 of 2 trials" in md
+    assert "16 (partial)" in md
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["partial"] is True
+
+
+def test_compare_shows_paired_differences(store, capsys):
+    runs = store["runs"]
+    assert cli(["compare", runs["P8_0"], runs["L0"], "--tracking-uri", store["uri"]]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("| eval/arc_easy/acc_norm"))
+    assert "+0.1500" in line and "paired (40 items)" in line and line.endswith("| A |")
+    loss = next(l for l in out.splitlines() if l.startswith("| eval/heldout/loss"))
+    assert "+0.1000" in loss and loss.endswith("| B |")
+
+
+def test_bad_experiment_is_one_line_and_exit_2(store, capsys):
+    assert cli(["report", "--experiment", "nope", "--tracking-uri", store["uri"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --experiment: no experiment named 'nope'")
+    assert len(err.splitlines()) == 1
+
+
+def test_columns_follow_the_papers_order():
+    from types import SimpleNamespace
+    from analysis.results import eval_metric_keys
+    keys = ["eval/heldout/loss", "eval/arc_challenge/acc_norm", "eval/mmlu/acc",
+            "eval/mmlu/stem", "eval/arc_easy/acc_norm", "eval/gsm8k/strict", "eval/mmlu/other",
+            "eval/samples", "eval/gsm8k/strict_stderr", "eval/zz/x"]
+    assert eval_metric_keys([SimpleNamespace(metric_keys=keys)]) == [
+        "eval/gsm8k/strict", "eval/mmlu/other", "eval/mmlu/stem", "eval/mmlu/acc",
+        "eval/arc_easy/acc_norm", "eval/arc_challenge/acc_norm", "eval/heldout/loss",
+        "eval/zz/x"]
+
+
+def test_analysis_imports_nothing_from_plora_ray_ray_or_torch():
+    import subprocess
+    import sys
+    code = ("import sys, analysis, analysis.report, analysis.compare, analysis.__main__;"
+            "print([m for m in sys.modules if m.split('.')[0] in ('plora_ray', 'ray', 'torch')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_item_scores_weight_heldout_by_tokens_and_split_mmlu_by_category():
+    from analysis.results import item_scores
+    items = {"tasks": {
+        "heldout": {"ids": ["h0", "h1"], "loss": [1.0, 3.0], "tokens": [3, 1]},
+        "mmlu": {"ids": ["m0", "m1", "m2"], "acc": [1, 0, 1],
+                 "category": ["stem", "other", "stem"]}}}
+    ids, loss, weights = item_scores(items, "eval/heldout/loss")
+    assert np.average(loss, weights=weights) == pytest.approx(1.5)
+    ids, acc, weights = item_scores(items, "eval/mmlu/stem")
+    assert ids == ["m0", "m2"] and acc.tolist() == [1, 1] and weights is None
+    assert item_scores(items, "eval/mmlu/acc")[1].tolist() == [1, 0, 1]
+
+
+def test_missing_store_or_sweep_run_is_one_line_and_exit_2(store, tmp_path, capsys):
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    assert cli(["report", "--experiment", "unload", "--tracking-uri", missing]) == 2
+    assert "--tracking-uri: no MLflow database at" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+    assert cli(["report", "--experiment", "unload", "--sweep", "0" * 32,
+                "--tracking-uri", store["uri"]]) == 2
+    assert capsys.readouterr().err.startswith("error: --sweep: no run")
+
+
+def test_sweep_without_checkpoints_yet_reports_training_curves_only(scratch, tmp_path):
+    uri, client = scratch
+    exp = client.create_experiment("early", artifact_location=str(tmp_path / "a"))
+    parent = client.create_run(exp, tags={"plora.run_type": "sweep"}).info.run_id
+    log_trial(client, exp, parent, tmp_path, config="p16", seed=0, space=P16, status="running",
+              acc=[], heldout=[], train_steps=6)
+    md = write_report(uri, "early", out_dir=tmp_path / "r", log_to_mlflow=False).read_text()
+    assert "No checkpoint has been evaluated yet" in md and "PARTIAL" in md
+    assert (tmp_path / "r" / "train_loss.png").exists()

@@ -1,9 +1,27 @@
 """Resume mid-stage, across unloads: the continued run matches an uninterrupted one."""
 
-import pytest
+import json
 
-from plora_ray.checkpoint import load_checkpoint, save_checkpoint
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plora_ray.checkpoint import CheckpointMismatch, load_checkpoint, read_backbone, save_checkpoint
 from plora_ray.train import fit, setup
+
+
+def resume_at(cfg, step, directory):
+    """Train ``cfg`` to ``step``, checkpoint, and return a fresh run restored from it."""
+    saved = {}
+
+    def keep(run, final):
+        if run.clock.steps == step:
+            saved["dir"] = save_checkpoint(run, directory)
+
+    fit(setup(cfg.model_copy(update={"checkpoint_every_steps": step})), on_checkpoint=keep, progress=False)
+    resumed = setup(cfg)
+    load_checkpoint(resumed, saved["dir"])
+    return resumed
 
 
 @pytest.mark.parametrize("policy", ["reset", "prune"])
@@ -13,16 +31,7 @@ def test_resume_mid_stage_reproduces_the_uninterrupted_losses(tiny_cfg, tmp_path
                    lora={"dropout": 0.1},  # consumes RNG: the RNG state must be restored too
                    data={"max_steps": 11})
     full = fit(setup(cfg), progress=False)
-
-    saved = {}
-
-    def keep_step_5(run, final):
-        if run.clock.steps == 5:
-            saved["dir"] = save_checkpoint(run, tmp_path / "ckpt")
-
-    fit(setup(cfg.model_copy(update={"checkpoint_every_steps": 5})), on_checkpoint=keep_step_5, progress=False)
-    resumed = setup(cfg)
-    load_checkpoint(resumed, saved["dir"])
+    resumed = resume_at(cfg, 5, tmp_path / "ckpt")
     assert resumed.start_step == 5 and resumed.unloader.stage == 1
     fit(resumed, progress=False)
 
@@ -32,3 +41,67 @@ def test_resume_mid_stage_reproduces_the_uninterrupted_losses(tiny_cfg, tmp_path
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
     assert [e.step for e in resumed.unloads] == [e.step for e in full.unloads] == [3, 6, 9]
     assert resumed.unloader.ledger.num_stages == 3
+
+
+def test_ledger_only_checkpoint_resumes_bit_exactly_with_a_bf16_backbone(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(model={"dtype": "bfloat16"}, plora={"unload_every_steps": 2, "momentum": 0.1},
+                   optim={"lr": 1e-2}, data={"max_steps": 9})
+    full = fit(setup(cfg), progress=False)
+    resumed = resume_at(cfg, 7, tmp_path / "ckpt")  # after 3 unloads, mid-stage
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "backbone.safetensors" not in files and "ledger.safetensors" in files
+    fit(resumed, progress=False)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    ref = dict(full.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        assert torch.equal(p, ref[name]), name
+    assert resumed.unloads[-1].ranks == full.unloads[-1].ranks
+
+
+def test_replayed_backbone_equals_the_trained_one_bitwise(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(model={"dtype": "bfloat16"}, plora={"unload_every_steps": 1, "momentum": 0.1},
+                   optim={"lr": 2e-2}, data={"max_steps": 5})
+    run = fit(setup(cfg), progress=False)
+    save_checkpoint(run, tmp_path / "ckpt")
+    rebuilt = read_backbone(setup(cfg), tmp_path / "ckpt")
+    trained = dict(run.model.named_parameters())
+    assert len(rebuilt) == len(run.unloader.layers)
+    for name, w in rebuilt.items():
+        assert w.dtype == torch.bfloat16 and torch.equal(w, trained[name]), name
+
+
+def test_checkpoint_without_ledger_stores_backbone_copies(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(plora={"unload_every_steps": 2, "ledger": False}, optim={"lr": 1e-2}, data={"max_steps": 5})
+    full = fit(setup(cfg), progress=False)
+    resumed = resume_at(cfg, 3, tmp_path / "ckpt")
+    assert load_file(str(tmp_path / "ckpt" / "backbone.safetensors")).keys()
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["backbone"] == "copies"
+    fit(resumed, progress=False)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_checkpoint_of_another_base_model_is_refused_in_one_line(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(data={"max_steps": 3})
+    run = fit(setup(cfg), progress=False)
+    save_checkpoint(run, tmp_path / "ckpt")
+    other = setup(cfg.model_copy(update={"seed": 1}))  # the tiny model's W_0 comes from the seed
+    with pytest.raises(CheckpointMismatch) as err:
+        load_checkpoint(other, tmp_path / "ckpt")
+    msg = str(err.value)
+    assert "base model differs" in msg and "model.name_or_path" in msg and "\n" not in msg
+    assert other.start_step == 0 and other.history == []  # nothing was restored
+
+
+def test_scheduler_state_is_restored_through_state_dict(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(plora={"unload_every_steps": 3, "rewarmup_steps": 2},
+                   optim={"scheduler": "cosine", "warmup_steps": 1}, data={"max_steps": 8})
+    reference = setup(cfg)
+    for mb in reference.steps[:5]:
+        from plora_ray.train import train_step
+
+        out = train_step(reference, mb)
+        reference.unloader.after_step(out["samples"])
+    resumed = resume_at(cfg, 5, tmp_path / "ckpt")
+    assert resumed.scheduler.state_dict() == reference.scheduler.state_dict()
+    assert resumed.scheduler.lr_lambdas[0].stage_start == 3 and resumed.scheduler.lr_lambdas[0].unloads == 1
+    assert resumed.optimizer.param_groups[0]["lr"] == reference.optimizer.param_groups[0]["lr"]

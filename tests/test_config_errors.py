@@ -96,3 +96,82 @@ def test_existing_run_is_never_overwritten(tmp_path, monkeypatch, capsys):
     assert main(["run.yaml", "--output", "out"]) == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == {"keep": True}
     assert (tmp_path / "out-2" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------- preflight
+# Inputs the schema alone cannot see: checked by plora_ray.preflight before any work starts.
+CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+RUN = "plora: {unload_every_steps: 2}\ndata: {max_steps: 1, max_length: 64, train_files: [d.jsonl]}\n"
+PREFLIGHT = [
+    # (id, run.yaml text or bytes, other files {name: text | bytes | None (a directory)}, argv, fragment)
+    ("yaml-binary", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", {}, [], "run.yaml: not a text YAML file (byte 0x89"),
+    ("yaml-latin1", "name: caf\xe9\n".encode("latin-1") + GOOD.encode(), {}, [], "run.yaml: not a text YAML file"),
+    ("yaml-nul-bytes", GOOD + "\x00\x00\n", {}, [], "run.yaml: not a text YAML file (it holds NUL bytes)"),
+    ("yaml-duplicate-top-key", "lora: {rank: 4}\nlora: {rank: 8}\n" + GOOD, {}, [], "run.yaml line 2: key 'lora' is given twice"),
+    ("yaml-duplicate-nested-key", "lora:\n  rank: 4\n  alpha: 8\n  rank: 16\n" + GOOD, {}, [], "run.yaml line 4: key 'rank' is given twice"),
+    ("yaml-duplicate-flow-key", "optim: {lr: 1.0e-3, lr: 1.0e-4}\n" + GOOD, {}, [], "key 'lr' is given twice in the same mapping"),
+    ("seed-above-64-bit", "seed: 18446744073709551616\n" + GOOD, {}, [], "field 'seed': Input should be less than or equal to 18446744073709551615"),
+    ("seed-negative", "seed: -1\n" + GOOD, {}, [], "field 'seed': Input should be greater than or equal to 0"),
+    ("target-one-of-two-missing", "lora: {target_modules: [q_proj, nonexistent_proj]}\n" + GOOD, {}, [],
+     "field 'lora.target_modules': 'nonexistent_proj' matches no module of the model"),
+    ("target-typo-beside-valid", "lora: {target_modules: [q_proj, v_prj]}\n" + GOOD, {}, [], "'v_prj' matches no module of the model (did you mean 'v_proj'?)"),
+    ("target-not-a-layer", "lora: {target_modules: [self_attn]}\n" + GOOD, {}, [], "'self_attn' names LlamaAttention modules, which LoRA cannot adapt"),
+    ("tiny-heads-indivisible", "model: {tiny: {hidden_size: 66}}\n" + GOOD, {}, [], "field 'model.tiny': hidden_size must divide"),
+    ("model-hub-id-offline", "model: {name_or_path: no-such-org/no-such-model}\n" + GOOD, {}, [],
+     "field 'model.name_or_path': 'no-such-org/no-such-model' is not a local directory and not in the hub cache (HF_HUB_OFFLINE is set)"),
+    ("model-dir-without-config", "model: {name_or_path: ./empty_model}\n" + GOOD, {"empty_model": None}, [],
+     "field 'model.name_or_path': './empty_model' is not a model directory"),
+    ("data-binary", RUN, {"d.jsonl": b"\x1f\x8b\x08\x00\xff\xfe binary"}, [], "d.jsonl: not UTF-8 text (byte 0x8b at offset 1)"),
+    ("data-nul-bytes", RUN, {"d.jsonl": CHAT + "\x00\x00\x00"}, [], "d.jsonl: binary content (NUL bytes)"),
+    ("data-empty", RUN, {"d.jsonl": ""}, [], "d.jsonl: the file holds no rows"),
+    ("data-blank-lines-only", RUN, {"d.jsonl": "\n  \n\n"}, [], "d.jsonl: the file holds no rows"),
+    ("data-empty-json-array", RUN.replace("d.jsonl", "d.json"), {"d.json": "[]"}, [], "d.json: the file holds no rows"),
+    ("data-garbage-parquet", RUN.replace("d.jsonl", "d.parquet"), {"d.parquet": b"PAR1 not really"}, [], "d.parquet: not a readable parquet file"),
+    ("data-directory", RUN.replace("d.jsonl", "dd"), {"dd": None}, [], "dd: is a directory"),
+    ("data-second-file-no-assistant", RUN.replace("[d.jsonl]", "[d.jsonl, e.jsonl]"),
+     {"d.jsonl": CHAT, "e.jsonl": CHAT + '{"messages": [{"role": "user", "content": "hi"}]}\n'}, [], "e.jsonl:2: no assistant message"),
+    ("output-is-a-file", GOOD, {"out.txt": "keep me"}, ["--output", "out.txt"], "output directory '"),
+    ("output-under-a-file", GOOD, {"out.txt": "keep me"}, ["--output", "out.txt/run"], "cannot be created: '"),
+    ("output-not-writable", GOOD, {}, ["--output", "/proc/plora-ray-no-such/run"], "is not writable"),
+    ("config-output-dir-is-a-file", "output_dir: out.txt\n" + GOOD, {"out.txt": "keep me"}, ["--set", "seed=1"], "out.txt' is a file, not a directory"),
+    ("storage-path-is-a-file", "distributed: {storage_path: out.txt}\n" + GOOD, {"out.txt": "keep me"}, ["--output", "out"],
+     "field 'distributed.storage_path': '"),
+    ("resume-empty-dir", GOOD, {"prev": None}, ["--resume", "--output", "prev"], "--resume: 'prev' holds no run to continue"),
+    ("resume-missing-dir", GOOD, {}, ["--resume", "--output", "nowhere"], "--resume: 'nowhere' holds no run to continue"),
+    ("resume-dir-without-run", GOOD, {"prev": None, "prev/notes.txt": "mine"}, ["--resume", "--output", "prev"],
+     "drop --resume"),
+]
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case_id,text,files,argv,fragment", PREFLIGHT, ids=[c[0] for c in PREFLIGHT])
+def test_preflight_refuses_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case_id, text, files,
+                                                            argv, fragment):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
+    for name, content in files.items():
+        if content is None:
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = _snapshot(tmp_path)
+    code = main(["run.yaml", *(argv or ["--output", "out"])])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert _snapshot(tmp_path) == before  # no output directory, no file changed
+
+
+def test_cli_preflight_failure_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "run.yaml").write_text("lora: {target_modules: [q_proj, nonexistent_proj]}\n" + GOOD)
+    proc = subprocess.run([sys.executable, "-m", "plora_ray.train", "run.yaml", "--output", "out"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "nonexistent_proj" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]

@@ -1,16 +1,17 @@
 """Ray Train workers on a real local Ray cluster: DDP and DeepSpeed ZeRO-2/3 on CPU (gloo)."""
 
 import os
+import signal
 import uuid
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from plora_ray.checkpoint import save_checkpoint
+from plora_ray.checkpoint import read_backbone, save_checkpoint
 from plora_ray.config import build_run_config
-from plora_ray.distributed import FAULT_STEP_ENV, ensure_ray, trainer_for
-from plora_ray.train import fit, setup
+from plora_ray.distributed import ensure_ray, run_distributed, trainer_for
+from plora_ray.loop import fit, setup
 
 ENGINES = {
     "ddp": {"engine": "ddp"},
@@ -19,13 +20,39 @@ ENGINES = {
 }
 
 
+SETTINGS = ("RAY_AUTH_MODE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """The module's local cluster, started as the CLI starts one; yields this process's Ray
+    settings before and after (RAY_AUTH_MODE unset for the start, as for a user)."""
     import ray
 
-    ensure_ray(num_cpus=2)
-    yield
+    auth = os.environ.pop("RAY_AUTH_MODE", None)
+    try:
+        before = {k: os.environ.get(k) for k in SETTINGS}
+        ensure_ray(num_cpus=2)
+        after = {k: os.environ.get(k) for k in SETTINGS}
+    finally:
+        if auth is not None:
+            os.environ["RAY_AUTH_MODE"] = auth
+    yield before, after
     ray.shutdown()
+
+
+def test_starting_a_local_cluster_leaves_the_environment_as_it_was(ray_cluster):
+    import ray
+
+    before, after = ray_cluster
+    assert before == after == {k: None for k in SETTINGS}
+
+    @ray.remote
+    def seen():
+        return {k: os.environ.get(k) for k in SETTINGS}
+
+    # ...while the cluster's own processes run without token auth and poll fast
+    assert ray.get(seen.remote()) == {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def run_config(workers=2, **sections):
@@ -40,24 +67,29 @@ def run_config(workers=2, **sections):
     return build_run_config(data)
 
 
-def ray_fit(cfg, tmp_path):
-    result = trainer_for(cfg, str(tmp_path / "ray"), f"t-{uuid.uuid4().hex[:8]}").fit()
+def ray_fit(cfg, tmp_path, on_step=None):
+    result = trainer_for(cfg, str(tmp_path / "ray"), f"t-{uuid.uuid4().hex[:8]}", on_step=on_step).fit()
     assert result.error is None
     with result.checkpoint.as_directory() as d:
-        files = {name: load_file(os.path.join(d, f"{name}.safetensors")) for name in ("trainable", "backbone")}
+        files = {"trainable": load_file(os.path.join(d, "trainable.safetensors")),
+                 "backbone": read_backbone(setup(one_process(cfg)), d)}  # W_0 + the ledger
         state = __import__("json").loads(open(os.path.join(d, "state.json")).read())
     return result, files, state
 
 
-def single_process(cfg, tmp_path):
+def one_process(cfg):
     """The same global batches in one process: micro-batches x (accumulation x workers)."""
-    one = cfg.model_copy(update={
+    return cfg.model_copy(update={
         "data": cfg.data.model_copy(update={"gradient_accumulation_steps":
                                             cfg.data.gradient_accumulation_steps * cfg.distributed.workers}),
         "distributed": cfg.distributed.model_copy(update={"workers": 1, "engine": "ddp"})})
-    run = fit(setup(one), progress=False)
+
+
+def single_process(cfg, tmp_path):
+    run = fit(setup(one_process(cfg)), progress=False)
     d = save_checkpoint(run, tmp_path / "single")
-    return run, {name: load_file(str(d / f"{name}.safetensors")) for name in ("trainable", "backbone")}
+    return run, {"trainable": load_file(str(d / "trainable.safetensors")),
+                 "backbone": read_backbone(setup(one_process(cfg)), d)}
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
@@ -109,19 +141,46 @@ def test_zero_master_copy_does_not_undo_the_reinit(ray_cluster, tmp_path, engine
             assert b.norm().item() == pytest.approx(lr * b.numel() ** 0.5, rel=0.05), name
 
 
-def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(ray_cluster, tmp_path, monkeypatch):
+def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(ray_cluster, tmp_path):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_STEP_ENV, f"6:1:{marker}")  # rank 1 SIGKILLs itself at step 6, once
+
+    def kill_rank_1_at_step_6_once(rec, rank):  # shipped to the workers by value (a closure)
+        if rec["step"] == 6 and rank == 1 and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
     cfg = run_config(checkpoint_every_steps=4, distributed={"max_failures": 1},
                      optim={"lr": 1e-2, "scheduler": "linear"}, lora={"dropout": 0.1})
-    result, files, state = ray_fit(cfg, tmp_path)
+    result, files, state = ray_fit(cfg, tmp_path, on_step=kill_rank_1_at_step_6_once)
     assert marker.exists()  # the worker really died
     steps = [h["step"] for h in state["history"]]
     assert steps == list(range(1, 9))  # resumed at step 4, no step lost or repeated
     assert [e["step"] for e in state["unloads"]] == [2, 4, 6, 8]
-    monkeypatch.delenv(FAULT_STEP_ENV)
     _, _, clean = ray_fit(cfg, tmp_path)
     assert [h["loss"] for h in state["history"]] == pytest.approx([h["loss"] for h in clean["history"]], rel=1e-5)
+
+
+def test_ray_run_writes_the_run_directory_a_one_process_run_writes(ray_cluster, tmp_path):
+    from plora_ray.evaluate import load_model
+    from plora_ray.rundir import save_run_checkpoint, write_run_dir
+
+    cfg = run_config(data={"max_steps": 2})
+    summary = run_distributed(cfg, tmp_path / "ray_run", "cli-layout")
+    assert summary["steps"] == 2 and summary["replicas_identical"] is True and summary["workers"] == 2
+    ray_ckpt = next((tmp_path / "ray_run" / "ray" / "cli-layout").glob("checkpoint_*"))  # a sweep's "best"
+    one = fit(setup(cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"workers": 1})})),
+              on_checkpoint=lambda run, final: save_run_checkpoint(run, tmp_path / "one" / "checkpoint"),
+              progress=False)
+    write_run_dir(one, tmp_path / "one")
+
+    def files(d):
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.relative_to(d).parts[0] != "ray")
+
+    assert files(tmp_path / "ray_run") == files(tmp_path / "one")
+    merged, _ = load_model(str(tmp_path / "ray_run"))
+    from_ray_ckpt, _ = load_model(str(ray_ckpt))
+    for (name, a), b in zip(merged.state_dict().items(), from_ray_ckpt.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nccl, bf16 ZeRO on GPU)")

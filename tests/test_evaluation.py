@@ -4,6 +4,7 @@ and agreement with lm-evaluation-harness itself (skipped when lm-eval is not ins
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,40 @@ def test_evaluate_metric_names_and_mode_restored(tiny):
     json.dumps(res.to_json())
     with pytest.raises(ValueError, match="unknown task 'hellaswag'; choose from gsm8k"):
         evaluate(model, tok, ["hellaswag"])
+
+
+# ------------------------------------------------------------------ standard errors
+
+def test_stderrs_equal_lm_eval_on_the_same_items(tiny):
+    """Every metric has a ``_stderr`` sibling equal to lm-eval's ``mean_stderr`` over the
+    per-item values it averages (the metric itself equal to lm-eval's ``mean``)."""
+    lm_metrics = pytest.importorskip("lm_eval.api.metrics")
+    model, tok = tiny
+    cats = {"anatomy": "stem", "philosophy": "humanities", "econometrics": "social_sciences"}
+    res = evaluate(model, tok, ["gsm8k", "mmlu", "arc_easy"], items={"gsm8k": GSM, "mmlu": MMLU, "arc_easy": ARC},
+                   max_new_tokens=4, prompt_style="plain", categories=cats)
+    s = res.samples
+    per_item = {"mmlu/acc": [r["acc"] for r in s["mmlu"]],
+                "mmlu/stem": [r["acc"] for r in s["mmlu"] if r["category"] == "stem"],
+                "mmlu/subject/anatomy": [r["acc"] for r in s["mmlu"] if r["subject"] == "anatomy"],
+                "arc_easy/acc": [r["acc"] for r in s["arc_easy"]],
+                "arc_easy/acc_norm": [r["acc_norm"] for r in s["arc_easy"]],
+                "gsm8k/strict": [r["strict_match"] for r in s["gsm8k"]],
+                "gsm8k/flexible": [r["flexible_match"] for r in s["gsm8k"]]}
+    for key, values in per_item.items():
+        assert res[key] == pytest.approx(lm_metrics.mean(values)), key
+        assert res[f"{key}_stderr"] == pytest.approx(lm_metrics.mean_stderr(values)), key
+    assert {k for k in res if not k.endswith(("/n", "_stderr"))} == {k.removesuffix("_stderr") for k in res
+                                                                      if k.endswith("_stderr")}
+    assert math.isnan(res["mmlu/humanities_stderr"])  # one item: undefined (lm-eval: N/A)
+
+
+def test_mean_stderr_equals_lm_eval_formula():
+    lm_metrics = pytest.importorskip("lm_eval.api.metrics")
+    from plora_ray.evaluation import mean_stderr
+
+    for values in ([1, 0, 0, 1, 1], [2.5, 0.25, 7.0], [0.0, 0.0]):
+        assert mean_stderr(values) == pytest.approx(lm_metrics.mean_stderr(values), abs=1e-15)
 
 
 # ------------------------------------------------------------------ CLI

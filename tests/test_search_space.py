@@ -253,3 +253,109 @@ def test_spec_survives_a_json_round_trip_into_a_trial(name):
     assert again.model_dump() == spec.model_dump()
     params = {k: d.values[0] for k, d in spec.space.items()}
     assert trial_run_config(again, params) == trial_run_config(spec, params)
+
+
+# ---------------------------------------------------------------------------- preflight
+# What the schema cannot see alone, checked by plora_ray.preflight before Ray starts (and by
+# --dry-run): files that are not YAML text, repeated keys, out-of-range seeds, the model and
+# target modules of every trial, the data files, the storage and --resume.
+CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+RUN_TEXT = "plora: {unload_every_steps: 2}\ndata: {max_steps: 1, max_length: 64}\n"
+SWEEP_TEXT = "metric: train/loss\nbase: run.yaml\nspace:\n  plora.momentum: {choice: [0.0, 0.1]}\n"
+
+
+def with_base(**base) -> str:
+    return yaml.safe_dump(sweep(base={**BASE, **base}), sort_keys=False)
+
+
+def with_space(**entries) -> str:
+    return yaml.safe_dump(sweep(space=space(**entries)), sort_keys=False)
+
+
+NO_ASSISTANT = '{"messages": [{"role": "user", "content": "hi"}]}\n'
+PREFLIGHT = [
+    # (id, sweep.yaml text or bytes, other files {name: text | bytes}, tune argv, fragment)
+    ("sweep-binary", b"\x00\x01\x02\xff\xfe binary", {}, [], "sweep.yaml: not a text YAML file"),
+    ("sweep-nul-bytes", SWEEP_TEXT + "\x00", {"run.yaml": RUN_TEXT}, [], "sweep.yaml: not a text YAML file (it holds NUL bytes)"),
+    ("sweep-duplicate-top-key", SWEEP_TEXT + "metric: eval/mmlu/acc\n", {"run.yaml": RUN_TEXT}, [],
+     "sweep.yaml line 5: key 'metric' is given twice in the same mapping"),
+    ("sweep-duplicate-space-key", SWEEP_TEXT + "  plora.momentum: {choice: [0.2]}\n", {"run.yaml": RUN_TEXT}, [],
+     "sweep.yaml line 5: key 'plora.momentum' is given twice"),
+    ("sweep-duplicate-in-distribution", "metric: train/loss\nbase: run.yaml\nspace:\n  lora.rank: {choice: [1], choice: [2]}\n",
+     {"run.yaml": RUN_TEXT}, [], "key 'choice' is given twice"),
+    ("base-file-duplicate-key", SWEEP_TEXT, {"run.yaml": RUN_TEXT + "plora: {unload_every_steps: 4}\n"}, [],
+     "run.yaml line 3: key 'plora' is given twice"),
+    ("base-file-binary", SWEEP_TEXT, {"run.yaml": b"\xff\xd8\xff\xe0 jpeg"}, [], "run.yaml: not a text YAML file (byte 0xff"),
+    ("searcher-seed-above-numpy-range", yaml.safe_dump(sweep(searcher={"seed": 2**32})), {}, [],
+     "field 'searcher.seed': Input should be less than or equal to 4294967295"),
+    ("base-seed-above-64-bit", with_base(seed=2**64), {}, [], "base: field 'seed': Input should be less than or equal to"),
+    ("space-seed-negative", with_space(seed={"choice": [0, -1]}), {}, [], "field 'space.seed': value -1 is rejected"),
+    ("base-model-not-found-offline", with_base(model={"name_or_path": "no-such-org/no-such-model"}), {}, [],
+     "sweep.yaml: base: field 'model.name_or_path': 'no-such-org/no-such-model' is not a local directory and not in the hub cache"),
+    ("base-model-dir-without-config", with_base(model={"name_or_path": "./empty_model"}), {"empty_model/README": "x"}, [],
+     "base: field 'model.name_or_path': './empty_model' is not a model directory"),
+    ("space-model-choice-not-found", with_space(model__name_or_path={"choice": ["tiny", "no-such-org/m"]}), {}, [],
+     "sweep.yaml: trial model.name_or_path='no-such-org/m': field 'model.name_or_path'"),
+    ("base-target-one-of-two-missing", with_base(lora={"target_modules": ["q_proj", "nonexistent_proj"]}), {}, [],
+     "sweep.yaml: base: field 'lora.target_modules': 'nonexistent_proj' matches no module of the model"),
+    ("base-target-not-a-layer", with_base(lora={"target_modules": ["mlp"]}), {}, [], "'mlp' names LlamaMLP modules, which LoRA cannot adapt"),
+    ("space-target-choice-one-bad", with_space(lora__target_modules={"choice": [["q_proj"], ["q_proj", "v_prj"]]}), {}, [],
+     "trial lora.target_modules=['q_proj', 'v_prj']: field 'lora.target_modules': 'v_prj' matches no module of the model (did you mean 'v_proj'?)"),
+    ("joint-key-target-bad", yaml.safe_dump(sweep(space={"method, lora.target_modules": {"grid": [["lora", ["q_proj"]], ["plora", ["x_proj"]]]}},
+                                                  searcher={"type": "grid"})), {}, [], "'x_proj' matches no module"),
+    ("space-model-and-targets-combined", with_space(model__tiny__hidden_size={"choice": [64, 66]}), {}, [],
+     "trial model.tiny.hidden_size=66: field 'model.tiny': hidden_size must divide"),
+    ("base-data-no-assistant", with_base(data={"max_steps": 1, "train_files": ["d.jsonl"]}), {"d.jsonl": CHAT + NO_ASSISTANT}, [],
+     "sweep.yaml: base: d.jsonl:2: no assistant message to learn from"),
+    ("base-data-binary", with_base(data={"max_steps": 1, "train_files": ["d.jsonl"]}), {"d.jsonl": b"\x80\x81\x82"}, [],
+     "base: d.jsonl: not UTF-8 text (byte 0x80 at offset 0)"),
+    ("base-data-empty", with_base(data={"max_steps": 1, "train_files": ["d.jsonl"]}), {"d.jsonl": ""}, [], "d.jsonl: the file holds no rows"),
+    ("base-data-invalid-json", with_base(data={"max_steps": 1, "train_files": ["d.jsonl"]}), {"d.jsonl": CHAT + "{oops\n"}, [],
+     "d.jsonl:2: invalid JSON"),
+    ("space-data-choice-one-empty", with_space(data__train_files={"choice": [["tiny-dialogues"], ["e.jsonl"]]}), {"e.jsonl": "\n"}, [],
+     "trial data.train_files=['e.jsonl']: e.jsonl: the file holds no rows"),
+    ("storage-is-a-file", with_space(), {"store": "keep me"}, ["--storage", "store"], "--storage '"),
+    ("storage-under-a-file", with_space(), {"store": "keep me"}, ["--storage", "store/sweeps"], "cannot be created: '"),
+    ("storage-not-writable", with_space(), {}, ["--storage", "/proc/plora-ray-no-such/sweeps"], "is not writable"),
+    ("resume-without-earlier-sweep", with_space(), {}, ["--resume"], "--resume: no earlier sweep of 't' under"),
+    ("resume-other-sweep-only", with_space(), {"sweeps/other.latest.json": "{}"}, ["--resume"], "no earlier sweep of 't'"),
+    ("tracking-uri-not-writable", with_space(), {}, ["--tracking-uri", "sqlite:////proc/plora-ray-no-such/mlflow.db"],
+     "--tracking-uri directory '/proc/plora-ray-no-such' is not writable"),
+]
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case_id,text,files,argv,fragment", PREFLIGHT, ids=[c[0] for c in PREFLIGHT])
+def test_preflight_refuses_a_sweep_with_one_line_before_ray(tmp_path, capsys, monkeypatch, case_id, text, files,
+                                                            argv, fragment):
+    """Through the CLI's --dry-run (the same checks run before Ray starts): exit 2, one line,
+    no storage created, no file changed."""
+    import huggingface_hub.constants
+
+    from plora_ray.tune import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    for name, content in {"sweep.yaml": text, **files}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = _snapshot(tmp_path)
+    code = main(["sweep.yaml", "--dry-run", "--storage", "sweeps", *argv])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert _snapshot(tmp_path) == before
+
+
+def test_sweep_cli_fails_before_ray_in_seconds(tmp_path):
+    """Without --dry-run: exit 2, one line, no traceback, no storage, and Ray never started."""
+    (tmp_path / "sweep.yaml").write_text(with_base(lora={"target_modules": ["q_proj", "nonexistent_proj"]}))
+    code = ("import sys; from plora_ray.tune import main; rc = main(['sweep.yaml']); "
+            "assert 'ray' not in sys.modules, 'Ray was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "nonexistent_proj" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]

@@ -35,7 +35,7 @@ def test_example_run_unloads_with_growing_rank_and_outputs_rebuild_weights(tmp_p
     cfg = load_run_config(ROOT / "examples/tiny.yaml")
     w0 = tiny_model(cfg.model, len(tiny_tokenizer()), cfg.seed).state_dict()
     ledger = UnloadLedger.load(out / "ledger.safetensors")
-    merged = load_file(str(out / "merged.safetensors"))
+    merged = load_file(str(out / "merged" / "model.safetensors"))
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     scale = cfg.lora.alpha / cfg.lora.rank
     assert len(ledger.factors) == 2 * 7
@@ -49,7 +49,7 @@ def test_example_run_unloads_with_growing_rank_and_outputs_rebuild_weights(tmp_p
 
 
 def test_local_model_directory_trains(tmp_path, tiny_cfg):
-    from plora_ray.train import fit, setup
+    from plora_ray.loop import fit, setup
 
     cfg = tiny_cfg()
     model_dir = tmp_path / "model"

@@ -1,14 +1,24 @@
 """Benchmark evaluators (GSM8K, MMLU, ARC-Easy/Challenge) defined as lm-evaluation-harness
-0.4.13 defines them, runnable on an in-memory model. Entry point: :func:`evaluate`."""
+0.4.13 defines them, runnable on an in-memory model and sharded over the ranks of a
+distributed run, plus the held-out loss and lm-eval standard errors. Entry points:
+:func:`evaluate`; in a training run :func:`evaluate_checkpoint` (metrics for MLflow and
+per-item results)."""
 
 from .gsm8k import evaluate_gsm8k, exact_match, extract_flexible, extract_strict, generate_until
+from .heldout import evaluate_heldout, heldout_losses, load_heldout, prepare_heldout, split_heldout
 from .multiple_choice import evaluate_arc, evaluate_mmlu, loglikelihoods, score_choices
-from .run import TASKS, EvalResult, evaluate, select
+from .records import items_record
+from .run import TASKS, EvalResult, evaluate, evaluate_checkpoint, select
+from .sharding import Shard
+from .stats import mean_stderr
 
 __all__ = [
     "TASKS",
     "EvalResult",
+    "Shard",
     "evaluate",
+    "evaluate_checkpoint",
+    "evaluate_heldout",
     "evaluate_arc",
     "evaluate_gsm8k",
     "evaluate_mmlu",
@@ -16,7 +26,13 @@ __all__ = [
     "extract_flexible",
     "extract_strict",
     "generate_until",
+    "heldout_losses",
+    "items_record",
+    "load_heldout",
     "loglikelihoods",
+    "mean_stderr",
+    "prepare_heldout",
     "score_choices",
     "select",
+    "split_heldout",
 ]

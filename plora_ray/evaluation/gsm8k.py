@@ -15,6 +15,10 @@ Generation follows ``HFLM.generate_until``: stop strings ``Question:``, ``</s>``
 special tokens skipped and cut at the first stop string. Rows stop individually (lm-eval keeps
 generating until the whole batch has stopped, then cuts; the kept text is the same).
 
+Sharded (``sharding.Shard``): each rank generates for every world-th item; under ``lockstep``
+(ZeRO-3) ``generate`` runs with ``synced_gpus=True`` and the number of ``generate`` calls is
+padded to the largest over ranks with one-token dummy calls.
+
 Prompts. ``plain``: lm-eval's ``Question: {q}\\nAnswer:`` with few-shot examples
 ``Question: {q}\\nAnswer: {full solution}\\n\\n`` before it. ``chat`` (default): the training
 format of the embedded mix (``plora_ray.embedded_mix``): the user turn is the bare question and
@@ -30,6 +34,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .multiple_choice import build_context, fewshot_block, max_length, render_chat, tok_encode
+from .sharding import LOCAL, Shard
+from .stats import with_stderr
 
 __all__ = [
     "FLEXIBLE_PATTERN",
@@ -141,8 +147,11 @@ def cut_at_stops(text: str, stops) -> str:
 
 @torch.inference_mode()
 def generate_until(model, tokenizer, contexts: list[str], stops=STOP_STRINGS,
-                   max_new_tokens: int = 256, batch_size: int = 8) -> list[str]:
-    """Greedy continuations of ``contexts``, each cut at the first stop string (or EOS)."""
+                   max_new_tokens: int = 256, batch_size: int = 8, shard: Shard = LOCAL) -> list[str]:
+    """Greedy continuations of ``contexts``, each cut at the first stop string (or EOS).
+
+    ``shard`` only matters under lockstep: ``contexts`` are this rank's share, and the
+    ``generate`` calls are synchronised with the other ranks (module docstring)."""
     stops = list(stops)
     eos_text = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False) \
         if tokenizer.eos_token_id is not None else None
@@ -157,8 +166,16 @@ def generate_until(model, tokenizer, contexts: list[str], stops=STOP_STRINGS,
     encoded = [tok_encode(tokenizer, c)[-max_ctx:] for c in contexts]
     order = sorted(range(len(contexts)), key=lambda i: -len(encoded[i]))  # similar lengths batch
     out = [""] * len(contexts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    synced = shard.lockstep and shard.distributed
+    n_batches = -(-len(order) // batch_size)
+    for b in range(shard.agree_count(n_batches, device)):
+        if b >= n_batches:  # lockstep padding: keeps stepping with the other ranks, then stops
+            one = torch.tensor([[pad_id]], device=device)
+            model.generate(input_ids=one, attention_mask=torch.ones_like(one), do_sample=False,
+                           max_new_tokens=1, pad_token_id=pad_id, synced_gpus=True,
+                           temperature=None, top_p=None, top_k=None)
+            continue
+        idx = order[b * batch_size:(b + 1) * batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -170,7 +187,7 @@ def generate_until(model, tokenizer, contexts: list[str], stops=STOP_STRINGS,
             input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
             max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids or None,
             stopping_criteria=StoppingCriteriaList([_StopOnStrings(tokenizer, stops, width)]),
-            temperature=None, top_p=None, top_k=None,
+            temperature=None, top_p=None, top_k=None, synced_gpus=synced,
         )
         for row, i in enumerate(idx):
             toks = gen[row, width:].tolist()
@@ -195,8 +212,9 @@ def score_generation(generation: str, answer: str) -> dict:
 
 def evaluate_gsm8k(model, tokenizer, items: list[dict], *, prompt_style: str = "chat",
                    batch_size: int = 8, num_fewshot: int = 0, fewshot_items: list[dict] | None = None,
-                   max_new_tokens: int = 256) -> tuple[dict, list[dict]]:
-    """(metrics ``gsm8k/strict``, ``gsm8k/flexible``, records) over GSM8K ``items``.
+                   max_new_tokens: int = 256, shard: Shard = LOCAL) -> tuple[dict, list[dict]]:
+    """(metrics ``gsm8k/strict``, ``gsm8k/flexible`` and their ``_stderr``, records) over
+    GSM8K ``items``.
 
     Few-shot examples are the first ``num_fewshot`` of ``fewshot_items`` (lm-eval samples
     them from GSM8K *train*, which is not available offline).
@@ -204,11 +222,12 @@ def evaluate_gsm8k(model, tokenizer, items: list[dict], *, prompt_style: str = "
     shots = (fewshot_items or [])[:num_fewshot] if num_fewshot > 0 else []
     if len(shots) < num_fewshot:
         raise ValueError(f"gsm8k {num_fewshot}-shot needs {num_fewshot} few-shot rows, got {len(shots)}")
-    contexts = [gsm8k_context(tokenizer, it, prompt_style, shots) for it in items]
-    gens = generate_until(model, tokenizer, contexts, STOP_STRINGS, max_new_tokens, batch_size)
-    records = [score_generation(g, it["answer"]) for g, it in zip(gens, items)]
-    n = len(records)
-    metrics = {"gsm8k/strict": sum(r["strict_match"] for r in records) / n if n else float("nan"),
-               "gsm8k/flexible": sum(r["flexible_match"] for r in records) / n if n else float("nan"),
-               "gsm8k/n": n}
+    local = shard.take(items)
+    contexts = [gsm8k_context(tokenizer, it, prompt_style, shots) for it in local]
+    gens = generate_until(model, tokenizer, contexts, STOP_STRINGS, max_new_tokens, batch_size, shard)
+    records = [{"id": it.get("id"), **score_generation(g, it["answer"])} for g, it in zip(gens, local)]
+    records = shard.gather(records, len(items))
+    metrics = {**with_stderr("gsm8k/strict", [r["strict_match"] for r in records]),
+               **with_stderr("gsm8k/flexible", [r["flexible_match"] for r in records]),
+               "gsm8k/n": len(records)}
     return metrics, records

@@ -23,6 +23,10 @@ is installed.
   without its delimiter; ties go to the first choice (``np.argmax``).
 * MMLU aggregation: subject, category (stem, humanities, social_sciences, other) and overall
   accuracies are means over *items* (lm-eval's groups use ``weight_by_size: True``).
+* Standard errors: ``<metric>_stderr`` beside every metric, lm-eval's ``mean_stderr`` over the
+  items it averages (``stats.py``).
+* Sharding: with a ``Shard`` of world > 1 each rank scores every world-th item and the records
+  are gathered in item order on every rank (``sharding.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from __future__ import annotations
 import jinja2
 import torch
 import torch.nn.functional as F
+
+from .sharding import LOCAL, Shard
+from .stats import with_stderr
 
 __all__ = [
     "MMLU_GROUPS",
@@ -144,13 +151,21 @@ def _forward_logprobs(model, batch: torch.Tensor, keep: torch.Tensor) -> torch.T
     return F.log_softmax(logits.float(), dim=-1)
 
 
+def dummy_forward(model, tokenizer, device) -> None:
+    """One forward pass on a single token, result dropped: a lockstep rank's padding batch."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    _forward_logprobs(model, torch.tensor([[pad_id]], device=device), torch.tensor([0], device=device))
+
+
 @torch.inference_mode()
-def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8) -> list[float]:
+def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8,
+                   shard: Shard = LOCAL) -> list[float]:
     """Sum of log p(continuation | context) for each ``(context, continuation)``.
 
     Requests are sorted longest first (as lm-eval) and batched with right padding. Requests
     whose context + continuation[:-1] tokens coincide (MMLU's one-token letters) share one
-    forward pass: lm-eval's ``logits_cache``; the numbers are the same either way.
+    forward pass: lm-eval's ``logits_cache``; the numbers are the same either way. Under a
+    lockstep ``shard`` the forward calls are padded to the largest count over ranks.
     """
     limit = max_length(model, tokenizer)
     device = next(model.parameters()).device
@@ -166,8 +181,12 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
         groups.setdefault(key, []).append((i, cont))
     order = sorted(groups, key=lambda k: (-len(k), k))
     out = [0.0] * len(requests)
-    for start in range(0, len(order), batch_size):
-        keys = order[start:start + batch_size]
+    n_batches = -(-len(order) // batch_size)
+    for b in range(shard.agree_count(n_batches, device)):
+        if b >= n_batches:
+            dummy_forward(model, tokenizer, device)
+            continue
+        keys = order[b * batch_size:(b + 1) * batch_size]
         width = len(keys[0])
         batch = torch.full((len(keys), width), pad_id, dtype=torch.long)
         for row, key in enumerate(keys):
@@ -208,10 +227,10 @@ def _mc_requests(tokenizer, user: str, description: str, choices: list[str], sty
     return [(context, delim + c) for c in choices]
 
 
-def _run_mc(model, tokenizer, per_item, batch_size):
+def _run_mc(model, tokenizer, per_item, batch_size, shard: Shard = LOCAL):
     """Score ``per_item`` = [(requests, choices, gold)] in one batched pass; per-item records."""
     flat = [r for reqs, _, _ in per_item for r in reqs]
-    lls = loglikelihoods(model, tokenizer, flat, batch_size)
+    lls = loglikelihoods(model, tokenizer, flat, batch_size, shard)
     records, at = [], 0
     for reqs, choices, gold in per_item:
         records.append(score_choices(lls[at:at + len(reqs)], choices, gold))
@@ -231,36 +250,40 @@ def _mmlu_fewshot(fewshot_items: list[dict] | None, subject: str, n: int) -> str
 
 def evaluate_mmlu(model, tokenizer, items: list[dict], *, categories: dict[str, str],
                   prompt_style: str = "chat", batch_size: int = 8, num_fewshot: int = 0,
-                  fewshot_items: list[dict] | None = None) -> tuple[dict, list[dict]]:
+                  fewshot_items: list[dict] | None = None, shard: Shard = LOCAL) -> tuple[dict, list[dict]]:
     """(metrics, records) over MMLU ``items``; ``categories`` maps subject -> group."""
-    per_item = []
-    for it in items:
+    per_item, local = [], shard.take(items)
+    for it in local:
         user = _mmlu_fewshot(fewshot_items, it["subject"], num_fewshot) + mmlu_prompt(it)
         reqs = _mc_requests(tokenizer, user, mmlu_description(it["subject"]), MMLU_LETTERS, prompt_style)
         per_item.append((reqs, MMLU_LETTERS, it["answer"]))
-    records = _run_mc(model, tokenizer, per_item, batch_size)
-    for it, rec in zip(items, records):
+    records = _run_mc(model, tokenizer, per_item, batch_size, shard)
+    for it, rec in zip(local, records):
+        rec["id"] = it.get("id")
         rec["subject"] = it["subject"]
         rec["category"] = categories.get(it["subject"])
+    records = shard.gather(records, len(items))
     return aggregate_mmlu(records), records
 
 
 def aggregate_mmlu(records: list[dict]) -> dict:
-    """Item-weighted accuracies: overall, per category (only those present) and per subject."""
-    out = {"mmlu/acc": _mean(r["acc"] for r in records), "mmlu/n": len(records)}
+    """Item-weighted accuracies with standard errors: overall, per category (only those
+    present) and per subject."""
+    out = {**with_stderr("mmlu/acc", [r["acc"] for r in records]), "mmlu/n": len(records)}
     for group in MMLU_GROUPS:
         accs = [r["acc"] for r in records if r.get("category") == group]
         if accs:
-            out[f"mmlu/{group}"] = _mean(accs)
+            out.update(with_stderr(f"mmlu/{group}", accs))
     for subject in sorted({r["subject"] for r in records}):
-        out[f"mmlu/subject/{subject}"] = _mean(r["acc"] for r in records if r["subject"] == subject)
+        out.update(with_stderr(f"mmlu/subject/{subject}", [r["acc"] for r in records if r["subject"] == subject]))
     return out
 
 
 def evaluate_arc(model, tokenizer, items: list[dict], *, task: str = "arc_easy",
                  prompt_style: str = "chat", batch_size: int = 8, num_fewshot: int = 0,
-                 fewshot_items: list[dict] | None = None) -> tuple[dict, list[dict]]:
-    """(metrics, records) over ARC ``items``: ``{task}/acc`` and ``{task}/acc_norm``.
+                 fewshot_items: list[dict] | None = None, shard: Shard = LOCAL) -> tuple[dict, list[dict]]:
+    """(metrics, records) over ARC ``items``: ``{task}/acc`` and ``{task}/acc_norm`` (and
+    their ``_stderr``).
 
     Few-shot examples are the first ``num_fewshot`` of ``fewshot_items`` (lm-eval samples
     them from ARC *train*, which is not available offline).
@@ -271,16 +294,13 @@ def evaluate_arc(model, tokenizer, items: list[dict], *, task: str = "arc_easy",
         if len(pool) < num_fewshot:
             raise ValueError(f"{task} {num_fewshot}-shot needs {num_fewshot} few-shot rows, got {len(pool)}")
         shots = fewshot_block([(arc_prompt(r), r["choices"][r["gold"]]) for r in pool])
+    local = shard.take(items)
     per_item = [(_mc_requests(tokenizer, shots + arc_prompt(it), "", it["choices"], prompt_style),
-                 it["choices"], it["gold"]) for it in items]
-    records = _run_mc(model, tokenizer, per_item, batch_size)
-    for it, rec in zip(items, records):
+                 it["choices"], it["gold"]) for it in local]
+    records = _run_mc(model, tokenizer, per_item, batch_size, shard)
+    for it, rec in zip(local, records):
         rec["id"] = it.get("id")
-    metrics = {f"{task}/acc": _mean(r["acc"] for r in records),
-               f"{task}/acc_norm": _mean(r["acc_norm"] for r in records), f"{task}/n": len(records)}
+    records = shard.gather(records, len(items))
+    metrics = {**with_stderr(f"{task}/acc", [r["acc"] for r in records]),
+               **with_stderr(f"{task}/acc_norm", [r["acc_norm"] for r in records]), f"{task}/n": len(records)}
     return metrics, records
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")

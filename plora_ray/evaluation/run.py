@@ -13,17 +13,29 @@ Limit: ``limit`` items per task, the first ones (``limit_mode="first"``, lm-eval
 or a sample drawn with ``random.Random(seed)`` and kept in source order (``"sample"``). For
 MMLU the limit is spread evenly over its 57 subjects (see ``select``), so every category stays
 represented at any limit.
+
+Ids: every item gets a stable ``id`` before selection (ARC's own id; otherwise
+``<task>-<position in the task's full item list>``, ``gsm8k-heldout-<i>`` for the default
+GSM8K items), so per-item results of two runs pair up (``records.items_record``).
+
+Distributed (``rank``, ``world``, ``lockstep``): each rank scores its share of every task and
+the records are gathered; every rank returns the same complete result (``sharding.py``).
+At a training checkpoint call :func:`evaluate_checkpoint`.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
 from .gsm8k import evaluate_gsm8k
+from .heldout import evaluate_heldout
 from .multiple_choice import evaluate_arc, evaluate_mmlu
+from .records import items_record
+from .sharding import Shard
 
-__all__ = ["TASKS", "EvalResult", "default_items", "evaluate", "select"]
+__all__ = ["TASKS", "EvalResult", "default_items", "evaluate", "evaluate_checkpoint", "select"]
 
 TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
 PROMPT_STYLES = ("chat", "plain")
@@ -41,11 +53,11 @@ class EvalResult(dict):
         return {"metrics": dict(self), "samples": self.samples}
 
 
-def check_tasks(tasks) -> list[str]:
+def check_tasks(tasks, allow_empty: bool = False) -> list[str]:
     """Validated task list (``ValueError`` naming the unknown task and the valid ones)."""
     tasks = [t.strip() for t in ([tasks] if isinstance(tasks, str) else tasks) if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
+    if bad or not (tasks or allow_empty):
         what = f"unknown task {bad[0]!r}" if bad else "no task given"
         raise ValueError(f"{what}; choose from {', '.join(TASKS)}")
     return list(dict.fromkeys(tasks))
@@ -94,8 +106,13 @@ def default_items(task: str) -> list[dict]:
     try:
         from ..embedded_mix import gsm8k_heldout
     except ImportError:
-        return benchmarks.load_gsm8k("test")
-    return gsm8k_heldout()
+        return with_ids(benchmarks.load_gsm8k("test"), "gsm8k-test")
+    return with_ids(gsm8k_heldout(), "gsm8k-heldout")
+
+
+def with_ids(rows: list[dict], prefix: str) -> list[dict]:
+    """Rows with an ``id``: their own, else ``<prefix>-<position>`` (copies; input untouched)."""
+    return [r if r.get("id") else {**r, "id": f"{prefix}-{i}"} for i, r in enumerate(rows)]
 
 
 def default_fewshot(task: str) -> list[dict]:
@@ -120,15 +137,24 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
              batch_size: int = 8, num_fewshot: int = 0, items: dict[str, list[dict]] | None = None,
              *, limit_mode: str = "first", seed: int = 1234, max_new_tokens: int = 256,
              fewshot_items: dict[str, list[dict]] | None = None,
-             categories: dict[str, str] | None = None) -> EvalResult:
+             categories: dict[str, str] | None = None, heldout: list[dict] | None = None,
+             rank: int = 0, world: int = 1, lockstep: bool = False) -> EvalResult:
     """Evaluate ``model`` on ``tasks`` (names in ``TASKS``); see the module docstring.
 
     Returns an :class:`EvalResult`: ``gsm8k/strict``, ``gsm8k/flexible``, ``mmlu/acc``,
     ``mmlu/{stem,humanities,social_sciences,other}`` (categories present), ``mmlu/subject/<s>``,
     ``arc_easy/acc``, ``arc_easy/acc_norm``, ``arc_challenge/acc``, ``arc_challenge/acc_norm``,
-    and ``<task>/n`` item counts. The model's train/eval mode is restored afterwards.
+    each with its ``_stderr``, and ``<task>/n`` item counts. With ``heldout`` (tokenised
+    examples, ``heldout.prepare_heldout``): ``heldout/loss``, ``heldout/loss_stderr``,
+    ``heldout/n``, ``heldout/tokens``. The model's train/eval mode is restored afterwards.
+
+    ``world`` > 1: call on every rank of an initialised ``torch.distributed`` group with the
+    same arguments; each scores its share and every rank returns the full result.
+    ``lockstep=True`` under DeepSpeed ZeRO-3 (every rank joins every forward pass); pass the
+    model itself (``engine.module``; for DDP the unwrapped module), not the training wrapper.
     """
-    tasks = check_tasks(tasks)
+    tasks = check_tasks(tasks, allow_empty=bool(heldout))
+    shard = Shard(rank, world, lockstep)
     if prompt_style not in PROMPT_STYLES:
         raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
     if batch_size < 1 or num_fewshot < 0:
@@ -139,14 +165,17 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
     metrics: dict[str, float] = {}
     samples: dict[str, list[dict]] = {}
     try:
+        if heldout:
+            metrics_h, samples["heldout"] = evaluate_heldout(model, tokenizer, heldout, batch_size, shard)
+            metrics.update(metrics_h)
         for task in tasks:
-            rows = items[task] if task in items else default_items(task)
+            rows = with_ids(items[task] if task in items else default_items(task), task)
             rows = select(rows, limit, limit_mode, seed, key="subject" if task == "mmlu" else None)
             shots = None
             if num_fewshot > 0:
                 shots = fewshot_items[task] if task in fewshot_items else default_fewshot(task)
             common = dict(prompt_style=prompt_style, batch_size=batch_size, num_fewshot=num_fewshot,
-                          fewshot_items=shots)
+                          fewshot_items=shots, shard=shard)
             if task == "gsm8k":
                 m, recs = evaluate_gsm8k(model, tokenizer, rows, max_new_tokens=max_new_tokens, **common)
             elif task == "mmlu":
@@ -160,3 +189,30 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
     finally:
         model.train(was_training)
     return EvalResult(metrics, samples)
+
+
+def evaluate_checkpoint(model, tokenizer, cfg, heldout: list[dict] | None = None, *, rank: int = 0,
+                        world: int = 1, lockstep: bool = False, final: bool = False,
+                        seed: int = 1234) -> tuple[dict[str, float], dict[str, dict]]:
+    """A training checkpoint's evaluation: ``(metrics, items)``.
+
+    ``cfg`` is the run's ``EvalConfig``; ``heldout`` the examples from
+    ``heldout.prepare_heldout`` (scored at every checkpoint). Tasks in
+    ``cfg.final_only_tasks`` run only when ``final``. ``metrics`` are ``eval/<task>/<metric>``
+    and ``eval/<task>/<metric>_stderr`` floats for MLflow (left out: per-subject MMLU,
+    counts, and the NaN standard errors of single-item groups); ``items`` is the ``tasks``
+    part of ``items/step_*.json`` (``records.items_record``). Both are ``{}`` when there is
+    nothing to evaluate. Call on every rank (see :func:`evaluate`); every rank gets the same
+    result.
+    """
+    tasks = [t for t in cfg.tasks if final or t not in cfg.final_only_tasks]
+    if not tasks and not heldout:
+        return {}, {}
+    res = evaluate(model, tokenizer, tasks, cfg.limit, cfg.prompt_style, cfg.batch_size, cfg.num_fewshot,
+                   limit_mode=cfg.limit_mode, seed=seed, max_new_tokens=cfg.max_new_tokens,
+                   heldout=heldout, rank=rank, world=world, lockstep=lockstep)
+    # a standard error over fewer than two items is NaN (lm-eval: N/A): left out of MLflow
+    metrics = {f"eval/{k}": float(v) for k, v in res.items()
+               if "/subject/" not in k and not k.endswith(("/n", "/tokens"))
+               and not (k.endswith("_stderr") and math.isnan(v))}
+    return metrics, items_record(res)

@@ -1,0 +1,200 @@
+"""Report figures (matplotlib, Agg): every PNG is FIGSIZE at DPI, i.e. 800 x 450 pixels."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import stats
+from .results import LEVEL
+from .store import Sweep, Trial
+
+FIGSIZE = (8, 4.5)
+DPI = 100
+MAX_LEGEND = 12
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def smooth(values, window: int) -> np.ndarray:
+    """Trailing moving average: point i is the mean of values[max(0, i-window+1) : i+1]."""
+    y = np.asarray(values, float)
+    if window <= 1 or y.size == 0:
+        return y
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    i = np.arange(1, y.size + 1)
+    start = np.maximum(0, i - window)
+    return (c[i] - c[start]) / (i - start)
+
+
+def samples_axis(trial: Trial, steps) -> tuple[np.ndarray, str]:
+    """x positions of `steps` in training samples (train/samples), else the steps themselves."""
+    s_steps, s_values = trial.history("train/samples")
+    if len(s_steps) >= 1:
+        return np.interp(steps, s_steps, s_values), "training samples"
+    return np.asarray(steps, float), "step"
+
+
+def unload_steps(trial: Trial) -> list[int]:
+    return trial.history("plora/stage")[0]
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    _plt().close(fig)
+    return path
+
+
+def _legend(ax, n: int) -> None:
+    if 0 < n <= MAX_LEGEND:
+        ax.legend(fontsize=7, loc="best")
+
+
+def _label(trial: Trial) -> str:
+    return trial.name + (" (running)" if trial.running else "")
+
+
+def train_loss_figure(sweep: Sweep, path: Path, window: int = 150) -> Path | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    xlabel, drawn = "step", 0
+    for t in sweep.trials:
+        steps, loss = t.history("train/loss")
+        if not steps:
+            continue
+        x, xlabel = samples_axis(t, steps)
+        y = smooth(loss, window)
+        line, = ax.plot(x, y, lw=1, label=_label(t))
+        unloads = [s for s in unload_steps(t) if steps[0] <= s <= steps[-1]]
+        if unloads:
+            ux, _ = samples_axis(t, unloads)
+            ax.scatter(ux, np.interp(unloads, steps, y), marker="|", s=40,
+                       color=line.get_color())
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"training loss (moving average, {window} steps)")
+    ax.set_title("Training loss per trial (| : unload)")
+    _legend(ax, drawn)
+    return _save(fig, path)
+
+
+def eval_figure(sweep: Sweep, metric: str, path: Path, window: int = 10) -> Path | None:
+    """`metric` per checkpoint per trial, smoothed over `window` checkpoints; the band smooths
+    the per-checkpoint normal intervals (value ± z·stderr) the same way."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    xlabel, drawn = "step", 0
+    z = stats.normal_interval(0.0, 1.0, LEVEL)[1]
+    for t in sweep.trials:
+        steps, values = t.history(metric)
+        if not steps:
+            continue
+        x, xlabel = samples_axis(t, steps)
+        y = smooth(values, window)
+        line, = ax.plot(x, y, marker="." if len(steps) < 30 else None, lw=1, label=_label(t))
+        se_steps, se = t.history(metric + "_stderr")
+        if se_steps == steps:
+            se = np.asarray(se, float)
+            ax.fill_between(x, smooth(np.asarray(values) - z * se, window),
+                            smooth(np.asarray(values) + z * se, window),
+                            color=line.get_color(), alpha=0.15, lw=0)
+        unloads = [s for s in unload_steps(t) if steps[0] <= s <= steps[-1]]
+        if unloads:
+            ux, _ = samples_axis(t, unloads)
+            ax.scatter(ux, np.interp(unloads, steps, y), marker="|", s=40,
+                       color=line.get_color())
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric + (f" (moving average, {window} checkpoints)" if window > 1 else ""))
+    ax.set_title(f"{metric} per checkpoint ({int(LEVEL * 100)}% band; | : unload)")
+    _legend(ax, drawn)
+    return _save(fig, path)
+
+
+def rank_figure(sweep: Sweep, path: Path) -> Path | None:
+    """Accumulated update rank per stage (mean over layers, min–max band) against T·r."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    drawn, top, references = 0, 0.0, {}
+    for t in sweep.trials:
+        steps, stage = t.history("plora/stage")
+        _, rank = t.history("plora/accumulated_rank")
+        if not steps or len(rank) != len(stage):
+            continue
+        line, = ax.plot(stage, rank, marker="o", ms=3, lw=1, label=_label(t))
+        _, lo = t.history("plora/accumulated_rank_min")
+        _, hi = t.history("plora/accumulated_rank_max")
+        if len(lo) == len(stage) == len(hi):
+            ax.fill_between(stage, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        r = t.param("lora.rank")
+        if isinstance(r, (int, float)):
+            references[r] = max(references.get(r, 0), max(stage))
+        top = max(top, max(rank))
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    for r, last in sorted(references.items()):  # the bound an unload adds at most r to
+        ax.plot([0, last], [0, last * r], ls="--", lw=0.8, color="0.3", label=f"T·r, r={r}")
+    ax.set_xlabel("stage T (unloads so far)")
+    ax.set_ylabel("accumulated update rank")
+    ax.set_title("Accumulated update rank per stage (dashed: T·r)")
+    ax.set_ylim(0, top * 1.1 + 1)
+    _legend(ax, drawn + len(references))
+    return _save(fig, path)
+
+
+def importance_figure(importances: dict, path: Path) -> Path | None:
+    fan, ped = importances.get("fanova") or {}, importances.get("ped_anova") or {}
+    names = list(fan) or list(ped)
+    if not names:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    y = np.arange(len(names))
+    ax.barh(y - 0.2, [fan.get(n, 0) for n in names], height=0.4, label="fANOVA")
+    ax.barh(y + 0.2, [ped.get(n, 0) for n in names], height=0.4, label="PED-ANOVA")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("importance (normalized)")
+    ax.set_title(f"What mattered most for {importances['metric']} "
+                 f"({importances['n_trials']} completed trials)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def pareto_figure(points: list[dict], metric: str, path: Path) -> Path | None:
+    """Metric against training samples and wall time; Pareto-optimal trials joined."""
+    if not points:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, sharey=True)
+    for ax, cost, label in ((axes[0], "samples", "training samples"),
+                            (axes[1], "seconds", "wall time (s)")):
+        pts = [p for p in points if not math.isnan(p[cost])]
+        ax.scatter([p[cost] for p in pts], [p["value"] for p in pts], s=12, color="0.5")
+        front = sorted((p for p in pts if p[f"pareto_{cost}"]), key=lambda p: p[cost])
+        ax.plot([p[cost] for p in front], [p["value"] for p in front], "o-", color="C3",
+                ms=4, label="Pareto front")
+        ax.set_xlabel(label)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(metric)
+    fig.suptitle(f"{metric} vs training cost")
+    return _save(fig, path)

@@ -1,0 +1,177 @@
+"""Held-out loss: teacher-forced loss over the assistant tokens of dialogues never trained on.
+
+Why: benchmark accuracy on a few hundred items moves in coarse steps; the loss on held-out
+dialogues of the training distribution is smooth, cheap (forward passes only) and can be
+measured at every checkpoint.
+
+Examples are tokenised exactly as training tokenises them (``plora_ray.data``: chat template,
+loss on assistant tokens only, ``data.max_length``). For example i with labelled positions
+L_i, ``loss_i = mean over p in L_i of -log p(x_p | x_<p)`` and ``tokens_i = |L_i|``. The task
+metric ``heldout/loss`` is the token-weighted mean ``sum_i loss_i * tokens_i / sum_i
+tokens_i`` (the training loss's definition); ``heldout/loss_stderr`` is lm-eval's
+``mean_stderr`` over the per-example ``loss_i`` (docs/tracking_layout.md).
+
+Sources (``eval.heldout``): dialogue files or bundled names, ``gsm8k-heldout`` (the 319 GSM8K
+problems the embedded mix keeps out: question -> reference solution, calculator annotations
+removed, as the mix formats GSM8K), and a seeded fraction of the training examples
+(:func:`split_heldout`, which the training loop must apply before it plans its steps).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .sharding import LOCAL, Shard
+from .stats import mean_stderr
+
+__all__ = ["gsm8k_heldout_rows", "heldout_losses", "heldout_metrics", "load_heldout",
+           "prepare_heldout", "split_heldout"]
+
+_CALC = re.compile(r"<<[^<>]*>>")
+
+
+def split_heldout(examples: list, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """(train, heldout): ``round(fraction * n)`` examples drawn with ``random.Random(seed)``
+    kept out; both keep source order. Held-out dict examples are copied with ``id`` set to
+    ``train-<index in examples>`` (stable across runs on the same files and seed)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"eval.heldout.fraction must be in [0, 1), got {fraction}")
+    n_out = round(fraction * len(examples))
+    if n_out == 0:
+        return list(examples), []
+    if n_out >= len(examples):
+        raise ValueError(f"eval.heldout.fraction {fraction} leaves no training example of "
+                         f"{len(examples)}: lower it")
+    out = set(random.Random(seed).sample(range(len(examples)), n_out))
+    train = [e for i, e in enumerate(examples) if i not in out]
+    held = [({"id": f"train-{i}", **e} if isinstance(e, dict) else e)
+            for i, e in enumerate(examples) if i in out]
+    return train, held
+
+
+def gsm8k_heldout_rows() -> list[tuple[str, dict]]:
+    """(id, dialogue row) for the embedded mix's 319 held-out GSM8K problems."""
+    from ..embedded_mix import gsm8k_heldout
+
+    return [(f"gsm8k-heldout-{i}", {"messages": [
+        {"role": "user", "content": r["question"]},
+        {"role": "assistant", "content": _CALC.sub("", r["answer"]).strip()}]})
+        for i, r in enumerate(gsm8k_heldout())]
+
+
+def _rows(name: str) -> list[tuple[str, object]]:
+    from ..data import named_rows, read_rows
+
+    if name == "gsm8k-heldout":
+        return gsm8k_heldout_rows()
+    rows = named_rows(name)
+    return rows if rows is not None else [(f"{name}:{n}", row) for n, row in read_rows(name)]
+
+
+def load_heldout(files: list[str], tokenizer, max_length: int) -> list[dict]:
+    """Tokenised held-out examples ``{id, input_ids, labels}`` from ``files`` (examples without
+    an assistant token inside ``max_length`` are skipped, as training skips them)."""
+    from ..data import IGNORE, to_messages, tokenize_dialogue
+
+    out = []
+    for f in files:
+        for where, row in _rows(f):
+            ex = tokenize_dialogue(tokenizer, to_messages(row, where), max_length)
+            if any(label != IGNORE for label in ex["labels"][1:]):
+                out.append({"id": where, **ex})
+    return out
+
+
+def prepare_heldout(run_cfg, tokenizer, train_examples: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(training examples, held-out examples) for a run: the configured files (default: the
+    GSM8K held-out problems when training on an embedded mix) plus the seeded fraction of
+    ``train_examples``; ``eval.heldout.limit`` keeps the first N. Call once, before planning
+    the training steps, and train on the first element."""
+    from ..config import EMBEDDED_MIXES
+
+    h = run_cfg.eval.heldout
+    files = h.files
+    if files is None:
+        files = ["gsm8k-heldout"] if any(f in EMBEDDED_MIXES for f in run_cfg.data.train_files) else []
+    train, held = split_heldout(train_examples, h.fraction, h.seed)
+    held = load_heldout(files, tokenizer, run_cfg.data.max_length) + held
+    return train, held[:h.limit] if h.limit is not None else held
+
+
+@torch.inference_mode()
+def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
+                   shard: Shard = LOCAL) -> list[tuple[float, int]]:
+    """(mean token loss, labelled token count) per example of this rank's ``examples``.
+
+    Batches group similar lengths (longest first), right-padded: the model is causal, so
+    padding after a sequence never reaches its scored positions. Under a lockstep ``shard``
+    the forward calls are padded to the largest count over ranks.
+    """
+    from ..data import IGNORE
+
+    from .multiple_choice import dummy_forward
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    out: list[tuple[float, int]] = [(float("nan"), 0)] * len(examples)
+    n_batches = -(-len(order) // batch_size)
+    for b in range(shard.agree_count(n_batches, device)):
+        if b >= n_batches:
+            dummy_forward(model, tokenizer, device)
+            continue
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        width = len(examples[idx[0]]["input_ids"])
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(examples[i]["input_ids"])
+            ids[row, :n] = torch.tensor(examples[i]["input_ids"])
+            labels[row, :n] = torch.tensor(examples[i]["labels"])
+        target = labels[:, 1:]  # position p predicts token p + 1
+        scored = (target != IGNORE).any(0).nonzero().flatten()
+        lo = int(scored[0]) if len(scored) else 0
+        keep = torch.arange(lo, width - 1)  # logits only where some row is scored: saves memory
+        logits = _logits(model, ids.to(device), keep.to(device)).float().cpu()
+        tgt = target[:, lo:]
+        nll = F.cross_entropy(logits.transpose(1, 2), tgt.clamp(min=0), reduction="none")
+        mask = tgt != IGNORE
+        for row, i in enumerate(idx):
+            count = int(mask[row].sum())
+            total = float((nll[row] * mask[row]).sum())
+            out[i] = (total / count if count else float("nan"), count)
+    return out
+
+
+def _logits(model, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits at positions ``keep`` (``logits_to_keep`` where the model takes it)."""
+    try:
+        logits = model(input_ids=ids, logits_to_keep=keep).logits
+        if logits.shape[1] != keep.numel():
+            logits = logits[:, keep]
+    except TypeError:
+        logits = model(input_ids=ids).logits[:, keep]
+    return logits
+
+
+def heldout_metrics(records: list[dict]) -> dict[str, float]:
+    """``heldout/loss`` (token-weighted), ``heldout/loss_stderr`` (over examples),
+    ``heldout/n``, ``heldout/tokens`` from per-example ``{loss, tokens}`` records."""
+    tokens = sum(r["tokens"] for r in records)
+    loss = sum(r["loss"] * r["tokens"] for r in records) / tokens if tokens else float("nan")
+    return {"heldout/loss": loss, "heldout/loss_stderr": mean_stderr(r["loss"] for r in records),
+            "heldout/n": len(records), "heldout/tokens": tokens}
+
+
+def evaluate_heldout(model, tokenizer, examples: list[dict], batch_size: int = 8,
+                     shard: Shard = LOCAL) -> tuple[dict, list[dict]]:
+    """(metrics, per-example records ``{id, loss, tokens}`` in ``examples`` order)."""
+    local = shard.take(examples)
+    scored = heldout_losses(model, tokenizer, local, batch_size, shard)
+    records = [{"id": e.get("id"), "loss": loss, "tokens": n} for e, (loss, n) in zip(local, scored)]
+    records = shard.gather(records, len(examples))
+    return heldout_metrics(records), records

@@ -1,0 +1,125 @@
+"""Every input checked before any work starts: a run or sweep that would fail fails here, in
+the driver, in about a second, with one line naming the field or file and the fix, and with
+nothing written.
+
+Beyond what the config schemas check alone (``config.py``, ``search_space.py``):
+
+* output and storage directories: not a file, creatable and writable (probed with a temporary
+  file that is removed again), so results are never lost at the end of a run;
+* ``--resume`` names a directory (or sweep) that holds a run;
+* the base model: its module tree built on the meta device (no weights read), and every name in
+  ``lora.target_modules`` matching a layer LoRA can wrap;
+* the training files: read and normalised row by row as training will (no tokenizer).
+
+A sweep checks every distinct model / target list / file list a trial can get.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+from .data import DataError, check_files
+
+# what a run directory holds once it has started (train.py writes them before the first step)
+RUN_MARKERS = ("ray_run_name", "config.yaml")
+# run-config paths whose values decide what check_model / check_files look at
+MODEL_AND_DATA_PATHS = ("model", "method", "lora.target_modules", "data.train_files")
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """``path`` is a directory, or can be created as one, and files can be written in it.
+    The probe file is removed again: nothing is left behind."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} '{path}' is a file, not a directory: give a directory path")
+    parent = path
+    while not parent.exists():  # the nearest part of the path that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} '{path}' cannot be created: '{parent}' is a file: give another path")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".plora-ray-write-test-")
+    except OSError as exc:
+        raise ConfigError(f"{what} '{path}' is not writable ({exc.strerror} in '{parent}'): give a "
+                          "writable path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_model(cfg: RunConfig) -> None:
+    """The base model exists and every ``lora.target_modules`` name matches a layer LoRA can
+    wrap: checked on a meta-device skeleton, so even a 7B model costs a fraction of a second."""
+    from .models import check_target_modules, model_skeleton  # torch / transformers: only here
+
+    skeleton = model_skeleton(cfg.model)
+    if cfg.method != "full":
+        check_target_modules(skeleton, cfg.lora.target_modules)
+
+
+def check_run(cfg: RunConfig, output_dir: str | os.PathLike, resume: bool = False) -> None:
+    """Everything a training run needs, before it starts; raises ConfigError / DataError."""
+    out = Path(output_dir)
+    check_writable(out, "output directory")
+    if resume:
+        if not out.is_dir() or not any((out / m).exists() for m in RUN_MARKERS):
+            raise ConfigError(f"--resume: '{out}' holds no run to continue (no {' or '.join(RUN_MARKERS)} "
+                              "in it): give the --output of an earlier run, or drop --resume")
+    elif out.is_dir() and any(out.iterdir()):
+        check_writable(out.parent, "output directory")  # a new run goes beside it (out-2)
+    if cfg.distributed.storage_path:
+        check_writable(cfg.distributed.storage_path, "field 'distributed.storage_path':")
+    check_model(cfg)
+    check_files(cfg.data.train_files)
+
+
+def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
+                tracking_uri: str | None = None) -> None:
+    """Everything a sweep needs, before Ray starts: the storage, ``--resume``, and the model and
+    data of every trial (each distinct value once); raises ConfigError / DataError."""
+    from .search_space import trial_points, trial_run_config
+
+    storage = Path(storage_dir)
+    check_writable(storage, "--storage")
+    if resume and not (storage / f"{spec.name}.latest.json").is_file():
+        raise ConfigError(f"--resume: no earlier sweep of '{spec.name}' under {storage.absolute()}: run it "
+                          "without --resume, or give its --storage")
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        check_writable(Path(tracking_uri.removeprefix("sqlite:///")).parent, "--tracking-uri directory")
+    if not spec._check_paths:
+        return
+    src, models, files = spec._source, set(), set()
+    for point in trial_points(spec, MODEL_AND_DATA_PATHS):
+        cfg = trial_run_config(spec, point)
+        where = "base" if not point else "trial " + ", ".join(f"{k}={v!r}" for k, v in point.items())
+        model_key = (cfg.model.model_dump_json(), cfg.method, tuple(cfg.lora.target_modules))
+        try:
+            if model_key not in models:
+                models.add(model_key)
+                check_model(cfg)
+            if tuple(cfg.data.train_files) not in files:
+                files.add(tuple(cfg.data.train_files))
+                check_files(cfg.data.train_files)
+        except (ConfigError, DataError) as exc:
+            raise type(exc)(f"{src}: {where}: {exc}") from None
+
+
+class SweepFailed(Exception):
+    """Every trial of a sweep failed: ``str()`` is one line, ``summary`` the sweep's table."""
+
+    def __init__(self, message: str, summary: str):
+        super().__init__(message)
+        self.summary = summary
+
+
+def raise_if_every_trial_failed(results, summary: str) -> None:
+    """SweepFailed (the CLI exits 1) when no trial of ``results`` (a Ray ResultGrid) succeeded."""
+    errors = [r.error for r in results if r.error is not None]
+    if not errors or len(errors) < len(results):
+        return
+    lines = [line.strip() for line in str(errors[0]).splitlines() if line.strip()]
+    reason = lines[-1][:300] if lines else type(errors[0]).__name__
+    raise SweepFailed(f"all {len(errors)} trial(s) failed; the first: {reason}: see the trial logs "
+                      "above", summary)

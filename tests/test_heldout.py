@@ -1,0 +1,149 @@
+"""Held-out loss (teacher-forced, assistant tokens), its split from training, the checkpoint
+evaluation (final-only tasks, metric names, per-item results) and the EvalConfig keys."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plora_ray.config import ConfigError, EvalConfig, ModelConfig
+from plora_ray.data import IGNORE, load_examples
+from plora_ray.evaluation import (
+    evaluate_checkpoint,
+    evaluate_heldout,
+    heldout_losses,
+    load_heldout,
+    prepare_heldout,
+    split_heldout,
+)
+from plora_ray.evaluation import run as run_mod
+from plora_ray.models import load_base
+
+ARC = [dict(id=f"arc-{i}", question=f"Q{i}?", choices=["yes", "no", "maybe"], labels=list("ABC"), gold=i % 3)
+       for i in range(3)]
+GSM = [dict(question="What is 2 plus 3?", answer="2+3=5\n#### 5"), dict(question="7 minus 1?", answer="#### 6")]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = load_base(ModelConfig())
+    model.eval()
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def examples(tiny):
+    _, tok = tiny
+    return load_heldout(["tiny-dialogues"], tok, max_length=48)[:7]
+
+
+def test_heldout_loss_equals_hand_computation(tiny, examples):
+    """Batched, right-padded, logits only at scored positions = one unpadded forward per
+    example with the labels shifted by one; the task loss is token-weighted."""
+    model, tok = tiny
+    assert any(e["labels"][0] == IGNORE and len(e["input_ids"]) == 48 for e in examples)  # truncated ones too
+    got = heldout_losses(model, tok, examples, batch_size=3)
+    hand = []
+    for e in examples:
+        with torch.no_grad():
+            logits = model(torch.tensor([e["input_ids"]])).logits[0, :-1].float()
+        labels = torch.tensor(e["labels"][1:])
+        nll = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
+        hand.append((nll / int((labels != IGNORE).sum()), int((labels != IGNORE).sum())))
+    for (loss, n), (h_loss, h_n) in zip(got, hand, strict=True):
+        assert n == h_n and loss == pytest.approx(h_loss, abs=1e-5)
+    metrics, records = evaluate_heldout(model, tok, examples, batch_size=4)
+    assert metrics["heldout/loss"] == pytest.approx(sum(l * n for l, n in hand) / sum(n for _, n in hand), abs=1e-5)
+    assert metrics["heldout/tokens"] == sum(n for _, n in hand) and metrics["heldout/n"] == 7
+    assert [r["id"] for r in records] == [e["id"] for e in examples]
+
+
+def test_split_heldout_is_seeded_disjoint_and_ordered():
+    rows = [{"input_ids": [i]} for i in range(20)]
+    train, held = split_heldout(rows, 0.25, seed=3)
+    assert len(held) == 5 and len(train) == 15
+    assert split_heldout(rows, 0.25, seed=3) == (train, held)
+    assert split_heldout(rows, 0.25, seed=4)[1] != held
+    ids = [int(h["id"].removeprefix("train-")) for h in held]
+    assert ids == sorted(ids) and all(rows[i]["input_ids"] == h["input_ids"] for i, h in zip(ids, held))
+    assert sorted(ids + [r["input_ids"][0] for r in train]) == list(range(20))
+    assert split_heldout(rows, 0.0, 0) == (rows, [])
+    with pytest.raises(ValueError, match="leaves no training example"):
+        split_heldout(rows[:1], 0.6, 0)
+
+
+def test_embedded_mix_holds_out_the_gsm8k_problems_it_never_trains_on(tiny, tiny_cfg):
+    from plora_ray.embedded_mix import gsm8k_heldout
+
+    _, tok = tiny
+    cfg = tiny_cfg(data={"train_files": ["embedded-mix-small"], "max_length": 1024})
+    train_in = [{"input_ids": [1, 2], "labels": [IGNORE, 2]}] * 10
+    train, held = prepare_heldout(cfg, tok, train_in)
+    assert train == train_in and len(held) == 319
+    assert held[0]["id"] == "gsm8k-heldout-0"
+    text = tok.decode(held[5]["input_ids"])
+    assert gsm8k_heldout()[5]["question"] in text and "<<" not in text
+    cfg = tiny_cfg(eval={"heldout": {"files": [], "fraction": 0.2, "limit": 1}})
+    train, held = prepare_heldout(cfg, tok, train_in)
+    assert len(train) == 8 and len(held) == 1 and held[0]["id"].startswith("train-")
+
+
+def test_checkpoint_runs_final_only_tasks_at_the_end(tiny, examples, monkeypatch):
+    model, tok = tiny
+    monkeypatch.setattr(run_mod, "default_items", lambda task: {"arc_easy": ARC, "gsm8k": GSM}[task])
+    cfg = EvalConfig(tasks=["arc_easy", "gsm8k"], final_only_tasks=["gsm8k"], max_new_tokens=4, limit=None)
+    metrics, items = evaluate_checkpoint(model, tok, cfg, examples[:3], final=False)
+    assert set(items) == {"heldout", "arc_easy"}
+    assert {"eval/heldout/loss", "eval/heldout/loss_stderr", "eval/arc_easy/acc_norm",
+            "eval/arc_easy/acc_norm_stderr"} <= set(metrics)
+    assert not any(k.endswith(("/n", "/tokens")) or k.startswith("eval/gsm8k") for k in metrics)
+    metrics, items = evaluate_checkpoint(model, tok, cfg, examples[:3], final=True)
+    assert "eval/gsm8k/strict_stderr" in metrics and items["gsm8k"]["ids"] == ["gsm8k-0", "gsm8k-1"]
+    assert not any(math.isnan(v) for v in metrics.values())
+    assert evaluate_checkpoint(model, tok, EvalConfig(), None) == ({}, {})
+
+
+def test_items_record_matches_the_tracking_layout(tiny, examples, monkeypatch):
+    model, tok = tiny
+    cfg = EvalConfig(tasks=["arc_easy", "gsm8k", "mmlu"], max_new_tokens=4, limit=None)
+    items_mmlu = [dict(question="2+2?", subject="anatomy", choices=list("1234"), answer=3)]  # 1 item
+    monkeypatch.setattr(run_mod, "default_items",
+                        lambda task: {"arc_easy": ARC, "gsm8k": GSM, "mmlu": items_mmlu}[task])
+    _, items = evaluate_checkpoint(model, tok, cfg, examples[:2], final=True)
+    assert items["heldout"]["ids"] == [e["id"] for e in examples[:2]]
+    assert set(items["heldout"]) == {"ids", "loss", "tokens"}
+    assert all(isinstance(x, float) for x in items["heldout"]["loss"])
+    assert items["arc_easy"]["ids"] == ["arc-0", "arc-1", "arc-2"]
+    assert set(items["arc_easy"]) == {"ids", "acc", "acc_norm"} and set(items["arc_easy"]["acc"]) <= {0, 1}
+    assert items["mmlu"] == {"ids": ["mmlu-0"], "acc": items["mmlu"]["acc"], "category": ["stem"]}
+    assert set(items["gsm8k"]) == {"ids", "strict", "flexible"}
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"tasks": ["arc_easy"], "final_only_tasks": ["gsm8k"]},
+     "final_only_tasks names 'gsm8k', which is not in eval.tasks"),
+    ({"heldout": {"files": ["/no/such.jsonl"]}}, "field 'eval.heldout': file '/no/such.jsonl' not found"),
+    ({"heldout": {"fraction": 1.0}}, "field 'eval.heldout.fraction'"),
+])
+def test_eval_config_errors_name_the_field(tiny_cfg, section, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_cfg(eval=section)
+
+
+def test_heldout_loss_stderr_is_over_examples(tiny, examples):
+    lm_eval_mean_stderr = pytest.importorskip("lm_eval.api.metrics").mean_stderr
+
+    model, tok = tiny
+    metrics, records = evaluate_heldout(model, tok, examples, batch_size=8)
+    assert metrics["heldout/loss_stderr"] == pytest.approx(lm_eval_mean_stderr([r["loss"] for r in records]))
+    assert math.isnan(evaluate_heldout(model, tok, examples[:1])[0]["heldout/loss_stderr"])
+
+
+def test_load_examples_and_heldout_tokenise_alike(tiny):
+    _, tok = tiny
+    train = load_examples(["tiny-dialogues"], tok, 48)
+    held = load_heldout(["tiny-dialogues"], tok, 48)
+    assert [(e["input_ids"], e["labels"]) for e in held] == [(e["input_ids"], e["labels"]) for e in train]

@@ -1,0 +1,52 @@
+"""A ledger-only checkpoint resumes a 2-worker Ray run bit-exactly (ZeRO-2, bf16 backbone)."""
+
+import json
+import os
+import uuid
+
+import pytest
+from safetensors.torch import load_file
+
+from plora_ray.config import build_run_config
+from plora_ray.distributed import FAULT_STEP_ENV, ensure_ray, trainer_for
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def final_checkpoint(cfg, tmp_path):
+    result = trainer_for(cfg, str(tmp_path / "ray"), f"l-{uuid.uuid4().hex[:8]}").fit()
+    assert result.error is None
+    with result.checkpoint.as_directory() as d:
+        files = sorted(os.listdir(d))
+        tensors = {name: load_file(os.path.join(d, f"{name}.safetensors")) for name in ("trainable", "ledger")}
+        state = json.loads(open(os.path.join(d, "state.json")).read())
+    return files, tensors, state
+
+
+def test_killed_zero2_worker_resumes_from_a_ledger_checkpoint_bit_exactly(ray_cluster, tmp_path, monkeypatch):
+    cfg = build_run_config({
+        "name": "ledger", "seed": 0, "checkpoint_every_steps": 3,
+        "model": {"dtype": "bfloat16"}, "plora": {"unload_every_steps": 2, "momentum": 0.1},
+        "optim": {"lr": 1e-2},
+        "data": {"max_length": 64, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 6},
+        "distributed": {"workers": 2, "engine": "deepspeed", "zero_stage": 2, "max_failures": 1}})
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_STEP_ENV, f"5:1:{marker}")  # rank 1 dies at step 5: restart from step 3
+    files, resumed, state = final_checkpoint(cfg, tmp_path)
+    assert marker.exists()
+    assert "backbone.safetensors" not in files and state["backbone"] == "ledger"
+    monkeypatch.delenv(FAULT_STEP_ENV)
+    _, clean, clean_state = final_checkpoint(cfg, tmp_path)
+    assert [h["loss"] for h in state["history"]] == [h["loss"] for h in clean_state["history"]]
+    assert [e["ranks"] for e in state["unloads"]] == [e["ranks"] for e in clean_state["unloads"]]
+    for kind in ("trainable", "ledger"):
+        assert resumed[kind].keys() == clean[kind].keys()
+        for name, t in clean[kind].items():
+            assert t.equal(resumed[kind][name]), (kind, name)

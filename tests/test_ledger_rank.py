@@ -1,0 +1,66 @@
+"""The ledger's incremental rank (Gram matrices extended stage by stage) equals the full
+QR-based ``numerical_rank`` on the same factors, full-rank and rank-deficient alike."""
+
+import pytest
+import torch
+
+from plora_ray.plora import UnloadLedger, numerical_rank
+
+
+def stages(d, k, r, t, gen):
+    return [(torch.randn(d, r, generator=gen), torch.randn(r, k, generator=gen)) for _ in range(t)]
+
+
+def check_every_stage(factors, d=48, k=40):
+    ledger = UnloadLedger()
+    for i, (b, a) in enumerate(factors, 1):
+        ledger.add("w", b, a)
+        bs, as_ = zip(*factors[:i])
+        assert ledger.rank("w") == numerical_rank(list(bs), list(as_)), f"stage {i}"
+    return ledger.rank("w")
+
+
+def test_incremental_rank_equals_full_rank_on_random_factors():
+    g = torch.Generator().manual_seed(0)
+    assert check_every_stage(stages(48, 40, 4, 12, g)) == 40  # caps at min(d, k)
+
+
+def test_incremental_rank_equals_full_rank_when_b_columns_repeat():
+    g = torch.Generator().manual_seed(1)
+    factors = stages(48, 40, 4, 5, g)
+    b0 = factors[0][0]
+    factors += [(b0 @ torch.randn(4, 4, generator=g), torch.randn(4, 40, generator=g)) for _ in range(2)]
+    assert check_every_stage(factors) == 20  # B's column space does not grow: rank stays 20
+
+
+def test_incremental_rank_equals_full_rank_when_a_rows_repeat_and_stages_cancel():
+    g = torch.Generator().manual_seed(2)
+    factors = stages(48, 40, 3, 4, g)
+    b, a = factors[1]
+    factors.append((-b, a))  # undoes stage 2 exactly: the sum loses 3 dimensions
+    factors.append((torch.randn(48, 3, generator=g), factors[0][1]))  # A rows already present
+    check_every_stage(factors)
+    bs, as_ = zip(*factors)
+    assert numerical_rank(list(bs), list(as_)) == 9  # 12 - 3 cancelled; the last adds to stage 1's A
+
+
+def test_incremental_rank_of_zero_and_tiny_updates():
+    ledger = UnloadLedger()
+    ledger.add("w", torch.zeros(16, 2), torch.randn(2, 24))
+    assert ledger.rank("w") == 0
+    ledger.add("w", torch.randn(16, 2), torch.randn(2, 24))
+    assert ledger.rank("w") == 2
+    ledger.add("w", 1e-12 * torch.randn(16, 2), torch.randn(2, 24))  # below the fp32 tolerance
+    bs, as_ = zip(*ledger.factors["w"])
+    assert ledger.rank("w") == numerical_rank(list(bs), list(as_)) == 2
+
+
+def test_rank_after_loading_a_ledger_equals_the_live_one(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    live = UnloadLedger()
+    for b, a in stages(32, 24, 2, 6, g):
+        live.add("x", b, a)
+        live.add("y", b[:, :1], a[:1])
+    live.save(tmp_path / "ledger.safetensors")
+    loaded = UnloadLedger.load(tmp_path / "ledger.safetensors")
+    assert loaded.ranks() == live.ranks() == {"x": 12, "y": 6}

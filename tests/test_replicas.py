@@ -1,0 +1,77 @@
+"""``replicas_identical`` hashes what each rank holds: it fails when one rank's copy differs.
+
+Two real torch.distributed (gloo) processes per case, no Ray: train two steps with an
+unload between, check, corrupt rank 1's copy, check again.
+"""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from plora_ray.config import build_run_config
+
+ENGINES = {"ddp": {"engine": "ddp"}, "zero2": {"engine": "deepspeed", "zero_stage": 2},
+           "zero3": {"engine": "deepspeed", "zero_stage": 3}}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def corrupt(run, engine):
+    """Change rank 1's copy the way a bug would: without going through the engine."""
+    layer = next(iter(run.unloader.layers.values()))
+    with torch.no_grad():
+        if engine == "ddp":
+            layer.get_base_layer().weight.view(-1)[0] += 1.0  # an unloaded backbone weight
+        elif engine == "zero2":
+            layer.lora_A["default"].weight.view(-1)[0] += 1.0  # module copy, master untouched
+        else:
+            p = layer.lora_A["default"].weight
+            p.ds_tensor.view(-1)[0] += 1.0  # this rank's partition, master untouched
+
+
+def worker(rank, world, port, engine, out_dir):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from plora_ray.distributed import extensions_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())  # DeepSpeed's JIT ops, built once
+
+    from plora_ray.replicas import replicas_identical
+    from plora_ray.train import setup, train_step
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = build_run_config({"name": "rep", "plora": {"unload_every_steps": 1, "momentum": 0.1},
+                            "optim": {"lr": 1e-2}, "distributed": {"workers": world, **ENGINES[engine]},
+                            "data": {"max_length": 64, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
+                                     "max_steps": 2}})
+    run = setup(cfg, rank, world)
+    for mb in run.steps:
+        out = train_step(run, mb)
+        if run.clock.step(out["samples"]):
+            run.unloader.unload()
+    before = replicas_identical(run)
+    if rank == 1:
+        corrupt(run, engine)
+    after = replicas_identical(run)
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump({"before": before, "after": after}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_replicas_identical_fails_when_one_rank_is_corrupted(tmp_path, engine):
+    mp.start_processes(worker, args=(2, free_port(), engine, str(tmp_path)), nprocs=2, start_method="spawn")
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert all(r["before"] is True for r in results)
+    assert all(r["after"] is False for r in results)
