@@ -176,7 +176,7 @@ def test_trial_that_fails_for_good_ends_failed_not_running(tmp_path, monkeypatch
     import plora_ray.tune as tune_cli
 
     data = tmp_path / "train.jsonl"
-    data.write_text((ROOT / "plora_ray" / "data" / "tiny_dialogues.jsonl").read_text())
+    data.write_text((ROOT / "plora_ray" / "resources" / "tiny_dialogues.jsonl").read_text())
     real_build = tune_cli.build_tuner
 
     def build_then_lose_the_data(*args, **kwargs):  # validated, then gone: every attempt fails
