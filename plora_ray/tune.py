@@ -67,11 +67,12 @@ def trial_function(config: dict, sweep: dict) -> None:
 
 
 def _trial_name(spec):
-    """Tune's trial names = the MLflow run names, so its tables and MLflow agree."""
-    from .search_space import trial_run_config, trial_values
+    """Tune's trial names = the MLflow run names, so its tables and MLflow agree. Built from the
+    raw trial data (no validation here: a bad trial must fail in its trial, not in the driver)."""
+    from .search_space import _trial_data, trial_values
     from .tracking import run_name
 
-    return lambda trial: run_name(trial_values(trial.config), trial_run_config(spec, trial.config).seed,
+    return lambda trial: run_name(trial_values(trial.config), _trial_data(spec, trial.config).get("seed", 0),
                                   trial.trial_id)
 
 

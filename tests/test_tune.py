@@ -179,11 +179,11 @@ def test_trial_that_fails_for_good_ends_failed_not_running(tmp_path, monkeypatch
     data.write_text((ROOT / "plora_ray" / "resources" / "tiny_dialogues.jsonl").read_text())
     real_build = tune_cli.build_tuner
 
-    def build_then_lose_the_data(*args, **kwargs):  # validated, then gone: every attempt fails
-        data.unlink()
+    def build_then_break_the_data(*args, **kwargs):  # validated, then broken: every worker fails
+        data.write_text("not a json line\n")
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(tune_cli, "build_tuner", build_then_lose_the_data)
+    monkeypatch.setattr(tune_cli, "build_tuner", build_then_break_the_data)
     space = write_space(tmp_path, searcher={"type": "grid"}, num_samples=1, space={"lora.rank": {"grid": [2]}},
                         base=base(data={"train_files": [str(data)], "max_steps": 2}))
     assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 1  # every trial failed
