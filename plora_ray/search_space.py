@@ -50,6 +50,7 @@ RESOURCE_PATHS = {"distributed.workers": "resources.workers",
                   "distributed.cpus_per_worker": "resources.cpus_per_worker",
                   "distributed.use_gpu": "resources.gpus_per_worker"}
 MAX_COMBINATIONS = 4096  # ~0.1 ms each; beyond, each value alone and the first trial
+TRIAL_INDEX = "__trial_index__"  # a trial's repeat index (ray.tune.search.repeater.TRIAL_INDEX)
 
 
 class _Strict(BaseModel):
@@ -142,6 +143,8 @@ class SweepSpec(_Strict):
     mode: Literal["min", "max"] | None = Field(None, description="default: min for train/loss, else max")
     searcher: Searcher = Searcher()
     num_samples: int = Field(1, ge=1, description="trials (optuna) or repeats of the grid")
+    repeats: int = Field(1, ge=1, description="seeds per configuration (seed = base seed + 0, 1, ...): "
+                         "separate trials, aggregated in the sweep's summary")
     max_concurrent: int = Field(1, ge=1)
     scheduler: Scheduler = Scheduler()
     resources: Resources = Resources()
@@ -296,6 +299,9 @@ def _check(spec: SweepSpec, base_source: str) -> None:
         if spec.searcher.type == "grid" and dist.kind != "grid":
             raise ConfigError(f"{field}: searcher grid takes grid entries only (got {dist.kind}): "
                               "write {grid: [...]} or use searcher random / optuna")
+        if spec.searcher.type == "random" and spec.repeats > 1 and dist.kind != "grid":
+            raise ConfigError(f"{src}: field 'repeats': searcher random draws {key} anew for every "
+                              "seed: use searcher optuna (repeats the same values) or grid entries")
     _check_values(spec)
 
 
@@ -364,6 +370,8 @@ def _trial_data(spec: SweepSpec, params: dict[str, Any]) -> dict:
     apply_override(data, "distributed.use_gpu", r.gpus_per_worker > 0)
     for path, value in trial_values(params).items():
         apply_override(data, path, copy.deepcopy(value))
+    if params.get(TRIAL_INDEX):  # a repeat: seed = base seed + index
+        data["seed"] = int(data.get("seed", 0)) + int(params[TRIAL_INDEX])
     return data
 
 
@@ -372,6 +380,8 @@ def trial_values(trial_params: dict[str, Any]) -> dict[str, Any]:
     commas) and the values that differ between trials, for logging and trial names."""
     out = {}
     for key, value in trial_params.items():
+        if key == TRIAL_INDEX:  # the seed's index, not a run-config path
+            continue
         paths = _paths(key)
         out.update(zip(paths, value) if len(paths) > 1 else [(key, value)])
     return out
@@ -386,7 +396,10 @@ def tune_param_space(spec: SweepSpec) -> dict[str, object]:
 
     make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
             "loguniform": lambda v: tune.loguniform(*v), "int": lambda v: tune.randint(v[0], v[1] + 1)}
-    return {key: make[d.kind](copy.deepcopy(d.values)) for key, d in spec.space.items()}
+    space = {key: make[d.kind](copy.deepcopy(d.values)) for key, d in spec.space.items()}
+    if spec.repeats > 1 and spec.searcher.type != "optuna":  # optuna: tune.py's Repeater sets it
+        space[TRIAL_INDEX] = tune.grid_search(list(range(spec.repeats)))
+    return space
 
 
 def trial_run_config(spec: SweepSpec, trial_params: dict[str, object], name: str | None = None) -> RunConfig:
@@ -415,10 +428,11 @@ def trial_points(spec: SweepSpec, touching: tuple[str, ...] = ()) -> list[dict[s
 
 
 def trial_count(spec: SweepSpec) -> int:
-    """Trials Ray Tune will run: num_samples for optuna, else num_samples x the grid's size."""
+    """Trials Ray Tune will run: num_samples (optuna) or num_samples x the grid's size, x repeats."""
     if spec.searcher.type == "optuna":
-        return spec.num_samples
-    return spec.num_samples * math.prod(len(d.values) for d in spec.space.values() if d.kind == "grid")
+        return spec.num_samples * spec.repeats
+    grid = math.prod(len(d.values) for d in spec.space.values() if d.kind == "grid")
+    return spec.num_samples * grid * spec.repeats
 
 
 def describe(spec: SweepSpec) -> str:
@@ -428,7 +442,8 @@ def describe(spec: SweepSpec) -> str:
                                                f"{sch.reduction_factor:g}, max_t {sch.max_t or 'default'})")
     lines = [f"sweep {spec.name}: {trial_count(spec)} trials, {spec.max_concurrent} at a time; "
              f"{spec.mode} {spec.metric}",
-             f"searcher {s.type} (seed {s.seed}), num_samples {spec.num_samples}; scheduler {sched}",
+             f"searcher {s.type} (seed {s.seed}), num_samples {spec.num_samples}, repeats "
+             f"{spec.repeats}; scheduler {sched}",
              f"per trial: {r.workers} worker(s) x {r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU"]
     for key, d in spec.space.items():
         if "," in key:  # a joint key: one table row per line

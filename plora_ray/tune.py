@@ -8,13 +8,19 @@ One trial = one Ray Train TorchTrainer run (``distributed.trainer_for``) built b
 function that asks for a sliver of CPU (Train V2 refuses ``Tuner(TorchTrainer)``); its workers
 take the trial's resources. The driver creates the MLflow experiment, a parent run for the
 sweep and one nested run per trial (idempotent per trial id, so a restarted trial continues its
-run); rank 0 of each trial logs the curves into it.
+run, named from its searched values: ``u16 m0.1 r1 s0``); rank 0 of each trial logs the curves
+into it. ``repeats: N`` runs every configuration with N seeds (separate trials). When Tune is
+done, or the driver stops for any reason, every trial still RUNNING gets its end (finished /
+stopped_early / failed), and the closing table (``summary.py``: each configuration's metric
+with its 95 % interval, its difference to the best with a paired interval) is printed last
+and stored on the sweep's run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,21 +39,23 @@ def trial_function(config: dict, sweep: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .distributed import trainer_for
-    from .search_space import SweepSpec, trial_run_config
-    from .tracking import set_trial_status, trial_run
+    from .search_space import SweepSpec, trial_run_config, trial_values
+    from .tracking import active_params, run_name, set_trial_status, trial_run, trial_tags
 
     spec = SweepSpec.model_validate(sweep["spec"])
-    ctx = tune.get_context()
-    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
-    params = {k: v for k, v in config.items()}
-    cfg = trial_run_config(spec, params, name=trial_name)
+    trial_id = tune.get_context().get_trial_id()
+    values = trial_values(config)
+    cfg = trial_run_config(spec, config)
+    name = run_name(values, cfg.seed, trial_id)
+    cfg.name = name  # the progress lines say which trial they come from
+    run_cfg = cfg.model_dump(mode="json")
     run_id = trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"], trial_id,
-                       trial_name, cfg.model_dump(mode="json"))
+                       name, active_params(run_cfg), trial_tags(values, cfg.seed), run_cfg)
     tracking = {"uri": sweep["tracking_uri"], "run_id": run_id}
     storage = str(Path(sweep["storage"]) / "trials")
     trainer = trainer_for(cfg, storage, f"{sweep['name']}-{trial_id}", callbacks=[TuneReportCallback()],
                           tracking=tracking)
-    result = trainer.fit()  # a failure or an early stop is recorded by the driver (summarize)
+    result = trainer.fit()  # a failure or an early stop is recorded by the driver (reconcile)
     metrics = dict(result.metrics or {})
     metrics["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""
     if metrics.get("diverged"):
@@ -58,11 +66,21 @@ def trial_function(config: dict, sweep: dict) -> None:
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
 
 
+def _trial_name(spec):
+    """Tune's trial names = the MLflow run names, so its tables and MLflow agree. Built from the
+    raw trial data (no validation here: a bad trial must fail in its trial, not in the driver)."""
+    from .search_space import _trial_data, trial_values
+    from .tracking import run_name
+
+    return lambda trial: run_name(trial_values(trial.config), _trial_data(spec, trial.config).get("seed", 0),
+                                  trial.trial_id)
+
+
 def build_tuner(spec, sweep: dict, restore_path: str | None = None):
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Repeater
     from ray.tune.search.optuna import OptunaSearch
 
     from .search_space import tune_param_space
@@ -70,14 +88,16 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
     trainable = tune.with_resources(tune.with_parameters(trial_function, sweep=sweep), {"cpu": 0.01})
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True)
-    s = spec.searcher
+    s, num_samples = spec.searcher, spec.num_samples
     if s.type == "optuna":
         import optuna
 
-        searcher = OptunaSearch(metric=spec.metric, mode=spec.mode,
-                                sampler=optuna.samplers.TPESampler(seed=s.seed))
+        searcher = OptunaSearch(metric=spec.metric, mode=spec.mode, sampler=optuna.samplers.TPESampler(seed=s.seed))
+        if spec.repeats > 1:  # Optuna sees one trial per configuration, the mean of its seeds
+            searcher = Repeater(searcher, repeat=spec.repeats, set_index=True)
+            num_samples *= spec.repeats
         searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
-    else:
+    else:  # repeats: a grid axis of seed indices (search_space.tune_param_space)
         searcher = BasicVariantGenerator(random_state=s.seed, max_concurrent=spec.max_concurrent)
     if spec.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=spec.scheduler.grace_period,
@@ -89,53 +109,42 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
         trainable,
         param_space=tune_param_space(spec),
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher,
-                                    scheduler=scheduler, num_samples=spec.num_samples),
+                                    scheduler=scheduler, num_samples=num_samples,
+                                    trial_name_creator=_trial_name(spec),
+                                    trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
                                       failure_config=ray.tune.FailureConfig(max_failures=1)),
     )
 
 
-def summarize(spec, results, sweep: dict) -> str:
-    from .search_space import trial_values
-    from .tracking import finish_sweep, mlflow_ui_command, set_trial_status, sweep_trials
-
-    rows = sweep_trials(sweep["tracking_uri"], sweep["parent_run_id"])
+def trial_outcomes(results) -> dict[str, str]:
+    """How each trial Tune knows of ended: failed (an error), finished (its final report),
+    stopped_early (stopped by the scheduler after reporting)."""
     outcome = {}
-    for res in results:  # a trial stopped by ASHA or failed never reached its own status line
-        tid = (res.metrics or {}).get("trial_id") or getattr(res, "trial_id", None)
-        if res.error is not None:
-            outcome[tid] = "failed"
-        elif (res.metrics or {}).get("final"):
-            outcome[tid] = "finished"
-        else:
-            outcome[tid] = "stopped_early"
-    for r in rows:
-        if r["status"] == "running":
-            r["status"] = outcome.get(r.get("trial_id"), "failed")
-            set_trial_status(sweep["tracking_uri"], r["run_id"], r["status"])
-    lines = [f"sweep {sweep['name']}: {len(rows)} trials, metric {spec.metric} ({spec.mode})"]
-    paths = [p.strip() for key in spec.space for p in key.split(",")]
-    for r in sorted(rows, key=lambda r: r.get("trial_id", "")):
-        value = r["metrics"].get(spec.metric)
-        shown = " ".join(f"{k}={r['params'].get(k)}" for k in paths)
-        lines.append(f"  {r.get('trial_id', '?'):>12}  {r['status']:<13} {spec.metric}="
-                     f"{'-' if value is None else f'{value:.4f}'}  {shown}")
-    best = None
-    try:
+    for res in results:
+        tid = (res.metrics or {}).get("trial_id")
+        if tid is None:  # never reported: end_running_trials' default (failed) covers it
+            continue
+        final = (res.metrics or {}).get("final")
+        outcome[tid] = "failed" if res.error is not None else "finished" if final else "stopped_early"
+    return outcome
+
+
+def summarize(spec, sweep: dict, results=None) -> str:
+    """The closing table (stored on the sweep's run) and where to look further."""
+    from .summary import log_summary, sweep_summary
+    from .tracking import mlflow_ui_command
+
+    summary = sweep_summary(sweep["tracking_uri"], sweep["parent_run_id"], spec.metric, spec.mode)
+    table = log_summary(sweep["tracking_uri"], sweep["parent_run_id"], summary)
+    lines = [f"sweep {sweep['name']}: {spec.mode} {spec.metric}", table]
+    try:  # the single best trial's weights, whatever the intervals say about its lead
         best = results.get_best_result(metric=spec.metric, mode=spec.mode, filter_nan_and_inf=True)
-    except Exception:  # no trial reported the metric
+        if (best.metrics or {}).get("checkpoint_path"):
+            lines.append(f"checkpoint of the top trial: {best.metrics['checkpoint_path']}")
+    except Exception:  # no results, or no trial reported the metric
         pass
-    summary = {"trials": len(rows)}
-    if best is not None and best.metrics and spec.metric in best.metrics:
-        value = best.metrics[spec.metric]
-        chosen = trial_values({k: best.config.get(k) for k in spec.space})
-        ckpt = best.metrics.get("checkpoint_path") or "none"
-        lines.append(f"best: {spec.metric}={value:.4f} with {json.dumps(chosen)}")
-        lines.append(f"best checkpoint: {ckpt}")
-        summary.update({"best_metric": value, "best_config": json.dumps(chosen), "best_checkpoint": ckpt})
-    finish_sweep(sweep["tracking_uri"], sweep["parent_run_id"], summary)
-    lines.append(f"compare the runs: {mlflow_ui_command(sweep['tracking_uri'])}")
-    return "\n".join(lines)
+    return "\n".join([*lines, f"compare the runs: {mlflow_ui_command(sweep['tracking_uri'])}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_sweep(spec, args) -> str:
     from .distributed import ensure_ray
-    from .tracking import default_tracking_uri, ensure_experiment, start_sweep_run
+    from .tracking import default_tracking_uri, end_running_trials, ensure_experiment, finish_sweep, start_sweep_run
 
     storage = Path(args.storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -181,18 +190,32 @@ def run_sweep(spec, args) -> str:
         sweep = json.loads(latest.read_text())
     else:
         uri = args.tracking_uri or default_tracking_uri(storage)
-        experiment_id = ensure_experiment(uri, f"plora-{spec.name}")
+        experiment_id = ensure_experiment(uri, spec.name)
         name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        parent = start_sweep_run(uri, experiment_id, name, Path(args.space), {"plora.space_file": str(args.space)})
+        parent = start_sweep_run(uri, experiment_id, name, Path(args.space),
+                                 {"plora.metric": spec.metric, "plora.mode": spec.mode, "plora.repeats": spec.repeats})
         sweep = {"name": name, "storage": str(storage), "tracking_uri": uri, "experiment_id": experiment_id,
                  "parent_run_id": parent, "spec": spec.model_dump(mode="json")}
         latest.write_text(json.dumps(sweep))
-    ensure_ray(args.address)
-    restore = str(storage / sweep["name"]) if args.resume else None
-    results = build_tuner(spec, sweep, restore).fit()
-    summary = summarize(spec, results, sweep)
-    raise_if_every_trial_failed(results, summary)
-    return summary
+    uri, parent, ended = sweep["tracking_uri"], sweep["parent_run_id"], False
+    # Ray Train V2 routes a worker's print() through the root logger *and* the original print:
+    # every line twice. Workers of a local cluster inherit this; distributed.worker_env should
+    # carry it too for clusters started elsewhere (--address).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    try:
+        ensure_ray(args.address)
+        restore = str(storage / sweep["name"]) if args.resume else None
+        results = build_tuner(spec, sweep, restore).fit()
+        end_running_trials(uri, parent, trial_outcomes(results))
+        text = summarize(spec, sweep, results)
+        finish_sweep(uri, parent)
+        ended = True
+    finally:  # an exception or Ctrl-C: no trial (and not the sweep) is left RUNNING
+        if not ended:
+            end_running_trials(uri, parent)
+            finish_sweep(uri, parent, status="FAILED")
+    raise_if_every_trial_failed(results, text)
+    return text
 
 
 if __name__ == "__main__":

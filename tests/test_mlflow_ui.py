@@ -35,9 +35,9 @@ UNLOAD_EVERY = 10
 EVAL_STEPS = (20, 40)
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
 # (trial id, name, momentum, last step, status): trial 2 is stopped early by the scheduler
-TRIALS = [("t_00000", "trial_0", 0.0, STEPS, "finished"),
-          ("t_00001", "trial_1", 0.3, STEPS, "finished"),
-          ("t_00002", "trial_2", 0.6, 20, "stopped_early")]
+TRIALS = [("t_00000", "m0 s0", 0.0, STEPS, "finished"),
+          ("t_00001", "m0.3 s0", 0.3, STEPS, "finished"),
+          ("t_00002", "m0.6 s0", 0.6, 20, "stopped_early")]
 SERVER_START_TIMEOUT_S = 120
 CHROMIUM_TIMEOUT_S = 120
 
@@ -64,25 +64,26 @@ def sweep_store(tmp_path_factory):
     parent = tracking.start_sweep_run(uri, exp, "unload", space, {"plora.scheduler": "asha"})
     runs = {}
     for i, (trial_id, name, momentum, last, status) in enumerate(TRIALS):
+        assert tracking.run_name({"plora.momentum": momentum}, 0) == name
         run_id = tracking.trial_run(uri, exp, parent, trial_id, name,
                                     {"plora": {"momentum": momentum, "unload_every_steps": 10},
-                                     "lora": {"rank": 8}, "optim": {"lr": 1e-4}})
-        with tracking.RunLogger(uri, run_id, flush_every=50) as logger:
+                                     "lora": {"rank": 8}, "optim": {"lr": 1e-4}},
+                                    tracking.trial_tags({"plora.momentum": momentum}, 0),
+                                    {"plora": {"momentum": momentum}})
+        with tracking.RunLogger(uri, run_id) as logger:
             for step in range(1, last + 1):
                 logger.log_metrics({"train/loss": loss(i, step), "train/lr": 1e-4,
                                     "train/samples": 24 * step, "train/tokens_per_s": 300.0 + i},
                                    step)
                 if step % UNLOAD_EVERY == 0:
                     stage = step // UNLOAD_EVERY
-                    logger.log_unload(stage, step, 8.0 * stage, {layer: 8 * stage for layer in LAYERS},
+                    logger.log_unload(stage, step, 24 * step, {layer: 8 * stage for layer in LAYERS},
                                       seconds=0.02, output_change=0.0)
                 if step in EVAL_STEPS:
                     logger.log_metrics(eval_metrics(i, step), step)
         tracking.set_trial_status(uri, run_id, status)
         runs[trial_id] = run_id
-    tracking.finish_sweep(uri, parent, {"best_trial_id": "t_00000", "best_run_id": runs["t_00000"],
-                                        "metric": "train/loss", "mode": "min",
-                                        "best_value": loss(0, STEPS), "num_trials": 3})
+    tracking.finish_sweep(uri, parent, {"plora.best_trial_id": "t_00000"})
     return {"uri": uri, "dir": directory, "db": directory / tracking.DEFAULT_DB,
             "experiment_id": exp, "parent": parent, "runs": runs}
 
@@ -192,6 +193,7 @@ def test_rest_api_serves_the_sweep(sweep_store, mlflow_server):
         assert run["info"]["run_name"] == name
         assert run["info"]["status"] == tracking.TRIAL_STATUSES[status]
         assert tags["plora.status"] == status and tags["plora.sweep"] == "unload"
+        assert tags["space.plora.momentum"] == str(momentum) and tags["plora.seed"] == "0"
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         assert params == {"plora.momentum": str(momentum), "plora.unload_every_steps": "10",
                           "lora.rank": "8", "optim.lr": "0.0001"}
@@ -205,8 +207,11 @@ def test_rest_api_serves_the_sweep(sweep_store, mlflow_server):
         stages = _history(base, run["info"]["run_id"], "plora/stage")
         assert [(int(m["step"]), m["value"]) for m in stages] == [
             (s, s // UNLOAD_EVERY) for s in range(UNLOAD_EVERY, last + 1, UNLOAD_EVERY)]
-        per_layer = _history(base, run["info"]["run_id"], f"plora/accumulated_rank/{LAYERS[1]}")
-        assert [m["value"] for m in per_layer] == [8.0 * s for s in range(1, last // UNLOAD_EVERY + 1)]
+        assert not [k for k in latest if k.startswith("plora/accumulated_rank/")]  # tables, not charts
+        ranks = requests.get(f"{base}/api/2.0/mlflow/artifacts/list",
+                             params={"run_id": run["info"]["run_id"], "path": "ranks"}, timeout=30)
+        assert [f["path"] for f in ranks.json()["files"]] == [
+            f"ranks/unload_{s:04d}.json" for s in range(1, last // UNLOAD_EVERY + 1)]
         evals = _history(base, run["info"]["run_id"], "eval/mmlu/social_sciences")
         assert [int(m["step"]) for m in evals] == [s for s in EVAL_STEPS if s <= last]
         assert evals[-1]["value"] == pytest.approx(0.31 + 0.01 * i)
@@ -215,7 +220,7 @@ def test_rest_api_serves_the_sweep(sweep_store, mlflow_server):
     sweep_tags = {t["key"]: t["value"] for t in sweep["data"]["tags"]}
     assert sweep["info"]["status"] == "FINISHED"
     assert sweep_tags["plora.best_trial_id"] == "t_00000"
-    assert sweep_tags["plora.git_commit"]
+    assert sweep_tags["mlflow.source.git.commit"]
     artifacts = requests.get(f"{base}/api/2.0/mlflow/artifacts/list",
                              params={"run_id": parent, "path": "search_space"}, timeout=30)
     assert artifacts.status_code == 200, artifacts.text

@@ -1,5 +1,6 @@
 """MLflow tracking (plora_ray/tracking.py) against a real SQLite store in tmp_path."""
 
+import json
 import math
 import shutil
 import subprocess
@@ -71,7 +72,7 @@ def test_sweep_run_tags_and_space_file_artifact(sweep):
     assert run.info.experiment_id == exp and run.info.run_name == "unload"
     assert tags["plora.sweep"] == "unload" and tags["plora.run_type"] == "sweep"
     assert tags["plora.scheduler"] == "asha"
-    commit = tags["plora.git_commit"]
+    commit = tags["mlflow.source.git.commit"]
     repo = Path(tracking.__file__).resolve().parent
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                           text=True)
@@ -89,17 +90,22 @@ def test_trial_run_is_idempotent_and_nested(sweep):
     uri, exp, client, parent = sweep
     params = {"lora": {"rank": 8, "target_modules": ["q_proj", "v_proj"]},
               "plora": {"momentum": 0.3, "unload_every_samples": None}, "seed": 1}
-    a = tracking.trial_run(uri, exp, parent, "t_00000", "trial_0", params)
-    again = tracking.trial_run(uri, exp, parent, "t_00000", "trial_0", params)  # resume
-    b = tracking.trial_run(uri, exp, parent, "t_00001", "trial_1", params)
+    tags = tracking.trial_tags({"plora.momentum": 0.3}, 1)
+    a = tracking.trial_run(uri, exp, parent, "t_00000", "m0.3 s1", params, tags, {"seed": 1, "lora": {"rank": 8}})
+    again = tracking.trial_run(uri, exp, parent, "t_00000", "m0.3 s1", params, tags)  # resume
+    b = tracking.trial_run(uri, exp, parent, "t_00001", "m0.3 s2", params)
     assert a == again and a != b
     run = client.get_run(a)
     assert run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.tags["plora.trial_id"] == "t_00000"
-    assert run.info.run_name == "trial_0"
+    assert run.data.tags["plora.seed"] == "1" and run.data.tags["space.plora.momentum"] == "0.3"
+    assert run.data.tags["plora.config_id"] == tracking.config_id({"plora.momentum": 0.3})
+    assert run.info.run_name == "m0.3 s1"
     assert run.data.params == {"lora.rank": "8", "lora.target_modules": '["q_proj", "v_proj"]',
                                "plora.momentum": "0.3", "plora.unload_every_samples": "None",
                                "seed": "1"}
+    config = Path(client.download_artifacts(a, "config/run.yaml")).read_text()
+    assert "seed: 1" in config and "rank: 8" in config
     # a second sweep with the same trial ids gets its own runs
     parent2 = tracking.start_sweep_run(uri, exp, "unload-2", None, {})
     c = tracking.trial_run(uri, exp, parent2, "t_00000", "trial_0", params)
@@ -111,6 +117,32 @@ def test_trial_run_is_idempotent_and_nested(sweep):
     assert tracking.trial_run(uri, exp, parent, "t_00000", "trial_0", params) == a
     run = client.get_run(a)
     assert run.info.status == "RUNNING" and run.data.tags["plora.status"] == "running"
+
+
+def test_run_names_come_from_searched_values_and_stay_distinct_when_cut():
+    assert tracking.run_name({"plora.unload_every_samples": 16, "plora.momentum": 0.1, "lora.rank": 1}, 0) == \
+        "u16 m0.1 r1 s0"
+    assert tracking.run_name({"method": "lora", "plora.unload_every_samples": None}, 2) == "lora s2"
+    long = [tracking.run_name({"optim.lr": 1.234567e-4, "plora.momentum": 0.3, "lora.rank": 8}, 0, f"ab_{i:05d}")
+            for i in (3, 11)]
+    assert len({n[:tracking.RUN_NAME_CHARS] for n in long}) == 2 and long[0].startswith("#3 lr0.000123")
+    # repeats of one configuration share a config id; the seed is not part of it
+    assert tracking.trial_tags({"lora.rank": 8}, 0)["plora.config_id"] == \
+        tracking.trial_tags({"lora.rank": 8}, 1)["plora.config_id"] != tracking.config_id({"lora.rank": 4})
+
+
+def test_only_the_active_configuration_becomes_params():
+    from plora_ray.config import RunConfig
+
+    smol = RunConfig(method="lora", model={"name_or_path": "some/model"}, output_dir="x").model_dump(mode="json")
+    params = tracking.flatten_params(tracking.active_params(smol))
+    assert not [k for k in params if k.startswith(("model.tiny", "plora.", "eval.", "distributed.zero"))]
+    assert "output_dir" not in params and "name" not in params
+    assert params["lora.rank"] == "8" and params["model.name_or_path"] == "some/model"
+    tiny = RunConfig(plora={"unload_every_steps": 2}, eval={"tasks": ["arc_easy"]}).model_dump(mode="json")
+    params = tracking.flatten_params(tracking.active_params(tiny))
+    assert params["model.tiny.hidden_size"] == "64" and params["plora.unload_every_steps"] == "2"
+    assert params["eval.tasks"] == '["arc_easy"]' and "plora.prune_ratio" not in params
 
 
 def test_params_flattening_limits_and_relogging(sweep):
@@ -143,45 +175,62 @@ def test_sanitize_key():
     assert len(long) == 250 and long != tracking.sanitize_key("x" * 401)
 
 
-def test_metrics_at_steps_and_unloads(sweep):
+def test_metrics_at_steps_and_unload_rank_tables(sweep):
     uri, exp, client, parent = sweep
     run_id = tracking.trial_run(uri, exp, parent, "m", "m", {})
-    logger = tracking.RunLogger(uri, run_id, flush_every=7, flush_seconds=None)
+    logger = tracking.RunLogger(uri, run_id)
     for step in range(1, 21):
         logger.log_metrics({"train/loss": 3.0 / step, "train/lr": 1e-4, "train/samples": 24 * step,
                             "train/tokens_per_s": 300.0, "skip": None}, step)
         if step % 10 == 0:
-            layers = {f"base_model.model.layers.{i}.self_attn.q_proj": step // 10 * 4
-                      for i in range(2)}
-            layers["weird[layer]"] = 3
-            logger.log_unload(stage=step // 10, step=step, mean_rank=step / 10 * 4,
-                              ranks_per_layer=layers, seconds=0.01,
+            layers = {f"base_model.model.layers.{i}.self_attn.q_proj": step // 10 * 4 + i for i in range(3)}
+            logger.log_unload(stage=step // 10, step=step, samples=24 * step, ranks=layers, seconds=0.01,
                               output_change=0.0 if step == 10 else None)
-    logger.log_metrics({"eval/gsm8k/strict": 0.1, "eval/mmlu/social_sciences": 0.3,
-                        "eval/arc_challenge/acc_norm": 0.25}, 20)
-    assert len(logger._buffer) < 7  # buffered until flush
+    logger.log_metrics({"eval/gsm8k/strict": 0.1, "eval/mmlu/social_sciences": 0.3}, 20)
     logger.flush()
-    assert logger._buffer == []
 
     loss = client.get_metric_history(run_id, "train/loss")
     assert [m.step for m in loss] == list(range(1, 21))
     assert [m.value for m in loss] == pytest.approx([3.0 / s for s in range(1, 21)])
-    samples = client.get_metric_history(run_id, "train/samples")
-    assert samples[-1].value == 480 and samples[-1].step == 20
     stage = client.get_metric_history(run_id, "plora/stage")
     assert [(m.step, m.value) for m in stage] == [(10, 1.0), (20, 2.0)]
-    rank = client.get_metric_history(run_id, "plora/accumulated_rank")
-    assert [(m.step, m.value) for m in rank] == [(10, 4.0), (20, 8.0)]
-    per_layer = client.get_metric_history(
-        run_id, "plora/accumulated_rank/base_model.model.layers.1.self_attn.q_proj")
-    assert [(m.step, m.value) for m in per_layer] == [(10, 4.0), (20, 8.0)]
-    assert [m.value for m in client.get_metric_history(
-        run_id, "plora/accumulated_rank/weird_layer_")] == [3.0, 3.0]
+    for key, values in (("", [5.0, 9.0]), ("_min", [4.0, 8.0]), ("_max", [6.0, 10.0])):
+        history = client.get_metric_history(run_id, f"plora/accumulated_rank{key}")
+        assert [(m.step, m.value) for m in history] == [(10, values[0]), (20, values[1])]
     change = client.get_metric_history(run_id, "plora/output_change")
     assert [(m.step, m.value) for m in change] == [(10, 0.0)]
-    assert len(client.get_metric_history(run_id, "plora/unload_seconds")) == 2
     metrics = client.get_run(run_id).data.metrics
+    assert not [k for k in metrics if k.startswith("plora/accumulated_rank/")]  # no per-layer keys
     assert metrics["eval/mmlu/social_sciences"] == 0.3 and "skip" not in metrics
+    assert [a.path for a in client.list_artifacts(run_id, "ranks")] == ["ranks/unload_0001.json",
+                                                                       "ranks/unload_0002.json"]
+    table = json.loads(Path(client.download_artifacts(run_id, "ranks/unload_0002.json")).read_text())
+    assert table == {"stage": 2, "step": 20, "samples": 480,
+                     "ranks": {f"base_model.model.layers.{i}.self_attn.q_proj": 8 + i for i in range(3)}}
+
+
+def test_trial_tracker_logs_time_params_and_items_on_rank_0_only(sweep):
+    uri, exp, client, parent = sweep
+    run_id = tracking.trial_run(uri, exp, parent, "tt", "tt", {})
+    assert tracking.TrialTracker({"uri": uri, "run_id": run_id}, rank=1).logger is None
+    tracker = tracking.TrialTracker({"uri": uri, "run_id": run_id}, rank=0)
+    tracker.trainable_params(1234)
+    for step in (1, 2):
+        tracker.step({"step": step, "loss": 1.0, "lr": 1e-3, "samples": 4 * step, "tokens_per_s": 10.0})
+    tasks = {"arc_easy": {"ids": ["a", "b"], "acc": [1, 0], "acc_norm": [1, 1]}}
+    tracker.items(2, 8, tasks)
+    tracker.metrics({"eval/arc_easy/acc": 0.5, "eval/arc_easy/acc_stderr": 0.5}, 2)
+    tracker.flush()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "model/trainable_params")] == [(0, 1234)]
+    elapsed = [m.value for m in client.get_metric_history(run_id, "time/elapsed_s")]
+    assert len(elapsed) == 2 and 0 <= elapsed[0] <= elapsed[1]
+    items = json.loads(Path(client.download_artifacts(run_id, "items/step_0000002.json")).read_text())
+    assert items == {"step": 2, "samples": 8, "tasks": tasks}
+    # a restarted worker group continues the clock instead of starting it at 0 again
+    again = tracking.TrialTracker({"uri": uri, "run_id": run_id}, rank=0)
+    again.step({"step": 3, "loss": 1.0, "lr": 1e-3, "samples": 12, "tokens_per_s": 10.0})
+    again.flush()
+    assert client.get_metric_history(run_id, "time/elapsed_s")[-1].value >= elapsed[-1]
 
 
 def test_resumed_logger_skips_steps_already_logged(sweep):
@@ -225,32 +274,18 @@ def test_unknown_status_is_refused(sweep):
         tracking.set_trial_status(uri, run_id, "done")
 
 
-def test_finish_sweep_and_summary(sweep):
+def test_running_trials_are_ended_by_the_driver(sweep):
     uri, exp, client, parent = sweep
-    runs = []
-    for i in range(3):
-        run_id = tracking.trial_run(uri, exp, parent, f"t{i}", f"trial_{i}",
-                                    {"plora": {"momentum": i / 10}})
-        with tracking.RunLogger(uri, run_id) as logger:
-            logger.log_metrics({"train/loss": 1.0 + i}, 1)
-        tracking.set_trial_status(uri, run_id, "finished")
-        runs.append(run_id)
-    tracking.finish_sweep(uri, parent, {"best_trial_id": "t0", "best_run_id": runs[0],
-                                        "metric": "train/loss", "mode": "min", "best_value": 1.0,
-                                        "num_trials": 3, "best_config": {"plora.momentum": 0.0}})
+    ids = {t: tracking.trial_run(uri, exp, parent, t, t, {}) for t in ("done", "asha", "lost")}
+    tracking.set_trial_status(uri, ids["done"], "finished")
+    ended = tracking.end_running_trials(uri, parent, {"asha": "stopped_early"})
+    assert ended == {"asha": "stopped_early", "lost": "failed"}
+    status = {t["trial_id"]: (t["status"], t["mlflow_status"]) for t in tracking.sweep_trials(uri, parent)}
+    assert status == {"done": ("finished", "FINISHED"), "asha": ("stopped_early", "KILLED"),
+                      "lost": ("failed", "FAILED")}
+    tracking.finish_sweep(uri, parent, {"plora.best_config_id": "abc"})
     run = client.get_run(parent)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["plora.best_trial_id"] == "t0"
-    assert run.data.tags["plora.best_run_id"] == runs[0]
-    assert run.data.params["summary.best_config.plora.momentum"] == "0.0"
-    assert run.data.params["summary.num_trials"] == "3"
-    assert run.data.metrics["summary/best_value"] == 1.0
-    assert "sweep_summary.json" in [a.path for a in client.list_artifacts(parent)]
-    trials = tracking.sweep_trials(uri, parent)
-    assert [t["trial_id"] for t in trials] == ["t0", "t1", "t2"]
-    assert [t["metrics"]["train/loss"] for t in trials] == [1.0, 2.0, 3.0]
-    assert trials[1]["params"] == {"plora.momentum": "0.1"}
-    assert all(t["status"] == "finished" for t in trials)
+    assert run.info.status == "FINISHED" and run.data.tags["plora.best_config_id"] == "abc"
 
 
 def test_two_stores_in_one_process(tmp_path, empty_db):

@@ -49,6 +49,23 @@ def write_space(tmp_path, **fields):
     return path
 
 
+def kill_session(proc):
+    """SIGKILL the driver and everything it started (its own session: Ray's local cluster);
+    other Ray clusters on the host are left alone."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == proc.pid:  # session id
+            try:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def history(uri, run_id, key):
     from mlflow import MlflowClient
 
@@ -59,19 +76,26 @@ def test_optuna_asha_sweep_logs_one_run_per_trial_with_curves(tmp_path, capsys):
     space = write_space(tmp_path, scheduler={"type": "asha", "grace_period": 1, "max_t": 3},
                         base=base(eval={"tasks": ["arc_easy"], "limit": 2, "batch_size": 2}))
     assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 0
-    out = capsys.readouterr().out
-    assert "best: train/loss=" in out and "mlflow ui --backend-store-uri sqlite:////" in out
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("compare the runs: mlflow ui --backend-store-uri sqlite:////")
+    assert out[-2].startswith("checkpoint of the top trial: ") and Path(out[-2].split(": ", 1)[1]).is_dir()
+    assert out[-3].startswith(("Best: ", "No configuration is distinguishable", "Only one configuration"))
     uri = default_tracking_uri(tmp_path / "sweeps")
     sweep = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())
     trials = sweep_trials(uri, sweep["parent_run_id"])
     assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
+    assert len({t["name"][:15] for t in trials}) == 4  # names the MLflow UI tells apart
     for t in trials:
         assert t["status"] in ("finished", "stopped_early")
+        assert t["name"].startswith(("lr", "#")) and t["tags"]["space.optim.lr"] == t["params"]["optim.lr"]
         steps = [s for s, _ in history(uri, t["run_id"], "train/loss")]
-        assert steps == list(range(1, len(steps) + 1)) and len(steps) in (2, 4, 6)
-        checkpoints = [s for s in (2, 4, 6) if s <= len(steps)]
-        assert [s for s, _ in history(uri, t["run_id"], "plora/accumulated_rank")] == checkpoints
-        assert [s for s, _ in history(uri, t["run_id"], "eval/arc_easy/acc")] == checkpoints
+        ranks = [s for s, _ in history(uri, t["run_id"], "plora/accumulated_rank")]
+        evals = [s for s, _ in history(uri, t["run_id"], "eval/arc_easy/acc")]
+        if t["status"] == "finished":
+            assert (steps, ranks, evals) == (list(range(1, 7)), [2, 4, 6], [2, 4, 6])
+        else:  # stopped at a report; what its workers logged before they were killed stays
+            assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
+            assert ranks == [2, 4, 6][:len(ranks)] and evals == [2, 4, 6][:len(evals)] and evals
         assert t["params"]["lora.rank"] == "2"
 
 
@@ -84,13 +108,13 @@ def test_diverging_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     sweep = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())
     status = {t["params"]["optim.lr"]: t["status"] for t in sweep_trials(uri, sweep["parent_run_id"])}
     assert status == {"0.001": "finished", "10.0": "diverged"}
-    assert "best: train/loss=" in capsys.readouterr().out
+    assert "Only one configuration finished with train/loss" in capsys.readouterr().out
 
 
 def test_killed_sweep_resumes_without_lost_or_duplicated_trials(tmp_path):
     import ray
 
-    ray.shutdown()  # this process must not be a driver of the cluster `ray stop` ends below
+    ray.shutdown()  # free the 2 cores for the sweep's own cluster
     space = write_space(tmp_path, searcher={"type": "random", "seed": 1}, max_concurrent=1)
     storage = tmp_path / "sweeps"
     cmd = [sys.executable, "-m", "plora_ray.tune", str(space), "--storage", str(storage)]
@@ -109,9 +133,7 @@ def test_killed_sweep_resumes_without_lost_or_duplicated_trials(tmp_path):
         else:
             pytest.fail("no trial finished in time")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+        kill_session(proc)
     before = sweep_trials(uri, parent)
     assert len(before) < 4  # really interrupted
     done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -120,6 +142,56 @@ def test_killed_sweep_resumes_without_lost_or_duplicated_trials(tmp_path):
     assert len(after) == 4 and len({t["trial_id"] for t in after}) == 4
     assert all(t["status"] == "finished" for t in after)
     assert {t["run_id"] for t in before} <= {t["run_id"] for t in after}  # continued, not duplicated
+
+
+def test_repeats_run_every_configuration_with_distinct_seeds_and_the_summary_aggregates_them(tmp_path, capsys):
+    space = write_space(tmp_path, searcher={"type": "grid"}, num_samples=1, repeats=3,
+                        space={"lora.rank": {"grid": [1, 4]}},
+                        base=base(data={"max_steps": 2}, checkpoint_every_steps=None))
+    assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 0
+    out = capsys.readouterr().out
+    uri = default_tracking_uri(tmp_path / "sweeps")
+    parent = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())["parent_run_id"]
+    trials = sweep_trials(uri, parent)
+    assert sorted(t["name"] for t in trials) == [f"r{r} s{s}" for r in (1, 4) for s in range(3)]
+    by_config = {}
+    for t in trials:
+        assert t["status"] == "finished" and t["mlflow_status"] == "FINISHED"
+        assert t["params"]["seed"] == t["seed"] and "output_dir" not in t["params"]
+        by_config.setdefault(t["config_id"], set()).add(t["seed"])
+    assert list(by_config.values()) == [{"0", "1", "2"}] * 2
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run_yaml = yaml.safe_load(Path(client.download_artifacts(trials[0]["run_id"], "config/run.yaml")).read_text())
+    assert run_yaml["seed"] == int(trials[0]["seed"]) and run_yaml["lora"]["rank"] == int(trials[0]["space"]["lora.rank"])
+    stored = json.loads(Path(client.download_artifacts(parent, "summary/summary.json")).read_text())
+    assert [c["seeds"] for c in stored["configs"]] == [3, 3]
+    assert stored["configs"][1]["diff_method"] == "Welch t across seeds (3 vs 3)"
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert stored["sentence"] in out and "| r1 | 3 |" in out and "| r4 | 3 |" in out
+
+
+def test_trial_that_fails_for_good_ends_failed_not_running(tmp_path, monkeypatch, capsys):
+    import plora_ray.tune as tune_cli
+
+    data = tmp_path / "train.jsonl"
+    data.write_text((ROOT / "plora_ray" / "resources" / "tiny_dialogues.jsonl").read_text())
+    real_build = tune_cli.build_tuner
+
+    def build_then_break_the_data(*args, **kwargs):  # validated, then broken: every worker fails
+        data.write_text("not a json line\n")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(tune_cli, "build_tuner", build_then_break_the_data)
+    space = write_space(tmp_path, searcher={"type": "grid"}, num_samples=1, space={"lora.rank": {"grid": [2]}},
+                        base=base(data={"train_files": [str(data)], "max_steps": 2}))
+    assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 1  # every trial failed
+    assert "No trial finished with train/loss" in capsys.readouterr().out
+    uri = default_tracking_uri(tmp_path / "sweeps")
+    parent = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())["parent_run_id"]
+    [trial] = sweep_trials(uri, parent)
+    assert (trial["status"], trial["mlflow_status"]) == ("failed", "FAILED")
 
 
 def test_bad_search_space_files_exit_2_with_one_line(tmp_path, capsys):
