@@ -23,6 +23,7 @@ import torch
 from .config import RunConfig
 from .loop import fit, setup
 from .replicas import replicas_identical
+from .tracking import TrialTracker
 from .rundir import CHECKPOINT, load_run_checkpoint, restore_run, save_run_checkpoint, write_run_dir
 
 
@@ -36,7 +37,10 @@ def extensions_dir() -> str:
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
-    env = {"TORCH_EXTENSIONS_DIR": extensions_dir(), "TOKENIZERS_PARALLELISM": "false"}
+    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 re-routes a worker's print() through its logger
+    # *and* prints it, so every line would show twice
+    env = {"TORCH_EXTENSIONS_DIR": extensions_dir(), "TOKENIZERS_PARALLELISM": "false",
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not cfg.distributed.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     if "PLORA_RAY_CACHE" in os.environ:
@@ -52,40 +56,6 @@ def report_metrics(run, final: bool) -> dict:
     if run.unloads:
         m["plora/accumulated_rank"] = run.unloads[-1].mean_rank
     return m
-
-
-class TrialTracker:
-    """Rank 0's MLflow logging for a trial (``config["tracking"] = {uri, run_id}``).
-
-    A restarted worker group re-runs the steps after its last checkpoint; ``RunLogger`` skips
-    points at steps the run already has, so the curves get no duplicates.
-    """
-
-    def __init__(self, tracking: dict | None, rank: int):
-        self.logger = None
-        if tracking and rank == 0:
-            from .tracking import RunLogger
-
-            self.logger = RunLogger(tracking["uri"], tracking["run_id"])
-
-    def step(self, rec: dict) -> None:
-        if self.logger:
-            self.logger.log_metrics({"train/loss": rec["loss"], "train/lr": rec["lr"],
-                                     "train/samples": rec["samples"],
-                                     "train/tokens_per_s": rec["tokens_per_s"]}, rec["step"])
-
-    def unload(self, e) -> None:
-        if self.logger:
-            self.logger.log_unload(e.stage, e.step, e.mean_rank, e.ranks, e.seconds, e.output_change)
-
-    def metrics(self, metrics: dict, step: int) -> None:
-        if self.logger:
-            self.logger.log_metrics(metrics, step)
-            self.logger.flush()
-
-    def flush(self) -> None:
-        if self.logger:
-            self.logger.flush()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -113,6 +83,7 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             load_run_checkpoint(run, d)
     tracker = TrialTracker(config.get("tracking"), rank)
+    tracker.trainable_params(sum(p.numel() for p in run.model.parameters() if p.requires_grad))
     hook = config.get("on_step")
 
     def on_step(rec):
@@ -130,6 +101,8 @@ def train_loop_per_worker(config: dict) -> None:
         scores = run.evals[-1] if run.evals and run.evals[-1]["step"] == run.clock.steps else {}
         scores = {k: v for k, v in scores.items() if k != "step"}
         metrics.update(scores)
+        if run.items:
+            tracker.items(run.clock.steps, run.clock.samples, run.items)
         tracker.metrics(scores, run.clock.steps)
         if final:
             metrics["replicas_identical"] = replicas_identical(run)
@@ -142,8 +115,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
         metrics.update({"diverged": True, "diverged_reason": str(exc)})
         report(run, metrics)
-        return
-    tracker.flush()
+    finally:
+        tracker.flush()
 
 
 def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None, tracking: dict | None = None,

@@ -9,6 +9,7 @@ checkpoint points). No CLI, no Ray: the CLI (``train.py``) and the Ray Train wor
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -186,7 +187,10 @@ def fit(run: Run, on_step=None, on_unload=None, on_checkpoint=None, progress: bo
     ``on_step(rec)`` sees each step's record, ``on_unload(event)`` each unload.
     """
     progress = progress and run.rank == 0
-    bar = tqdm(total=len(run.steps), initial=run.start_step, desc=run.cfg.name, disable=not progress,
+    # no bar where no terminal shows it (Ray workers, logs): each refresh would become a line;
+    # the step lines (log_every_steps) are printed either way
+    bar = tqdm(total=len(run.steps), initial=run.start_step, desc=run.cfg.name,
+               disable=not progress or not sys.stderr.isatty(),
                dynamic_ncols=True)
     try:
         _fit_steps(run, bar, on_step, on_unload, on_checkpoint, progress)

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from safetensors.torch import load_file
 
-from plora_ray.checkpoint import save_checkpoint
+from plora_ray.checkpoint import read_backbone, save_checkpoint
 from plora_ray.config import build_run_config
 from plora_ray.data import bundled_path
 from plora_ray.distributed import ensure_ray, trainer_for
@@ -63,7 +63,7 @@ def single_process(data_file, tmp_path_factory):
     run = fit(setup(run_config(data_file, workers=1, accumulation=4)), progress=False)
     assert [len(s) for s in run.steps] == [4, 3, 4, 3]
     d = save_checkpoint(run, tmp_path_factory.mktemp("single"))
-    return run.history, load_file(str(d / "trainable.safetensors")), load_file(str(d / "backbone.safetensors"))
+    return run.history, load_file(str(d / "trainable.safetensors")), read_backbone(setup(run_config(data_file, workers=1, accumulation=4)), d)
 
 
 def relative(a, b):
@@ -79,7 +79,7 @@ def test_uneven_last_steps_match_single_process(ray_cluster, data_file, single_p
     with result.checkpoint.as_directory() as d:
         state = json.loads(open(os.path.join(d, "state.json")).read())
         got_t = load_file(os.path.join(d, "trainable.safetensors"))
-        got_b = load_file(os.path.join(d, "backbone.safetensors"))
+        got_b = read_backbone(setup(run_config(data_file, workers=1, accumulation=4)), d)  # W_0 + the ledger
     assert [h["samples"] for h in state["history"]] == [8, 13, 21, 26]
     assert [h["loss"] for h in state["history"]] == pytest.approx([h["loss"] for h in history], rel=1e-5)
     worst_factor = max(relative(got_t[k], v) for k, v in trainable.items())
