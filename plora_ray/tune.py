@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -154,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
     parser.add_argument("--storage", default="runs/sweeps", help="Ray storage path (shared on a cluster)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<storage>/mlflow.db)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="skip the analysis report (python -m analysis report) at the end")
     parser.add_argument("--dry-run", action="store_true", help="validate and describe the sweep, run nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the search-space file, e.g. --set num_samples=4")
@@ -198,10 +199,6 @@ def run_sweep(spec, args) -> str:
                  "parent_run_id": parent, "spec": spec.model_dump(mode="json")}
         latest.write_text(json.dumps(sweep))
     uri, parent, ended = sweep["tracking_uri"], sweep["parent_run_id"], False
-    # Ray Train V2 routes a worker's print() through the root logger *and* the original print:
-    # every line twice. Workers of a local cluster inherit this; distributed.worker_env should
-    # carry it too for clusters started elsewhere (--address).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     try:
         ensure_ray(args.address)
         restore = str(storage / sweep["name"]) if args.resume else None
@@ -215,7 +212,25 @@ def run_sweep(spec, args) -> str:
             end_running_trials(uri, parent)
             finish_sweep(uri, parent, status="FAILED")
     raise_if_every_trial_failed(results, text)
+    if not args.no_report:
+        report = write_sweep_report(uri, spec.name, parent, storage / "reports" / sweep["name"])
+        lines = text.splitlines()  # the report's path just before the closing `mlflow ui` line
+        text = "\n".join(lines[:-1] + [report] + lines[-1:])
     return text
+
+
+def write_sweep_report(uri: str, experiment: str, parent: str, out: Path) -> str:
+    """The analysis report of the sweep (tables, figures, learning ability, importance), also
+    logged to the sweep's run; a failure here loses nothing (the runs are in MLflow)."""
+    from analysis import write_report
+    from analysis.store import AnalysisError
+
+    try:
+        path = write_report(uri, experiment, parent, out)
+    except (AnalysisError, OSError, ValueError) as exc:
+        return (f"report not written ({exc}); retry: python -m analysis report --experiment {experiment} "
+                f"--sweep {parent} --tracking-uri {uri}")
+    return f"report: {path}"
 
 
 if __name__ == "__main__":

@@ -78,12 +78,17 @@ def test_optuna_asha_sweep_logs_one_run_per_trial_with_curves(tmp_path, capsys):
     assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("compare the runs: mlflow ui --backend-store-uri sqlite:////")
-    assert out[-2].startswith("checkpoint of the top trial: ") and Path(out[-2].split(": ", 1)[1]).is_dir()
-    assert out[-3].startswith(("Best: ", "No configuration is distinguishable", "Only one configuration"))
+    assert out[-2].startswith("report: ") and Path(out[-2].split(": ", 1)[1]).is_file()  # analysis/
+    assert out[-3].startswith("checkpoint of the top trial: ") and Path(out[-3].split(": ", 1)[1]).is_dir()
+    assert out[-4].startswith(("Best: ", "No configuration is distinguishable", "Only one configuration"))
     uri = default_tracking_uri(tmp_path / "sweeps")
     sweep = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())
     trials = sweep_trials(uri, sweep["parent_run_id"])
     assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
+    from mlflow import MlflowClient
+
+    logged = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(sweep["parent_run_id"], "report")}
+    assert "report/report.md" in logged and any(p.endswith(".png") for p in logged)  # shown in the UI
     assert len({t["name"][:15] for t in trials}) == 4  # names the MLflow UI tells apart
     for t in trials:
         assert t["status"] in ("finished", "stopped_early")
@@ -103,7 +108,7 @@ def test_diverging_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     space = write_space(tmp_path, searcher={"type": "grid"}, num_samples=1,
                         space={"optim.lr": {"grid": [1e-3, 10.0]}},  # full fine-tuning at lr 10 blows up
                         base=base(method="full", optim={"max_grad_norm": None}))
-    assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 0
+    assert main([str(space), "--storage", str(tmp_path / "sweeps"), "--no-report"]) == 0
     uri = default_tracking_uri(tmp_path / "sweeps")
     sweep = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())
     status = {t["params"]["optim.lr"]: t["status"] for t in sweep_trials(uri, sweep["parent_run_id"])}
@@ -117,7 +122,7 @@ def test_killed_sweep_resumes_without_lost_or_duplicated_trials(tmp_path):
     ray.shutdown()  # free the 2 cores for the sweep's own cluster
     space = write_space(tmp_path, searcher={"type": "random", "seed": 1}, max_concurrent=1)
     storage = tmp_path / "sweeps"
-    cmd = [sys.executable, "-m", "plora_ray.tune", str(space), "--storage", str(storage)]
+    cmd = [sys.executable, "-m", "plora_ray.tune", str(space), "--storage", str(storage), "--no-report"]
     uri = default_tracking_uri(storage)
     proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -148,7 +153,7 @@ def test_repeats_run_every_configuration_with_distinct_seeds_and_the_summary_agg
     space = write_space(tmp_path, searcher={"type": "grid"}, num_samples=1, repeats=3,
                         space={"lora.rank": {"grid": [1, 4]}},
                         base=base(data={"max_steps": 2}, checkpoint_every_steps=None))
-    assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 0
+    assert main([str(space), "--storage", str(tmp_path / "sweeps"), "--no-report"]) == 0
     out = capsys.readouterr().out
     uri = default_tracking_uri(tmp_path / "sweeps")
     parent = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())["parent_run_id"]
@@ -186,7 +191,7 @@ def test_trial_that_fails_for_good_ends_failed_not_running(tmp_path, monkeypatch
     monkeypatch.setattr(tune_cli, "build_tuner", build_then_break_the_data)
     space = write_space(tmp_path, searcher={"type": "grid"}, num_samples=1, space={"lora.rank": {"grid": [2]}},
                         base=base(data={"train_files": [str(data)], "max_steps": 2}))
-    assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 1  # every trial failed
+    assert main([str(space), "--storage", str(tmp_path / "sweeps"), "--no-report"]) == 1  # every trial failed
     assert "No trial finished with train/loss" in capsys.readouterr().out
     uri = default_tracking_uri(tmp_path / "sweeps")
     parent = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())["parent_run_id"]
