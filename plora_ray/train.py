@@ -37,10 +37,22 @@ def unique_dir(path: Path) -> Path:
     return Path(f"{path}-{n}")
 
 
+def local_device(cfg: RunConfig):
+    """The one process's device: the first GPU with ``distributed.use_gpu``, else the CPU."""
+    import torch
+
+    if not cfg.distributed.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("field 'distributed.use_gpu': true, but no CUDA device is visible here: "
+                          "set it to false or run on a GPU machine")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def run_local(cfg: RunConfig, out: Path, resume: bool) -> dict:
     """One process: train, checkpoint into ``out/checkpoint`` every ``checkpoint_every_steps``
     and at the end, then write the run directory. Returns the summary."""
-    run = setup(cfg)
+    run = setup(cfg, device=local_device(cfg))
     if resume:
         load_run_checkpoint(run, out / CHECKPOINT)
         print(f"resuming at step {run.start_step} of {len(run.steps)}")
