@@ -1,0 +1,109 @@
+"""PLoRA's "no additional memory" and its step speed, against the same LoRA run.
+
+    python bench/memory_parity.py [--device cpu|cuda] [--steps 12] [--shape smollm2|tiny]
+
+Each method runs in its own fresh process (peak memory is per process): the same random-init
+Llama (SmolLM2-135M's shapes by default: hidden 576, 30 layers, 9/3 heads, MLP 1536, bf16
+weights), LoRA r 8 on all seven linear layers, the same rows, micro-batch and steps; PLoRA
+unloads every 2 steps. Peak memory is the training process's peak RSS during training on
+CPU (``ru_maxrss``) and ``torch.cuda.max_memory_allocated`` on a GPU. Step speed is tokens/s
+over the steps *without* an unload, after two warm-up steps. Last line: the two ratios.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    "smollm2": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "intermediate_size": 1536},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 128},
+}
+
+
+def child(method: str, args) -> dict:
+    import torch
+
+    from plora_ray.config import build_run_config
+    from plora_ray.loop import setup, train_step
+
+    cfg = build_run_config({
+        "name": f"mem-{method}", "method": method, "seed": 0,
+        "model": {"name_or_path": "tiny", "dtype": "bfloat16", "tiny": SHAPES[args.shape]},
+        "lora": {"rank": 8, "alpha": 16,
+                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+        "plora": {"unload_every_steps": 2, "momentum": 0.0},
+        "data": {"train_files": ["tiny-dialogues"], "max_length": 256, "micro_batch_size": 4,
+                 "gradient_accumulation_steps": 1, "max_steps": args.steps, "shuffle": False},
+        "distributed": {"use_gpu": args.device == "cuda"}})
+    device = torch.device(args.device)
+    run = setup(cfg, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    speeds = []
+    for index, micro_batches in enumerate(run.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = train_step(run, micro_batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        unloads = run.clock.step(out["samples"]) and run.unloader is not None
+        if unloads:
+            run.unloader.unload()
+        elif index >= 2:
+            speeds.append(out["tokens"] / dt)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_bytes": peak, "tokens_per_s": statistics.median(speeds), "steps": len(run.steps)}
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--shape", default="smollm2", choices=list(SHAPES))
+    parser.add_argument("--child", choices=["lora", "plora"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args)))
+        return
+    results = {}
+    for method in ("lora", "plora"):
+        cmd = [sys.executable, __file__, "--child", method, "--device", args.device, "--steps", str(args.steps),
+               "--shape", args.shape]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[method] = json.loads(out.strip().splitlines()[-1])
+    print(f"machine: {machine(args.device)}, device {args.device}, shape {args.shape}, "
+          f"{args.steps} steps of 4 x 256 tokens, LoRA r 8 on 7 modules, bf16 weights")
+    print(f"{'method':8} {'peak memory (GB)':>18} {'tokens/s (no unload)':>22}")
+    for method, r in results.items():
+        print(f"{method:8} {r['peak_bytes'] / 1e9:18.3f} {r['tokens_per_s']:22.0f}")
+    mem = results["plora"]["peak_bytes"] / results["lora"]["peak_bytes"]
+    speed = results["plora"]["tokens_per_s"] / results["lora"]["tokens_per_s"]
+    print(f"PLoRA / LoRA: peak memory {mem:.3f} (target <= 1.01), step tokens/s {speed:.3f} (target >= 0.98)")
+
+
+if __name__ == "__main__":
+    main()
