@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-EMBEDDED_MIXES = ("embedded-mix", "embedded-mix-small")  # built from offline benchmark data
+from .names import EMBEDDED_MIXES, Task  # noqa: F401  (EMBEDDED_MIXES: re-exported)
 BUNDLED_DATASETS = ("tiny-dialogues", *EMBEDDED_MIXES)  # names resolved by plora_ray.data
 
 
@@ -154,14 +154,17 @@ class HeldoutConfig(_Section):
 class EvalConfig(_Section):
     """Benchmarks scored at every checkpoint (defined as lm-evaluation-harness defines them)."""
 
-    tasks: list[Literal["gsm8k", "mmlu", "arc_easy", "arc_challenge"]] = Field(
+    tasks: list[Task] = Field(
         default_factory=list, description="empty: no benchmark (the held-out loss may still run)")
-    final_only_tasks: list[Literal["gsm8k", "mmlu", "arc_easy", "arc_challenge"]] = Field(
+    final_only_tasks: list[Task] = Field(
         default_factory=list, description="tasks of eval.tasks scored only at the final "
         "checkpoint (e.g. [gsm8k]: generation is slow); the others run at every checkpoint")
     heldout: HeldoutConfig = HeldoutConfig()
     limit: int | None = Field(20, ge=1, description="items per task (MMLU: spread over subjects); "
                               "null: the whole test set")
+    task_limits: dict[Task, int | None] = Field(
+        default_factory=dict, description="per-task items, overriding eval.limit (e.g. {gsm8k: 5}: "
+        "generation is slow)")
     limit_mode: Literal["first", "sample"] = "first"
     prompt_style: Literal["chat", "plain"] = Field("chat", description="chat: the training template")
     num_fewshot: int = Field(0, ge=0)

@@ -48,7 +48,7 @@ __all__ = [
 SEED = 20240226  # PLoRA's arXiv date; changing it changes every split below
 GSM8K_TRAIN_SIZE = 1000
 SMALL_PER_SOURCE = 100  # embedded-mix-small: 100 GSM8K + 100 ARC + 100 MMLU = 300 rows
-MIX_NAMES = ("embedded-mix", "embedded-mix-small")
+from .names import EMBEDDED_MIXES as MIX_NAMES
 
 _LETTERS = string.ascii_uppercase
 _CALC = re.compile(r"<<[^<>]*>>")

@@ -39,10 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .config import (ConfigError, RunConfig, apply_override, build_run_config, format_validation_error,
                      nearest_key, parse_override, read_yaml)
 
-METRICS = ("train/loss", "eval/gsm8k/strict", "eval/gsm8k/flexible", "eval/mmlu/acc",
-           "eval/mmlu/stem", "eval/mmlu/humanities", "eval/mmlu/social_sciences", "eval/mmlu/other",
-           "eval/arc_easy/acc", "eval/arc_easy/acc_norm", "eval/arc_challenge/acc",
-           "eval/arc_challenge/acc_norm")
+from .names import EMBEDDED_MIXES, METRICS  # noqa: E402
 Kind = Literal["choice", "grid", "uniform", "loguniform", "int"]
 KINDS = typing.get_args(Kind)
 # trial resources are set once, under `resources`, so Ray's reservation and the run agree
@@ -314,7 +311,15 @@ def _check_values(spec: SweepSpec) -> None:
         raise ConfigError(f"{src}: field 'fixed': base + fixed + resources are rejected by the "
                           f"run config ({problem[0]}): fix the value")
     task = spec.metric.split("/")[1] if spec.metric.startswith("eval/") else None
-    if task and task not in RunConfig.model_validate(_trial_data(spec, {})).eval.tasks:
+    cfg = RunConfig.model_validate(_trial_data(spec, {}))
+    if task == "heldout":
+        h = cfg.eval.heldout
+        embedded = h.files is None and any(f in EMBEDDED_MIXES for f in cfg.data.train_files)
+        if not (embedded or h.files or h.fraction > 0):
+            raise ConfigError(f"{src}: field 'metric': {spec.metric} is never measured: name held-out "
+                              "files (eval: {heldout: {files: [...]}}) or keep a fraction of the training "
+                              "rows out (eval: {heldout: {fraction: 0.1}})")
+    elif task and task not in cfg.eval.tasks:
         raise ConfigError(f"{src}: field 'metric': {spec.metric} is never measured: add {task} to "
                           f"the base's eval.tasks (eval: {{tasks: [{task}]}})")
     for key, dist in spec.space.items():

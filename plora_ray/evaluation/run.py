@@ -9,7 +9,7 @@ Items: by default from ``plora_ray.benchmarks`` (MMLU test, ARC test, GSM8K test
 on the embedded mix is never scored on problems it trained on). ``items={"mmlu": [...], ...}``
 overrides per task (tests pass hand-made rows).
 
-Limit: ``limit`` items per task, the first ones (``limit_mode="first"``, lm-eval's ``--limit``)
+Limit: ``limit`` items per task (a dict ``{task: n, "*": default}`` sets it per task), the first ones (``limit_mode="first"``, lm-eval's ``--limit``)
 or a sample drawn with ``random.Random(seed)`` and kept in source order (``"sample"``). For
 MMLU the limit is spread evenly over its 57 subjects (see ``select``), so every category stays
 represented at any limit.
@@ -37,7 +37,7 @@ from .sharding import Shard
 
 __all__ = ["TASKS", "EvalResult", "default_items", "evaluate", "evaluate_checkpoint", "select"]
 
-TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
+from ..names import TASKS
 PROMPT_STYLES = ("chat", "plain")
 LIMIT_MODES = ("first", "sample")
 
@@ -170,7 +170,8 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
             metrics.update(metrics_h)
         for task in tasks:
             rows = with_ids(items[task] if task in items else default_items(task), task)
-            rows = select(rows, limit, limit_mode, seed, key="subject" if task == "mmlu" else None)
+            n = limit.get(task, limit.get("*")) if isinstance(limit, dict) else limit
+            rows = select(rows, n, limit_mode, seed, key="subject" if task == "mmlu" else None)
             shots = None
             if num_fewshot > 0:
                 shots = fewshot_items[task] if task in fewshot_items else default_fewshot(task)
@@ -208,7 +209,8 @@ def evaluate_checkpoint(model, tokenizer, cfg, heldout: list[dict] | None = None
     tasks = [t for t in cfg.tasks if final or t not in cfg.final_only_tasks]
     if not tasks and not heldout:
         return {}, {}
-    res = evaluate(model, tokenizer, tasks, cfg.limit, cfg.prompt_style, cfg.batch_size, cfg.num_fewshot,
+    limit = {"*": cfg.limit, **cfg.task_limits} if cfg.task_limits else cfg.limit
+    res = evaluate(model, tokenizer, tasks, limit, cfg.prompt_style, cfg.batch_size, cfg.num_fewshot,
                    limit_mode=cfg.limit_mode, seed=seed, max_new_tokens=cfg.max_new_tokens,
                    heldout=heldout, rank=rank, world=world, lockstep=lockstep)
     # a standard error over fewer than two items is NaN (lm-eval: N/A): left out of MLflow

@@ -1,0 +1,25 @@
+"""Every name a config, a sweep metric or a tracker refers to, defined once.
+
+Benchmark tasks and the metrics each one reports (as lm-evaluation-harness names them), the
+held-out loss, and the embedded training mixes. ``config.py`` validates against these,
+``evaluation/`` produces them, ``search_space.py`` accepts them as a sweep's metric.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+Task = Literal["gsm8k", "mmlu", "arc_easy", "arc_challenge"]
+TASKS: tuple[str, ...] = typing.get_args(Task)
+TASK_METRICS = {
+    "gsm8k": ("strict", "flexible"),
+    "mmlu": ("acc", "stem", "humanities", "social_sciences", "other"),
+    "arc_easy": ("acc", "acc_norm"),
+    "arc_challenge": ("acc", "acc_norm"),
+}
+HELDOUT_LOSS = "eval/heldout/loss"
+# what a sweep can optimise: the training loss, the held-out loss, any benchmark metric
+METRICS: tuple[str, ...] = ("train/loss", HELDOUT_LOSS) + tuple(
+    f"eval/{task}/{metric}" for task in TASKS for metric in TASK_METRICS[task])
+EMBEDDED_MIXES = ("embedded-mix", "embedded-mix-small")  # built from offline benchmark data
