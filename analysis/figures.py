@@ -65,6 +65,14 @@ def _label(trial: Trial) -> str:
     return trial.name + (" (running)" if trial.running else "")
 
 
+def _mark_unloads(ax, t, steps, y, color) -> None:
+    """A tick on the curve at each unload inside the curve's steps."""
+    unloads = [s for s in unload_steps(t) if steps[0] <= s <= steps[-1]]
+    if unloads:
+        ux, _ = samples_axis(t, unloads)
+        ax.scatter(ux, np.interp(unloads, steps, y), marker="|", s=40, color=color)
+
+
 def train_loss_figure(sweep: Sweep, path: Path, window: int = 150) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=FIGSIZE)
@@ -76,11 +84,7 @@ def train_loss_figure(sweep: Sweep, path: Path, window: int = 150) -> Path | Non
         x, xlabel = samples_axis(t, steps)
         y = smooth(loss, window)
         line, = ax.plot(x, y, lw=1, label=_label(t))
-        unloads = [s for s in unload_steps(t) if steps[0] <= s <= steps[-1]]
-        if unloads:
-            ux, _ = samples_axis(t, unloads)
-            ax.scatter(ux, np.interp(unloads, steps, y), marker="|", s=40,
-                       color=line.get_color())
+        _mark_unloads(ax, t, steps, y, line.get_color())
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -112,11 +116,7 @@ def eval_figure(sweep: Sweep, metric: str, path: Path, window: int = 10) -> Path
             ax.fill_between(x, smooth(np.asarray(values) - z * se, window),
                             smooth(np.asarray(values) + z * se, window),
                             color=line.get_color(), alpha=0.15, lw=0)
-        unloads = [s for s in unload_steps(t) if steps[0] <= s <= steps[-1]]
-        if unloads:
-            ux, _ = samples_axis(t, unloads)
-            ax.scatter(ux, np.interp(unloads, steps, y), marker="|", s=40,
-                       color=line.get_color())
+        _mark_unloads(ax, t, steps, y, line.get_color())
         drawn += 1
     if not drawn:
         plt.close(fig)
