@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from .config import ConfigError
 from .data import DataError
 from .preflight import SweepFailed, check_sweep, raise_if_every_trial_failed
 
+# the Tune function of a trial only waits on its TorchTrainer: a sliver of a CPU (0 is refused)
+TRIAL_CPU = 0.01
 DIVERGED_PENALTY = {"min": 1e6, "max": -1.0}  # what the searcher sees for a diverged trial
 
 
@@ -84,7 +87,7 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
 
     from .search_space import tune_param_space
 
-    trainable = tune.with_resources(tune.with_parameters(trial_function, sweep=sweep), {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(trial_function, sweep=sweep), {"cpu": TRIAL_CPU})
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True)
     s, num_samples = spec.searcher, spec.num_samples
@@ -200,7 +203,9 @@ def run_sweep(spec, args) -> str:
         latest.write_text(json.dumps(sweep))
     uri, parent, ended = sweep["tracking_uri"], sweep["parent_run_id"], False
     try:
-        ensure_ray(args.address)
+        # a local cluster counts one logical CPU more than the cores for the trials' waiting Tune
+        # functions, else 2 trials x (1 + 0.01) CPUs would not fit on 2 cores and run one by one
+        ensure_ray(args.address, num_cpus=None if args.address else (os.cpu_count() or 1) + 1)
         restore = str(storage / sweep["name"]) if args.resume else None
         results = build_tuner(spec, sweep, restore).fit()
         end_running_trials(uri, parent, trial_outcomes(results))
