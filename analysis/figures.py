@@ -36,6 +36,13 @@ def smooth(values, window: int) -> np.ndarray:
     return (c[i] - c[start]) / (i - start)
 
 
+def fitting_window(window: int, points: int) -> int:
+    """The smoothing window a curve of `points` points can take: a window wider than a fifth
+    of the curve turns a short curve into its running mean (the paper's windows, 150 steps
+    and 10 checkpoints, were for hundreds of points), so it shrinks, down to no smoothing."""
+    return max(1, min(window, points // 5))
+
+
 def samples_axis(trial: Trial, steps) -> tuple[np.ndarray, str]:
     """x positions of `steps` in training samples (train/samples), else the steps themselves."""
     s_steps, s_values = trial.history("train/samples")
@@ -77,11 +84,14 @@ def train_loss_figure(sweep: Sweep, path: Path, window: int = 150) -> Path | Non
     plt = _plt()
     fig, ax = plt.subplots(figsize=FIGSIZE)
     xlabel, drawn = "step", 0
+    requested, used = window, 1
     for t in sweep.trials:
         steps, loss = t.history("train/loss")
         if not steps:
             continue
         x, xlabel = samples_axis(t, steps)
+        window = fitting_window(requested, len(loss))
+        used = max(used, window)
         y = smooth(loss, window)
         line, = ax.plot(x, y, lw=1, label=_label(t))
         _mark_unloads(ax, t, steps, y, line.get_color())
@@ -90,7 +100,7 @@ def train_loss_figure(sweep: Sweep, path: Path, window: int = 150) -> Path | Non
         plt.close(fig)
         return None
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"training loss (moving average, {window} steps)")
+    ax.set_ylabel("training loss" + (f" (moving average, {used} steps)" if used > 1 else ""))
     ax.set_title("Training loss per trial (| : unload)")
     _legend(ax, drawn)
     return _save(fig, path)
@@ -102,12 +112,15 @@ def eval_figure(sweep: Sweep, metric: str, path: Path, window: int = 10) -> Path
     plt = _plt()
     fig, ax = plt.subplots(figsize=FIGSIZE)
     xlabel, drawn = "step", 0
+    requested, used = window, 1
     z = stats.normal_interval(0.0, 1.0, LEVEL)[1]
     for t in sweep.trials:
         steps, values = t.history(metric)
         if not steps:
             continue
         x, xlabel = samples_axis(t, steps)
+        window = fitting_window(requested, len(values))
+        used = max(used, window)
         y = smooth(values, window)
         line, = ax.plot(x, y, marker="." if len(steps) < 30 else None, lw=1, label=_label(t))
         se_steps, se = t.history(metric + "_stderr")
@@ -122,7 +135,7 @@ def eval_figure(sweep: Sweep, metric: str, path: Path, window: int = 10) -> Path
         plt.close(fig)
         return None
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(metric + (f" (moving average, {window} checkpoints)" if window > 1 else ""))
+    ax.set_ylabel(metric + (f" (moving average, {used} checkpoints)" if used > 1 else ""))
     ax.set_title(f"{metric} per checkpoint ({int(LEVEL * 100)}% band; | : unload)")
     _legend(ax, drawn)
     return _save(fig, path)
