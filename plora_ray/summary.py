@@ -184,6 +184,9 @@ def format_summary(summary: dict) -> str:
     methods = sorted({c["diff_method"] for c in summary["configs"] if c["diff_method"]})
     notes = [f"Δ = configuration − best ({summary['mode']} {m}); intervals of Δ: {'; '.join(methods)}."
              ] if methods else []
+    if methods and any("bootstrap" in x for x in methods):
+        notes.append("A paired bootstrap covers the sampling of items, not run-to-run variation of one "
+                     "seed: set `repeats` to measure that too.")
     return "\n".join([*lines, "", *notes, summary["sentence"]])
 
 
