@@ -221,11 +221,11 @@ def _curves(sweep: Sweep, out_dir: Path, numbers: dict, loss_window: int,
     md = ["## Curves", ""]
     made = []
     if figures.train_loss_figure(sweep, out_dir / "train_loss.png", loss_window):
-        made.append(("train_loss.png", f"training loss, moving average over {loss_window} steps"))
+        made.append(("train_loss.png", f"training loss, moving average over up to {loss_window} steps"))
     for m in eval_metric_keys(sweep.trials):
         name = "eval_" + m[len("eval/"):].replace("/", "_") + ".png"
         if figures.eval_figure(sweep, m, out_dir / name, eval_window):
-            made.append((name, f"{m} per checkpoint, moving average over {eval_window}"))
+            made.append((name, f"{m} per checkpoint, moving average over up to {eval_window} checkpoints"))
     if figures.rank_figure(sweep, out_dir / "accumulated_rank.png"):
         made.append(("accumulated_rank.png", "accumulated update rank per stage vs T·r"))
     for name, caption in made:
