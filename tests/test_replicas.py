@@ -67,9 +67,11 @@ def worker(rank, world, port, engine, out_dir):
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump({"before": before, "after": after, "holds_ledger": run.unloader.ledger is not None,
                    "ranks": run.unloader.ledger.ranks() if run.unloader.ledger else None}, f)
+    dist.barrier()  # leave together: a rank destroying its group while the other has gone can hang
     dist.destroy_process_group()
 
 
+@pytest.mark.timeout(300)  # two processes: a hang fails this test, not the suite
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_replicas_identical_fails_when_one_rank_is_corrupted(tmp_path, engine):
     mp.start_processes(worker, args=(2, free_port(), engine, str(tmp_path)), nprocs=2, start_method="spawn")
@@ -78,6 +80,7 @@ def test_replicas_identical_fails_when_one_rank_is_corrupted(tmp_path, engine):
     assert all(r["after"] is False for r in results)
 
 
+@pytest.mark.timeout(300)
 def test_only_rank_0_holds_the_ledger_and_measures_the_rank(tmp_path):
     mp.start_processes(worker, args=(2, free_port(), "ddp", str(tmp_path)), nprocs=2, start_method="spawn")
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
