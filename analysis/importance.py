@@ -70,10 +70,16 @@ def param_importances(sweep: Sweep, seed: int = 0) -> dict:
     if n < 2 or not study.trials[0].params:
         out["warning"] = out["warning"] or "fewer than two varied parameters or trials"
         return out
+    if len({t.value for t in study.trials}) < 2:  # fANOVA: "zero total variance in all trees"
+        out["warning"] = "every completed trial has the same metric value: nothing to attribute"
+        return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental-API warnings
-        out["fanova"] = optuna.importance.get_param_importances(
-            study, evaluator=FanovaImportanceEvaluator(seed=seed))
+        try:
+            out["fanova"] = optuna.importance.get_param_importances(
+                study, evaluator=FanovaImportanceEvaluator(seed=seed))
+        except RuntimeError as exc:  # e.g. a parameter whose values never vary the metric
+            out["fanova_error"] = str(exc).splitlines()[0]
         try:
             out["ped_anova"] = optuna.importance.get_param_importances(
                 study, evaluator=PedAnovaImportanceEvaluator())

@@ -188,6 +188,8 @@ def _evaluated_sections(sweep: Sweep, out_dir: Path, numbers: dict) -> list[str]
         for name in imp["fanova"] or imp["ped_anova"]:
             md.append(f"| {name} | {_fmt(imp['fanova'].get(name))} | "
                       f"{_fmt(imp['ped_anova'].get(name))} |")
+        if imp.get("fanova_error"):
+            md.append(f"\nfANOVA could not run: {imp['fanova_error']}")
         if imp.get("ped_anova_error"):
             md.append(f"\nPED-ANOVA could not run: {imp['ped_anova_error']}")
         if figures.importance_figure(imp, out_dir / "importance.png"):

@@ -232,7 +232,7 @@ def write_sweep_report(uri: str, experiment: str, parent: str, out: Path) -> str
 
     try:
         path = write_report(uri, experiment, parent, out)
-    except (AnalysisError, OSError, ValueError) as exc:
+    except (AnalysisError, OSError, ValueError, RuntimeError) as exc:
         return (f"report not written ({exc}); retry: python -m analysis report --experiment {experiment} "
                 f"--sweep {parent} --tracking-uri {uri}")
     return f"report: {path}"

@@ -229,13 +229,15 @@ def test_error_in_a_base_file_names_the_base_file(tmp_path):
                               "unknown key 'lora.rnk': did you mean 'lora.rank'?")
 
 
-def test_main_sweep_runs_smollm2_on_the_embedded_mix_and_scores_arc():
+def test_main_sweep_runs_smollm2_on_the_embedded_mix_and_scores_the_heldout_loss():
     spec = load_sweep(MAIN_FILE)
-    assert trial_count(spec) == 4 and spec.metric == "eval/arc_easy/acc_norm" and spec.mode == "max"
+    assert trial_count(spec) == 4 and spec.metric == "eval/heldout/loss" and spec.mode == "min"
     for params in _points(spec):
         cfg = trial_run_config(spec, params)
         assert cfg.model.name_or_path == "smollm2-135m-instruct"
-        assert cfg.data.train_files == ["embedded-mix-small"] and cfg.eval.tasks == ["arc_easy"]
+        assert cfg.data.train_files == ["embedded-mix-small"] and cfg.eval.heldout.files is None  # GSM8K held out
+        assert cfg.eval.tasks == ["arc_easy", "mmlu", "gsm8k"] and cfg.eval.final_only_tasks == ["gsm8k"]
+        assert cfg.data.max_steps // cfg.checkpoint_every_steps >= 4  # curves, not dots
 
 
 def test_trial_values_split_joint_keys_into_mlflow_param_names():
