@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -67,6 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
+    started = time.time()
     cfg = RunConfig.model_validate(config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -78,6 +80,8 @@ def train_loop_per_worker(config: dict) -> None:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
     run = setup(cfg, rank, world, device)
+    if "submitted" in config:  # the worker group's start-up, from the trainer's creation
+        run.timings["train_start"] = max(0.0, started - config["submitted"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -110,6 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     try:
         fit(run, on_step=on_step, on_unload=tracker.unload, on_checkpoint=on_checkpoint, progress=rank == 0)
+        tracker.phases(run.timings, run.clock.steps)
     except FloatingPointError as exc:  # every rank sees the same all-reduced loss
         tracker.flush()
         metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
@@ -129,7 +134,8 @@ def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None, tr
     d = cfg.distributed
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "tracking": tracking, "on_step": on_step},
+        train_loop_config={"run": cfg.model_dump(mode="json"), "tracking": tracking, "on_step": on_step,
+                           "submitted": time.time()},
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),

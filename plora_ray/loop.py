@@ -42,6 +42,9 @@ class Run:
     evals: list = field(default_factory=list)  # {"step": n, "eval/<task>/<metric>": v} per checkpoint
     heldout: list = field(default_factory=list)  # held-out examples, scored at every checkpoint
     items: dict = field(default_factory=dict)  # the last checkpoint's per-item results (items_record)
+    # wall seconds per phase of this process: model_load, tokenise, engine (setup), steps,
+    # unload, evaluation, checkpoint (fit); bench/sweep_efficiency.py reads them from MLflow
+    timings: dict = field(default_factory=dict)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -60,18 +63,22 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     evaluated: the checkpoint brings the schedule's state).
     """
     torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
     model, tokenizer = build_model(cfg)
+    t1 = time.perf_counter()
     examples = load_examples(cfg.data.train_files, tokenizer, cfg.data.max_length) if data else []
     heldout = []
     if data:  # rows kept out of training are chosen before the plan, identically on every rank
         from .evaluation.heldout import prepare_heldout
 
         examples, heldout = prepare_heldout(cfg, tokenizer, examples)
+    t2 = time.perf_counter()
     # one global plan; each rank takes its share of every step's micro-batches
     plan = StepPlan(len(examples), cfg.data.micro_batch_size, cfg.data.gradient_accumulation_steps * world,
                     cfg.data.epochs, cfg.seed, cfg.data.shuffle)
     steps = plan.steps()[: cfg.data.max_steps]
     engine = make_engine(model, cfg, device or torch.device("cpu"), rank, world)
+    timings = {"model_load": t1 - t0, "tokenise": t2 - t1, "engine": time.perf_counter() - t2}
     o, p = cfg.optim, cfg.plora
     global_batch = cfg.data.micro_batch_size * cfg.data.gradient_accumulation_steps * world
     if cfg.method == "plora" and p.scheduler_on_unload == "restart":
@@ -91,7 +98,7 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     else:
         clock = UnloadClock()  # never fires; counts samples and steps
     return Run(cfg, engine, tokenizer, examples, steps, scheduler, clock, unloader, rank, world,
-               heldout=heldout)
+               heldout=heldout, timings=timings)
 
 
 def causal_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -199,11 +206,18 @@ def fit(run: Run, on_step=None, on_unload=None, on_checkpoint=None, progress: bo
     return run
 
 
+def _lap(run: Run, phase: str, since: float) -> float:
+    now = time.perf_counter()
+    run.timings[phase] = run.timings.get(phase, 0.0) + now - since
+    return now
+
+
 def _fit_steps(run: Run, bar, on_step, on_unload, on_checkpoint, progress: bool) -> None:
     every = run.cfg.checkpoint_every_steps
     for index in range(run.start_step, len(run.steps)):
         t0 = time.perf_counter()
         out = train_step(run, run.steps[index])
+        t = _lap(run, "steps", t0)
         event = None
         if run.clock.step(out["samples"]) and run.unloader is not None:
             before = probe_logits(run) if run.cfg.plora.measure_output_change else None
@@ -211,6 +225,7 @@ def _fit_steps(run: Run, bar, on_step, on_unload, on_checkpoint, progress: bool)
             if before is not None:
                 after = probe_logits(run)
                 event.output_change = float((after - before).abs().max() / before.abs().max())
+            _lap(run, "unload", t)
         dt = time.perf_counter() - t0
         first = run.history[0]["loss"] if run.history else out["loss"]
         limit = run.cfg.diverge_factor * first
@@ -242,7 +257,9 @@ def _fit_steps(run: Run, bar, on_step, on_unload, on_checkpoint, progress: bool)
 
 
 def checkpoint_point(run: Run, final: bool, on_checkpoint, progress: bool) -> None:
+    t = time.perf_counter()
     scores = evaluate_run(run, final)
+    t = _lap(run, "evaluation", t)
     if scores:
         run.evals.append({"step": run.clock.steps, **scores})
         if progress:
@@ -251,6 +268,7 @@ def checkpoint_point(run: Run, final: bool, on_checkpoint, progress: bool) -> No
                 for k, v in scores.items() if not k.endswith("_stderr")))
     if on_checkpoint:
         on_checkpoint(run, final)
+    _lap(run, "checkpoint", t)
 
 
 def event_record(e: UnloadEvent) -> dict:

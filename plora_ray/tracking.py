@@ -522,6 +522,13 @@ class TrialTracker:
             self.logger.log_metrics(metrics, step)
             self.logger.flush()  # a checkpoint: the driver and the UI see it now
 
+    def phases(self, timings: dict, step: int) -> None:
+        """Wall seconds per phase of the trial (``phase/<name>_s``: train_start, model_load,
+        tokenise, engine, steps, unload, evaluation, checkpoint), logged once at the end."""
+        if self.logger and timings:
+            self.logger.log_metrics({f"phase/{k}_s": float(v) for k, v in timings.items()}, step)
+            self.logger.flush()
+
     def items(self, step: int, samples: int, tasks: dict) -> None:
         if self.logger and tasks:
             self.logger.log_items(step, samples, tasks)

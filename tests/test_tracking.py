@@ -220,7 +220,10 @@ def test_trial_tracker_logs_time_params_and_items_on_rank_0_only(sweep):
     tasks = {"arc_easy": {"ids": ["a", "b"], "acc": [1, 0], "acc_norm": [1, 1]}}
     tracker.items(2, 8, tasks)
     tracker.metrics({"eval/arc_easy/acc": 0.5, "eval/arc_easy/acc_stderr": 0.5}, 2)
+    tracker.phases({"steps": 3.5, "evaluation": 1.25}, 2)
     tracker.flush()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "phase/steps_s")] == [(2, 3.5)]
+    assert client.get_run(run_id).data.metrics["phase/evaluation_s"] == 1.25
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "model/trainable_params")] == [(0, 1234)]
     elapsed = [m.value for m in client.get_metric_history(run_id, "time/elapsed_s")]
     assert len(elapsed) == 2 and 0 <= elapsed[0] <= elapsed[1]

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -57,3 +58,15 @@ def test_local_model_directory_trains(tmp_path, tiny_cfg):
     tiny_tokenizer().save_pretrained(model_dir)
     run = fit(setup(tiny_cfg(model={"name_or_path": str(model_dir)}, data={"max_steps": 4})), progress=False)
     assert len(run.unloads) == 2 and run.unloads[-1].mean_rank > run.unloads[0].mean_rank
+
+
+def test_run_times_its_phases(tiny_cfg):
+    from plora_ray.loop import fit, setup
+
+    """bench/sweep_efficiency.py reads these (as MLflow ``phase/*_s``): every phase a run went
+    through has a positive wall time, and the steps are timed apart from evaluation."""
+    cfg = tiny_cfg(data={"max_steps": 4}, checkpoint_every_steps=2, eval={"heldout": {"fraction": 0.1, "limit": 4}})
+    run = fit(setup(cfg), on_checkpoint=lambda run, final: time.sleep(0.2), progress=False)
+    assert {"model_load", "tokenise", "engine", "steps", "unload", "evaluation", "checkpoint"} <= run.timings.keys()
+    assert all(v > 0 for v in run.timings.values())
+    assert len(run.evals) == 2 and run.timings["checkpoint"] >= 0.4  # the callbacks, evaluation apart
