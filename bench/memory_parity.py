@@ -65,7 +65,10 @@ def child(method: str, args) -> dict:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_bytes": peak, "tokens_per_s": statistics.median(speeds), "steps": len(run.steps)}
+    ledger = run.unloader.ledger if run.unloader is not None else None
+    held = ledger.nbytes() if ledger is not None else 0  # factors in host memory (0: on disk)
+    return {"peak_bytes": peak, "tokens_per_s": statistics.median(speeds), "steps": len(run.steps),
+            "ledger_ram": held, "ledger_disk": ledger.disk_bytes() if ledger is not None else 0}
 
 
 def machine(device: str) -> str:
@@ -100,6 +103,8 @@ def main() -> None:
     print(f"{'method':8} {'peak memory (GB)':>18} {'tokens/s (no unload)':>22}")
     for method, r in results.items():
         print(f"{method:8} {r['peak_bytes'] / 1e9:18.3f} {r['tokens_per_s']:22.0f}")
+    p = results["plora"]
+    print(f"PLoRA ledger: {p['ledger_ram'] / 1e6:.1f} MB in host memory at the end, {p['ledger_disk'] / 1e6:.1f} MB on disk")
     mem = results["plora"]["peak_bytes"] / results["lora"]["peak_bytes"]
     speed = results["plora"]["tokens_per_s"] / results["lora"]["tokens_per_s"]
     print(f"PLoRA / LoRA: peak memory {mem:.3f} (target <= 1.01), step tokens/s {speed:.3f} (target >= 0.98)")

@@ -51,7 +51,6 @@ from typing import Iterable
 
 import torch
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
 
 MOMENTUM_RULES = ("preserve", "paper")
 OPTIMIZER_ON_UNLOAD = ("reset", "keep", "prune")
@@ -302,8 +301,9 @@ class UnloadLedger:
     """Per layer, the fp32 factors merged at each stage: W_T = W_0 + sum_t B_t A_t.
 
     With a ``directory`` every stage is one append-only safetensors shard there
-    (``stage_00001.safetensors``: ``<layer>.B``, ``<layer>.A``), written by a background
-    thread; host memory holds at most the stage being written, whatever T. Without one
+    (``stage_00001.safetensors``: ``<layer>.B``, ``<layer>.A``), written at the unload
+    straight from the factors (no serialised copy); host memory holds no stage once
+    :meth:`add_stage` returns, whatever T. Without one
     (tests, small tools) the stages stay in memory. Layers are read back one at a time
     (:meth:`stage_factors`), so replaying W_T or measuring a layer's rank holds one layer's
     factors. In a data-parallel run one rank holds it (the unloader's ``hold_ledger``).
@@ -315,9 +315,6 @@ class UnloadLedger:
         self._paths: list[Path] = []  # on disk, in stage order
         self._readers: dict[int, _Shard] = {}
         self._layers: list[str] = []
-        self._writer: ThreadPoolExecutor | None = None
-        self._writing = None  # Future of the last shard's write
-        self._writing_bytes = 0
         self._lock = threading.Lock()
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -338,32 +335,17 @@ class UnloadLedger:
 
     def add_stage(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Append one stage, ``{layer: (B, A)}`` (B already scaled by c s); returns T."""
-        stage = {name: (b.detach().float().cpu().clone().contiguous(), a.detach().float().cpu().clone().contiguous())
-                 for name, (b, a) in factors.items()}
         if not self._layers:
-            self._layers = list(stage)
+            self._layers = list(factors)
         if self.directory is None:
-            self._stages.append(stage)
+            self._stages.append({name: (b.detach().float().cpu().clone(), a.detach().float().cpu().clone())
+                                 for name, (b, a) in factors.items()})
             return len(self._stages)
-        self.wait_written()  # at most one stage in host memory
+        stage = {name: (b.detach().float().cpu(), a.detach().float().cpu()) for name, (b, a) in factors.items()}
         path = self.directory / SHARD.format(len(self._paths) + 1)
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="plora-ledger")
-        self._writing = self._writer.submit(_write_shard, stage, path)
-        self._writing_bytes = sum(b.nbytes + a.nbytes for b, a in stage.values())
+        _write_shard(stage, path)
         self._paths.append(path)
         return len(self._paths)
-
-    def wait_written(self) -> None:
-        if self._writing is not None:
-            self._writing.result()
-            self._writing = None
-
-    def close(self) -> None:
-        self.wait_written()
-        if self._writer is not None:
-            self._writer.shutdown()
-            self._writer = None
 
     # -- reading ------------------------------------------------------------------
 
@@ -379,8 +361,6 @@ class UnloadLedger:
         with self._lock:
             reader = self._readers.get(index)
         if reader is None:
-            if index == len(self._paths) - 1 and self._writing is not None:
-                self._writing.result()  # written by the background thread: wait for it
             reader = _Shard(self._paths[index])
             with self._lock:
                 self._readers[index] = reader
@@ -443,10 +423,8 @@ class UnloadLedger:
         return {name: self.rank(name, stages, rtol) for name in self._layers}
 
     def nbytes(self) -> int:
-        """Bytes of factors held in host memory (on disk: the stage being written, if any)."""
-        if self.directory is None:
-            return sum(b.nbytes + a.nbytes for stage in self._stages for b, a in stage.values())
-        return 0 if self._writing is None or self._writing.done() else self._writing_bytes
+        """Bytes of factors held in host memory (0 on disk)."""
+        return sum(b.nbytes + a.nbytes for stage in self._stages for b, a in stage.values())
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self._paths)
@@ -458,7 +436,6 @@ class UnloadLedger:
         links to this ledger's shards (they never change), or the shards written now."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.wait_written()
         for old in out.glob("stage_*.safetensors"):
             old.unlink()
         for t in range(self.num_stages):
@@ -493,11 +470,30 @@ class UnloadLedger:
 
 
 def _write_shard(stage: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
-    """One stage as ``<layer>.B``/``<layer>.A`` (the layer order in the metadata), written to
-    a temporary name and then renamed: a shard that exists is complete."""
-    tensors = {f"{name}.{x}": t for name, (b, a) in stage.items() for x, t in (("B", b), ("A", a))}
+    """One stage as ``<layer>.B``/``<layer>.A`` fp32 (the layer order in the metadata), in
+    the safetensors format (8-byte header length, JSON header padded to 8 bytes, raw
+    little-endian data in offset order), each tensor written from its own memory:
+    ``safetensors.torch.save_file`` would first copy every tensor into a bytes object, a
+    second copy of the stage. Written to a temporary name, then renamed: a shard that
+    exists is complete."""
+    header: dict = {"__metadata__": {"layers": json.dumps(list(stage))}}
+    tensors, offset = [], 0
+    for name, (b, a) in stage.items():
+        for x, t in (("B", b), ("A", a)):
+            t = t.detach().to(torch.float32).contiguous()
+            header[f"{name}.{x}"] = {"dtype": "F32", "shape": list(t.shape),
+                                    "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+            tensors.append(t)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"layers": json.dumps(list(stage))})
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors:
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
     os.replace(tmp, path)
 
 
@@ -794,8 +790,8 @@ class PeriodicUnloader:
                 # fp32 sum, cast once to the backbone dtype: the ledger's replay does the same
                 self.access.merge(base, b, a, getattr(layer, "fan_in_fan_out", False))
                 t = _lap(parts, "merge", t)
-                if self.ledger is not None:
-                    stage[name] = (b, a)
+                if self.ledger is not None:  # a may be lora_a itself, re-initialised below
+                    stage[name] = (b, a.detach().clone())
                 t = _lap(parts, "ledger", t)
                 if m == 0.0:
                     g = torch.Generator().manual_seed(_seed_for(self.seed, self.stage, index))
