@@ -215,8 +215,8 @@ def merge_into_(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, fan_in_fan_ou
     for i in range(0, rows, step):
         j = min(i + step, rows)
         out = buf[: j - i]
-        torch.mm(left[i:j], right, out=out)
-        out.add_(w[i:j])
+        out.copy_(w[i:j])
+        out.addmm_(left[i:j], right)  # one GEMM with beta = 1: fp32(W) + B A, rounded once
         w[i:j].copy_(out)
     return w
 
