@@ -436,6 +436,8 @@ class UnloadLedger:
         links to this ledger's shards (they never change), or the shards written now."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        if self.directory is not None and out.resolve() == self.directory.resolve():
+            return out
         for old in out.glob("stage_*.safetensors"):
             old.unlink()
         for t in range(self.num_stages):
