@@ -27,7 +27,7 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 def ledger_bytes(rank: int, stages: int) -> int:
-    """ledger.safetensors payload: one (B: d x r, A: r x k) fp32 pair per layer and stage."""
+    """ledger/ payload: one (B: d x r, A: r x k) fp32 pair per layer and stage."""
     per_stage = sum(nbytes(torch.empty(d, rank, device="meta")) + nbytes(torch.empty(rank, k, device="meta"))
                     for d, k in SHAPES.values())
     return LAYERS * per_stage * stages
