@@ -2,6 +2,7 @@
 
     python bench/unload_cost.py [--hidden 256] [--layers 4] [--steps 10]
     python bench/unload_cost.py --llama7b [--blocks 32] [--rank 8] [--stages 50] [--every 10]
+    python bench/unload_cost.py --engines zero0,zero2,zero3 [--hidden 256] [--layers 4] [--steps 4]
 
 Default: for one tiny-model size, the median time of a training step (fp32 and bf16
 backbone) and of an unload (merge + ledger append + re-init + optimizer reset), and the
@@ -17,6 +18,11 @@ background rank measurement (its own thread, waited for after the unload); also 
 ledger's bytes in host memory and on disk. The last line: the unload at the last T scaled
 to 224 layers against the 1 s budget, and last T / first T (flat in T: ~1). Needs ~0.4 GB
 per block; the ledger goes to a temporary directory (80 MB per stage at 32 blocks).
+
+``--engines``: the default measurement on 2 CPU workers (torch.distributed gloo, one thread
+each) per engine (``ddp``, ``zero0``, ``zero2``, ``zero3``: DeepSpeed ZeRO stages, fp32):
+median step and unload over ``--steps`` of each, with the unload's parts, on rank 0 (which
+also holds the ledger).
 """
 
 import argparse
@@ -126,7 +132,82 @@ def main_llama7b(args):
           f"{seconds / typical:.2f}")
 
 
+ENGINES = {"ddp": {"engine": "ddp"}, "zero0": {"engine": "deepspeed", "zero_stage": 0},
+           "zero2": {"engine": "deepspeed", "zero_stage": 2}, "zero3": {"engine": "deepspeed", "zero_stage": 3}}
+
+
+def engine_worker(rank, world, port, engine, args, out):
+    import json
+    import os
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from plora_ray.distributed import extensions_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = build_run_config({
+        "plora": {"unload_every_steps": 10**9},
+        "model": {"tiny": {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "intermediate_size": 4 * args.hidden}},
+        "data": {"max_length": 128, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "epochs": 3},
+        "distributed": {"workers": world, **ENGINES[engine]}})
+    run = setup(cfg, rank, world)
+    steps = iter(run.steps)
+    train_step(run, next(steps))  # warm-up
+    step_s, unload_s, parts = [], [], []
+    for _ in range(args.steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        train_step(run, next(steps))
+        step_s.append(time.perf_counter() - t0)
+        dist.barrier()
+        t0 = time.perf_counter()
+        e = run.unloader.unload()
+        unload_s.append(time.perf_counter() - t0)
+        e.ranks  # rank 0's background measurement, outside the timed unload
+        parts.append(e.parts)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"step": statistics.median(step_s), "unload": statistics.median(unload_s),
+                       "parts": {k: statistics.median(p[k] for p in parts) for k in PARTS}}, f)
+    dist.barrier()
+    os._exit(0)  # leaving a gloo group with DDP attached can hang (tests/test_replicas.py)
+
+
+def main_engines(args):
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    print(f"2 CPU workers (gloo, 1 thread each), tiny llama hidden {args.hidden}, {args.layers} layers, "
+          f"4 x 128 tokens per worker; medians of {args.steps}; ms")
+    print(f"{'engine':7} {'step':>8} {'unload':>8} {'ratio':>6}  " + "  ".join(f"{k:>9}" for k in PARTS))
+    for engine in args.engines.split(","):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = f"{tmp}/rank0.json"
+            mp.start_processes(engine_worker, args=(2, port, engine, args, out), nprocs=2, start_method="spawn")
+            r = json.load(open(out))
+        print(f"{engine:7} {r['step'] * 1e3:8.1f} {r['unload'] * 1e3:8.1f} {r['unload'] / r['step']:6.3f}  " +
+              "  ".join(f"{r['parts'][k] * 1e3:9.1f}" for k in PARTS), flush=True)
+
+
 def main():
+    if "--engines" in sys.argv:
+        p = argparse.ArgumentParser()
+        p.add_argument("--engines", default="ddp,zero0,zero2,zero3")
+        p.add_argument("--hidden", type=int, default=256)
+        p.add_argument("--layers", type=int, default=4)
+        p.add_argument("--steps", type=int, default=4)
+        return main_engines(p.parse_args())
     if "--llama7b" in sys.argv:
         p = argparse.ArgumentParser()
         p.add_argument("--llama7b", action="store_true")
