@@ -325,9 +325,11 @@ class UnloadLedger:
 
     @classmethod
     def temporary(cls) -> "UnloadLedger":
-        """A ledger in a fresh temporary directory, removed when the ledger is collected or
-        the process exits."""
-        ledger = cls(tempfile.mkdtemp(prefix="plora-ledger-"))
+        """A ledger in a fresh temporary directory (``plora-ledger-<pid>-...``), removed when
+        the ledger is collected or the process exits; those of processes that died without
+        exiting (a killed Ray worker) are removed by the next one created."""
+        _remove_stale_ledgers()
+        ledger = cls(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-"))
         weakref.finalize(ledger, shutil.rmtree, str(ledger.directory), True)
         return ledger
 
@@ -469,6 +471,23 @@ class UnloadLedger:
         if not p.is_dir():
             raise FileNotFoundError(f"{p}: no ledger directory (stage_*.safetensors shards)")
         return cls(p)
+
+
+_TEMP_PREFIX = "plora-ledger-"
+
+
+def _remove_stale_ledgers() -> None:
+    """Remove temporary ledgers whose process is gone (``plora-ledger-<pid>-*``)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*-*"):
+        pid = path.name[len(_TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive, someone else's
+            pass
 
 
 def _write_shard(stage: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:

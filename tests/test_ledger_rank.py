@@ -92,3 +92,25 @@ def _header_bytes(directory):
 
     with open(sorted(directory.iterdir())[0], "rb") as f:
         return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def test_temporary_ledgers_of_dead_processes_are_removed():
+    import subprocess
+    import sys
+
+    code = ("import os; from plora_ray.plora import UnloadLedger; l = UnloadLedger.temporary(); "
+            "l.add_stage({'w': (__import__('torch').ones(2, 1), __import__('torch').ones(1, 3))}); "
+            "print(l.directory, flush=True); os._exit(0)")  # exits without cleaning up (like SIGKILL)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from pathlib import Path
+
+    stale = Path(out.stdout.strip())
+    assert stale.is_dir() and any(stale.iterdir())
+    mine = UnloadLedger.temporary()
+    assert not stale.exists() and mine.directory.is_dir()
+    mine_dir = mine.directory
+    del mine
+    import gc
+
+    gc.collect()
+    assert not mine_dir.exists()  # a collected temporary ledger removes its directory
