@@ -7,6 +7,10 @@
 is allocated): the ledger holds T fp32 factor pairs per layer (r (d + k) numbers each), a
 full-copy checkpoint every unloaded d x k weight in bf16. Both also hold the LoRA factors
 and their Adam moments (fp32, 3 copies), the same for both and printed apart.
+
+The ledger is kept on disk (one shard per stage) and a checkpoint hard-links the shards, so
+what a checkpoint writes is the adapter, its optimizer state and the links; the ledger's
+size here is what Ray persists (copies) when it uploads the checkpoint directory.
 """
 
 import argparse
@@ -23,7 +27,7 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 def ledger_bytes(rank: int, stages: int) -> int:
-    """ledger.safetensors payload: one (B: d x r, A: r x k) fp32 pair per layer and stage."""
+    """ledger/ payload: one (B: d x r, A: r x k) fp32 pair per layer and stage."""
     per_stage = sum(nbytes(torch.empty(d, rank, device="meta")) + nbytes(torch.empty(rank, k, device="meta"))
                     for d, k in SHAPES.values())
     return LAYERS * per_stage * stages
@@ -54,6 +58,8 @@ def main():
         led = ledger_bytes(args.rank, t)
         print(f"{t:>4}  {led / gb:>11.2f} GB  {copies / gb:>15.2f} GB  {led / copies:>10.3f}")
     even = copies / ledger_bytes(args.rank, 1)
+    print(f"ledger host memory: one stage during an unload = {ledger_bytes(args.rank, 1) / copies:.4f} of the "
+          f"unloaded layers' bf16 bytes, 0 between unloads (the shards are on disk)")
     print(f"ledger / copies at T={stages[-1]}: {ledger_bytes(args.rank, stages[-1]) / copies:.3f} "
           f"(break-even at T = {even:.0f})")
 

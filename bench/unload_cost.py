@@ -2,17 +2,27 @@
 
     python bench/unload_cost.py [--hidden 256] [--layers 4] [--steps 10]
     python bench/unload_cost.py --llama7b [--blocks 32] [--rank 8] [--stages 50] [--every 10]
+    python bench/unload_cost.py --engines zero0,zero2,zero3 [--hidden 256] [--layers 4] [--steps 4]
 
 Default: for one tiny-model size, the median time of a training step (fp32 and bf16
-backbone) and of an unload (merge + ledger + rank + reset), and the ratios
-unload / step and fp32 step / bf16 step, all measured in this process.
+backbone) and of an unload (merge + ledger append + re-init + optimizer reset), and the
+ratios unload / step and fp32 step / bf16 step, all measured in this process. The rank is
+measured off the unload by a background thread; its time is printed apart (waited for
+outside the timed unload).
 
 ``--llama7b``: one unload at LLaMA-7B layer shapes (``--blocks`` decoder blocks of q, k, v,
 o 4096 x 4096, gate, up 11008 x 4096, down 4096 x 11008, bf16 on the CPU, LoRA r fp32 with
 AdamW state), repeated for T = 1..``--stages`` with fresh random factors at every stage,
-split into its parts (merge, ledger + incremental rank bookkeeping, re-init, optimizer
-reset, rank); the last line is the unload at the last T against the 1 s budget (half a
-7B step). Needs ~0.4 GB per block plus the ledger (80 MB per stage at 32 blocks).
+split into its parts (merge, ledger append, re-init, optimizer reset, rank submit) and the
+background rank measurement (its own thread, waited for after the unload); also the
+ledger's bytes in host memory and on disk. The last line: the unload at the last T scaled
+to 224 layers against the 1 s budget, and last T / first T (flat in T: ~1). Needs ~0.4 GB
+per block; the ledger goes to a temporary directory (80 MB per stage at 32 blocks).
+
+``--engines``: the default measurement on 2 CPU workers (torch.distributed gloo, one thread
+each) per engine (``ddp``, ``zero0``, ``zero2``, ``zero3``: DeepSpeed ZeRO stages, fp32):
+median step and unload over ``--steps`` of each, with the unload's parts, on rank 0 (which
+also holds the ledger).
 """
 
 import argparse
@@ -47,8 +57,15 @@ def measure(dtype, args):
     steps = iter(run.steps)
     train_step(run, next(steps))  # warm-up
     step = timed(lambda: train_step(run, next(steps)), args.steps)
-    unload = timed(run.unloader.unload, args.steps)
-    return step, unload
+    unloads, ranks = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        e = run.unloader.unload()
+        t1 = time.perf_counter()
+        e.ranks  # the background measurement, waited for outside the unload
+        unloads.append(t1 - t0)
+        ranks.append(time.perf_counter() - t1)
+    return step, statistics.median(unloads), statistics.median(ranks)
 
 
 SHAPES_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
@@ -74,7 +91,8 @@ def llama7b_unloads(args):
                                              target_modules=list(SHAPES_7B)), autocast_adapter_dtype=True)
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
-    unloader = PeriodicUnloader(model, opt, momentum=0.1)
+    unloader = PeriodicUnloader(model, opt, momentum=0.1, ledger_on_disk=True)
+    model_bytes = sum(layer.get_base_layer().weight.nbytes for layer in unloader.layers.values())
     g = torch.Generator().manual_seed(0)
     rows = []
     for t in range(1, args.stages + 1):
@@ -84,29 +102,112 @@ def llama7b_unloads(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
         e = unloader.unload()
-        rows.append((t, e.seconds, e.parts, e.max_rank))
+        held = unloader.ledger.nbytes()  # factors in host memory (0: on disk)
+        t0 = time.perf_counter()
+        max_rank = e.max_rank  # waits for the background measurement
+        rank_s = time.perf_counter() - t0
+        rows.append((t, e.seconds, e.parts, max_rank))
         if t == 1 or t % args.every == 0 or t == args.stages:
             print(f"{t:4d}  {e.seconds:8.3f}  " + "  ".join(f"{e.parts[k]:8.3f}" for k in PARTS) +
-                  f"  {e.max_rank:5d}", flush=True)
+                  f"  {rank_s:10.3f}  {max_rank:5d}  {held / model_bytes:9.4f}  "
+                  f"{unloader.ledger.disk_bytes() / 1e9:7.2f}", flush=True)
     return rows
 
 
-PARTS = ("merge", "ledger", "reinit", "optimizer", "rank")
+PARTS = ("merge", "ledger", "reinit", "optimizer", "rank")  # "rank": submitting it to the meter
 
 
 def main_llama7b(args):
     layers = 7 * args.blocks
     print(f"one unload at LLaMA-7B shapes: {args.blocks} blocks ({layers} layers), r {args.rank}, bf16 "
           f"backbone, torch threads {torch.get_num_threads()}; seconds")
-    print("   T     total  " + "  ".join(f"{k:>8}" for k in PARTS) + "  max rank")
+    print("   T     total  " + "  ".join(f"{k:>8}" for k in PARTS) +
+          "  rank (bg)  max rank  RAM/model  disk GB")
     rows = llama7b_unloads(args)
     t, seconds, _, _ = rows[-1]
+    typical = statistics.median(r[1] for r in rows[1:] or rows)  # T = 1 includes first-call warm-up
     scale = 224 / layers
     print(f"unload at T={t}: {seconds:.3f} s for {layers} layers (x{scale:.2f} -> {seconds * scale:.2f} s for "
-          f"224); ratio to the 1 s budget: {seconds * scale:.2f}")
+          f"224); ratio to the 1 s budget: {seconds * scale:.2f}; unload at T={t} / median over T: "
+          f"{seconds / typical:.2f}")
+
+
+ENGINES = {"ddp": {"engine": "ddp"}, "zero0": {"engine": "deepspeed", "zero_stage": 0},
+           "zero2": {"engine": "deepspeed", "zero_stage": 2}, "zero3": {"engine": "deepspeed", "zero_stage": 3}}
+
+
+def engine_worker(rank, world, port, engine, args, out):
+    import json
+    import os
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from plora_ray.distributed import extensions_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = build_run_config({
+        "plora": {"unload_every_steps": 10**9},
+        "model": {"tiny": {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "intermediate_size": 4 * args.hidden}},
+        "data": {"max_length": 128, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "epochs": 3},
+        "distributed": {"workers": world, **ENGINES[engine]}})
+    run = setup(cfg, rank, world)
+    steps = iter(run.steps)
+    train_step(run, next(steps))  # warm-up
+    step_s, unload_s, parts = [], [], []
+    for _ in range(args.steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        train_step(run, next(steps))
+        step_s.append(time.perf_counter() - t0)
+        dist.barrier()
+        t0 = time.perf_counter()
+        e = run.unloader.unload()
+        unload_s.append(time.perf_counter() - t0)
+        e.ranks  # rank 0's background measurement, outside the timed unload
+        parts.append(e.parts)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"step": statistics.median(step_s), "unload": statistics.median(unload_s),
+                       "parts": {k: statistics.median(p[k] for p in parts) for k in PARTS}}, f)
+    dist.barrier()
+    os._exit(0)  # leaving a gloo group with DDP attached can hang (tests/test_replicas.py)
+
+
+def main_engines(args):
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    print(f"2 CPU workers (gloo, 1 thread each), tiny llama hidden {args.hidden}, {args.layers} layers, "
+          f"4 x 128 tokens per worker; medians of {args.steps}; ms")
+    print(f"{'engine':7} {'step':>8} {'unload':>8} {'ratio':>6}  " + "  ".join(f"{k:>9}" for k in PARTS))
+    for engine in args.engines.split(","):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = f"{tmp}/rank0.json"
+            mp.start_processes(engine_worker, args=(2, port, engine, args, out), nprocs=2, start_method="spawn")
+            r = json.load(open(out))
+        print(f"{engine:7} {r['step'] * 1e3:8.1f} {r['unload'] * 1e3:8.1f} {r['unload'] / r['step']:6.3f}  " +
+              "  ".join(f"{r['parts'][k] * 1e3:9.1f}" for k in PARTS), flush=True)
 
 
 def main():
+    if "--engines" in sys.argv:
+        p = argparse.ArgumentParser()
+        p.add_argument("--engines", default="ddp,zero0,zero2,zero3")
+        p.add_argument("--hidden", type=int, default=256)
+        p.add_argument("--layers", type=int, default=4)
+        p.add_argument("--steps", type=int, default=4)
+        return main_engines(p.parse_args())
     if "--llama7b" in sys.argv:
         p = argparse.ArgumentParser()
         p.add_argument("--llama7b", action="store_true")
@@ -121,11 +222,13 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
     torch.manual_seed(0)
-    step32, unload32 = measure("float32", args)
-    step16, unload16 = measure("bfloat16", args)
+    step32, unload32, rank32 = measure("float32", args)
+    step16, unload16, rank16 = measure("bfloat16", args)
     print(f"model: tiny llama hidden {args.hidden}, {args.layers} layers, micro-batch 8 x 128 tokens")
-    print(f"fp32 step {step32 * 1e3:.1f} ms, unload {unload32 * 1e3:.1f} ms -> unload/step {unload32 / step32:.3f}")
-    print(f"bf16 step {step16 * 1e3:.1f} ms, unload {unload16 * 1e3:.1f} ms -> unload/step {unload16 / step16:.3f}")
+    print(f"fp32 step {step32 * 1e3:.1f} ms, unload {unload32 * 1e3:.1f} ms -> unload/step {unload32 / step32:.3f}"
+          f" (rank, background: {rank32 * 1e3:.1f} ms)")
+    print(f"bf16 step {step16 * 1e3:.1f} ms, unload {unload16 * 1e3:.1f} ms -> unload/step {unload16 / step16:.3f}"
+          f" (rank, background: {rank16 * 1e3:.1f} ms)")
     print(f"fp32 step / bf16 step = {step32 / step16:.2f}")
 
 

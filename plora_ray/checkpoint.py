@@ -4,9 +4,12 @@ A checkpoint directory holds:
 
 * ``trainable.safetensors`` — the trainable parameters in full fp32 (LoRA A/B, or every
   weight for full fine-tuning), read from the engine's master copy;
-* ``ledger.safetensors`` — the unload ledger. It *is* the backbone: W_T is rebuilt from
-  the base model by replaying it stage by stage (``UnloadLedger.replay``: the unload's own
-  fp32 merge and cast, so bit-exact). T r (d + k) fp32 numbers per layer instead of a
+* ``ledger/stage_00001.safetensors ...`` — the unload ledger, one shard per stage,
+  hard-linked from the live ledger's shards (they never change once written; a copy where
+  a link is impossible), so the directory is self-contained when Ray persists it and a
+  checkpoint costs no copy of the factors. It *is* the backbone: W_T is rebuilt from the
+  base model by replaying it stage by stage (``UnloadLedger.replay_into_``: the unload's
+  own fp32 merge and cast, so bit-exact). T r (d + k) fp32 numbers per layer instead of a
   d x k copy; ``state.json`` records the digest of W_0 and a different base model is
   refused (:class:`CheckpointMismatch`);
 * ``backbone.safetensors`` — only when the run keeps no ledger (``plora.ledger: false``):
@@ -32,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError
 from .plora import UnloadEvent, UnloadLedger
 
-FORMAT = 2
+LEDGER = "ledger"
+FORMAT = 3  # 3: the ledger as a directory of per-stage shards
 
 
 class CheckpointMismatch(ConfigError):
@@ -100,7 +104,7 @@ def save_checkpoint(run, directory: str | Path) -> Path | None:
         save_file(backbone, str(out / "backbone.safetensors"))
     save_file(optim or {"_empty": torch.zeros(0)}, str(out / "optimizer.safetensors"))
     if _factored(run):
-        run.unloader.ledger.save(out / "ledger.safetensors")
+        run.unloader.ledger.save(out / LEDGER)
     save_file(rng, str(out / "rng.safetensors"))
     state = {
         "format": FORMAT,
@@ -146,13 +150,13 @@ def load_checkpoint(run, directory: str | Path) -> None:
     trainable = load_file(str(d / "trainable.safetensors"))
     optim = load_file(str(d / "optimizer.safetensors"))
     if state["backbone"] == "ledger":
-        ledger = UnloadLedger.load(d / "ledger.safetensors")
+        ledger = UnloadLedger.load(d / LEDGER)
         for name, layer in run.unloader.layers.items():
             w = layer.get_base_layer().weight
             with acc.gathered([w], modify=True):  # w holds W_0: the run was just set up
-                w.data.copy_(ledger.replay(name, w.detach(), getattr(layer, "fan_in_fan_out", False)))
-        if run.unloader.ledger is not None:  # the rank that holds the ledger keeps it
-            run.unloader.ledger = ledger
+                ledger.replay_into_(name, w.data, getattr(layer, "fan_in_fan_out", False))
+        if run.unloader.ledger is not None:  # the rank that holds the ledger continues it
+            run.unloader.ledger.adopt(ledger)
     elif state["backbone"] == "copies":
         backbone = load_file(str(d / "backbone.safetensors"))
         for name, w in backbone_params(run).items():
@@ -178,6 +182,7 @@ def load_checkpoint(run, directory: str | Path) -> None:
         torch.cuda.set_rng_state(rng[f"cuda.{mine}"])
     run.history = list(state["history"])
     run.unloads = [UnloadEvent(**e) for e in state["unloads"]]
+    run.ranks_printed = len(run.unloads)  # printed by the run that saved them
     run.start_step = state["step"]
 
 
@@ -188,7 +193,7 @@ def read_backbone(run, directory: str | Path) -> dict[str, torch.Tensor]:
     d = Path(directory)
     if (d / "backbone.safetensors").exists():
         return load_file(str(d / "backbone.safetensors"))
-    ledger = UnloadLedger.load(d / "ledger.safetensors")
+    ledger = UnloadLedger.load(d / LEDGER)
     names = {id(p): n for n, p in run.model.named_parameters()}
     return {names[id(layer.get_base_layer().weight)]:
             ledger.replay(name, layer.get_base_layer().weight.detach(), getattr(layer, "fan_in_fan_out", False))

@@ -45,6 +45,7 @@ class Run:
     # wall seconds per phase of this process: model_load, tokenise, engine (setup), steps,
     # unload, evaluation, checkpoint (fit); bench/sweep_efficiency.py reads them from MLflow
     timings: dict = field(default_factory=dict)
+    ranks_printed: int = 0  # unloads whose accumulated rank (measured in the background) was printed
 
     @property
     def model(self) -> torch.nn.Module:
@@ -246,17 +247,32 @@ def _fit_steps(run: Run, bar, on_step, on_unload, on_checkpoint, progress: bool)
             run.unloads.append(event)
             if progress:
                 change = "" if event.output_change is None else f", output change {event.output_change:.1e}"
-                tqdm.write(f"unload {event.stage} at step {event.step} ({event.samples} samples): "
-                           f"accumulated rank mean {event.mean_rank:.1f}, max {event.max_rank} "
-                           f"({event.seconds * 1000:.0f} ms{change})")
+                tqdm.write(f"unload {event.stage} at step {event.step} ({event.samples} samples, "
+                           f"{event.seconds * 1000:.0f} ms{change})")
             if on_unload:
                 on_unload(event)
+        if progress:
+            print_ranks(run)
         final = index == len(run.steps) - 1
         if final or (every and rec["step"] % every == 0):
             checkpoint_point(run, final, on_checkpoint, progress)
 
 
+def print_ranks(run: Run, wait: bool = False) -> None:
+    """Print the accumulated rank of the unloads whose background measurement finished (in
+    order; ``wait``: all of them)."""
+    while run.ranks_printed < len(run.unloads):
+        e = run.unloads[run.ranks_printed]
+        if not (wait or e.ranks_ready):
+            return
+        tqdm.write(f"stage {e.stage} (unload at step {e.step}): accumulated rank mean {e.mean_rank:.1f}, "
+                   f"max {e.max_rank}")
+        run.ranks_printed += 1
+
+
 def checkpoint_point(run: Run, final: bool, on_checkpoint, progress: bool) -> None:
+    if progress:
+        print_ranks(run, wait=True)
     t = time.perf_counter()
     scores = evaluate_run(run, final)
     t = _lap(run, "evaluation", t)

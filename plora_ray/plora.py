@@ -22,9 +22,11 @@ With m = 0 both are the plain unload: merge all, B <- 0, A re-initialised (peft'
 init: kaiming-uniform a=sqrt(5), or gaussian std 1/r), seeded by (seed, stage, layer) so
 that every data-parallel rank draws the same A.
 
-The ledger keeps every stage's merged factors (c s B_t, A_t) in fp32 on the CPU, so
-W_T can be rebuilt exactly from W_0 and the rank of the accumulated update is measured
-from small matrices (QR of the stacked factors), never a d x k SVD.
+The ledger keeps every stage's merged factors (c s B_t, A_t) in fp32, one append-only
+safetensors shard per stage on disk (host memory: the stage being written), so W_T can be
+rebuilt exactly from W_0. The rank of the accumulated update is measured from small
+matrices (Grams of the stacked factors, never a d x k SVD), layer by layer, in a background
+thread (:class:`RankMeter`): the unload itself costs the same at every stage.
 
 Distributed engines (DeepSpeed ZeRO) hold their own copies of parameters and optimizer
 state: they pass a :class:`LocalAccess` subclass that reads, writes and resets through them.
@@ -34,14 +36,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
+import os
+import shutil
+import struct
+import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterable
 
 import torch
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
 
 MOMENTUM_RULES = ("preserve", "paper")
 OPTIMIZER_ON_UNLOAD = ("reset", "keep", "prune")
@@ -184,16 +193,37 @@ def numerical_rank(bs: list[torch.Tensor], as_: list[torch.Tensor], rtol: float 
     return int((sv > tol).sum())
 
 
-def merge_stage(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """One stage's merge, W + B A, in fp32 (the caller casts once to the weight's dtype).
+MERGE_CHUNK_ELEMENTS = 1 << 20  # rows of W merged at a time: a 4 MB fp32 buffer (stays in cache)
 
-    The unload and the ledger's replay both call this, on the same device, so a backbone
-    rebuilt from W_0 and the ledger is bit-identical to the one training produced.
+
+@torch.no_grad()
+def merge_into_(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """One stage's merge in place, W <- cast(fp32(W) + B A), block of rows by block of rows.
+
+    Each block is summed in fp32 and cast once to W's dtype, so the result equals
+    ``(w.float() + b @ a).to(w.dtype)`` while the only temporary is one block (no d x k fp32
+    copies: the merge is one pass over W). The unload and the ledger's replay both call this
+    on the same device, so a backbone rebuilt from W_0 and the ledger is bit-identical to
+    the one training produced.
     """
-    delta = b @ a
-    if fan_in_fan_out:
-        delta = delta.T
-    return w.float() + delta.to(w.device)
+    left, right = (a.T, b.T) if fan_in_fan_out else (b, a)  # W (rows x cols) += left @ right
+    left = left.to(device=w.device, dtype=torch.float32)
+    right = right.to(device=w.device, dtype=torch.float32)
+    rows, cols = w.shape
+    step = max(1, MERGE_CHUNK_ELEMENTS // max(cols, 1))
+    buf = torch.empty((min(step, rows), cols), dtype=torch.float32, device=w.device)
+    for i in range(0, rows, step):
+        j = min(i + step, rows)
+        out = buf[: j - i]
+        out.copy_(w[i:j])
+        out.addmm_(left[i:j], right)  # one GEMM with beta = 1: fp32(W) + B A, rounded once
+        w[i:j].copy_(out)
+    return w
+
+
+def merge_stage(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """W + B A as a new tensor of W's dtype (:func:`merge_into_` on a copy)."""
+    return merge_into_(w.detach().clone(), b, a, fan_in_fan_out)
 
 
 def _rank_from_grams(gb: torch.Tensor, ga: torch.Tensor, d: int, k: int, rtol: float | None) -> int:
@@ -215,50 +245,147 @@ def _rank_from_grams(gb: torch.Tensor, ga: torch.Tensor, d: int, k: int, rtol: f
     return int((sv > tol).sum())
 
 
+_DTYPES = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "F16": torch.float16}
+SHARD = "stage_{:05d}.safetensors"
+
+
+class _Shard:
+    """One stage's safetensors file, read tensor by tensor with ``os.preadv`` straight into a
+    fresh tensor: no mmap, so reading a layer keeps only that layer's bytes resident (page
+    cache is not the process's memory)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.header, self.base = header, 8 + n
+
+    def layers(self) -> list[str]:
+        """Layer names in the order the unloader merged them (safetensors sorts its keys)."""
+        if "layers" in self.metadata:
+            return json.loads(self.metadata["layers"])
+        seen = {}
+        for key in self.header:
+            seen.setdefault(key.rsplit(".", 1)[0], None)
+        return list(seen)
+
+    def get(self, key: str) -> torch.Tensor:
+        meta = self.header[key]
+        begin, end = meta["data_offsets"]
+        out = torch.empty(meta["shape"], dtype=_DTYPES[meta["dtype"]])
+        if end > begin:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [view], self.base + begin)
+            finally:
+                os.close(fd)
+            if got != end - begin:
+                raise OSError(f"{self.path}: short read of {key}")
+        return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Shards never change once written: a hard link is a complete copy (a copy across devices)."""
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 class UnloadLedger:
     """Per layer, the fp32 factors merged at each stage: W_T = W_0 + sum_t B_t A_t.
 
-    Beside the factors it keeps each layer's Gram matrices G_B = B_cat^T B_cat and
-    G_A = A_cat A_cat^T (n x n, n = T r, float64), extended at every :meth:`add` by the new
-    factors' cross products with the old ones: O((d + k) T r^2) per layer and stage instead
-    of the O((d + k) (T r)^2) QRs of :func:`numerical_rank`, and the rank (:meth:`rank`) is
-    then computed from n x n matrices only. In a data-parallel run one rank holds it
-    (the unloader's ``hold_ledger``).
+    With a ``directory`` every stage is one append-only safetensors shard there
+    (``stage_00001.safetensors``: ``<layer>.B``, ``<layer>.A``), written at the unload
+    straight from the factors (no serialised copy); host memory holds no stage once
+    :meth:`add_stage` returns, whatever T. Without one
+    (tests, small tools) the stages stay in memory. Layers are read back one at a time
+    (:meth:`stage_factors`), so replaying W_T or measuring a layer's rank holds one layer's
+    factors. In a data-parallel run one rank holds it (the unloader's ``hold_ledger``).
     """
 
-    def __init__(self):
-        self.factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._grams: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # G_B, G_A, stages in them
+    def __init__(self, directory: str | Path | None = None):
+        self.directory = Path(directory) if directory is not None else None
+        self._stages: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []  # in memory
+        self._paths: list[Path] = []  # on disk, in stage order
+        self._readers: dict[int, _Shard] = {}
+        self._layers: list[str] = []
+        self._lock = threading.Lock()
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for path in sorted(self.directory.glob("stage_*.safetensors")):
+                self._paths.append(path)
+            if self._paths:
+                self._layers = self._shard(0).layers()
 
-    def add(self, layer: str, b: torch.Tensor, a: torch.Tensor) -> None:
-        entry = (b.detach().float().cpu().clone(), a.detach().float().cpu().clone())
-        self.factors.setdefault(layer, []).append(entry)
-        self._update_grams(layer)
+    @classmethod
+    def temporary(cls) -> "UnloadLedger":
+        """A ledger in a fresh temporary directory (``plora-ledger-<pid>-...``), removed when
+        the ledger is collected or the process exits; those of processes that died without
+        exiting (a killed Ray worker) are removed by the next one created."""
+        _remove_stale_ledgers()
+        ledger = cls(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-"))
+        weakref.finalize(ledger, shutil.rmtree, str(ledger.directory), True)
+        return ledger
 
-    def _update_grams(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Extend the layer's Grams by the stages added since the last call."""
-        entries = self.factors[layer]
-        gb, ga, done = self._grams.get(layer, (None, None, 0))
-        for i in range(done, len(entries)):
-            bd, ad = entries[i][0].double(), entries[i][1].double()
-            bb, aa = bd.T @ bd, ad @ ad.T
-            if gb is None:
-                gb, ga = bb, aa
-                continue
-            cb = torch.cat([ob.double().T @ bd for ob, _ in entries[:i]], dim=0)  # (n x r)
-            ca = torch.cat([oa.double() @ ad.T for _, oa in entries[:i]], dim=0)
-            gb = torch.cat([torch.cat([gb, cb], 1), torch.cat([cb.T, bb], 1)], 0)
-            ga = torch.cat([torch.cat([ga, ca], 1), torch.cat([ca.T, aa], 1)], 0)
-        self._grams[layer] = (gb, ga, len(entries))
-        return gb, ga
+    # -- writing ------------------------------------------------------------------
+
+    def add_stage(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Append one stage, ``{layer: (B, A)}`` (B already scaled by c s); returns T."""
+        if not self._layers:
+            self._layers = list(factors)
+        if self.directory is None:
+            self._stages.append({name: (b.detach().float().cpu().clone(), a.detach().float().cpu().clone())
+                                 for name, (b, a) in factors.items()})
+            return len(self._stages)
+        stage = {name: (b.detach().float().cpu(), a.detach().float().cpu()) for name, (b, a) in factors.items()}
+        path = self.directory / SHARD.format(len(self._paths) + 1)
+        _write_shard(stage, path)
+        self._paths.append(path)
+        return len(self._paths)
+
+    # -- reading ------------------------------------------------------------------
 
     @property
     def num_stages(self) -> int:
-        return max((len(v) for v in self.factors.values()), default=0)
+        return len(self._paths) if self.directory is not None else len(self._stages)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._layers)
+
+    def _shard(self, index: int) -> _Shard:
+        with self._lock:
+            reader = self._readers.get(index)
+        if reader is None:
+            reader = _Shard(self._paths[index])
+            with self._lock:
+                self._readers[index] = reader
+        return reader
+
+    def stage_factors(self, layer: str, stages: int | None = None):
+        """(B_t, A_t) of ``layer`` for t = 1 .. ``stages`` (all by default), one at a time."""
+        n = self.num_stages if stages is None else stages
+        for t in range(n):
+            if self.directory is None:
+                yield self._stages[t][layer]
+            else:
+                shard = self._shard(t)
+                yield shard.get(f"{layer}.B"), shard.get(f"{layer}.A")
+
+    @property
+    def factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Every stage's factors of every layer (loads the whole ledger: for tests and tools)."""
+        return {name: list(self.stage_factors(name)) for name in self._layers}
 
     def delta(self, layer: str) -> torch.Tensor:
         """The accumulated update (d x k, fp32, in nn.Linear's (out, in) layout)."""
-        bs, as_ = zip(*self.factors[layer])
+        bs, as_ = zip(*self.stage_factors(layer))
         return torch.cat(bs, dim=1) @ torch.cat(as_, dim=0)
 
     def rebuild(self, layer: str, w0: torch.Tensor) -> torch.Tensor:
@@ -266,50 +393,152 @@ class UnloadLedger:
         return w0.float() + self.delta(layer).to(w0.device)
 
     def replay(self, layer: str, w0: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
-        """W_T as training produced it, bit for bit: every stage's merge in order, each
-        cast to W_0's dtype, on W_0's device (a bf16 W_T differs from the one-pass
-        :meth:`rebuild` by the T intermediate roundings)."""
-        w = w0
-        for b, a in self.factors.get(layer, []):
-            w = merge_stage(w, b.to(w.device), a.to(w.device), fan_in_fan_out).to(w0.dtype)
+        """W_T as training produced it, bit for bit: every stage's merge in order
+        (:func:`merge_into_`, as the unload does), on W_0's device, in W_0's dtype."""
+        return self.replay_into_(layer, w0.detach().clone(), fan_in_fan_out)
+
+    def replay_into_(self, layer: str, w: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+        """:meth:`replay` in place on ``w`` (which holds W_0)."""
+        if layer in self._layers:
+            for b, a in self.stage_factors(layer):
+                merge_into_(w, b, a, fan_in_fan_out)
         return w
 
-    def rank(self, layer: str, rtol: float | None = None) -> int:
-        """Numerical rank of the accumulated update (same rule as :func:`numerical_rank`)."""
-        entries = self.factors.get(layer)
-        if not entries:
+    def rank(self, layer: str, stages: int | None = None, rtol: float | None = None) -> int:
+        """Numerical rank of the accumulated update after ``stages`` stages (all by default),
+        same rule as :func:`numerical_rank`: from the layer's stacked factors' float64 Grams
+        (one layer's factors in memory at a time)."""
+        if layer not in self._layers:
             return 0
-        gb, ga = self._update_grams(layer)
-        return _rank_from_grams(gb, ga, entries[0][0].shape[0], entries[0][1].shape[1], rtol)
+        bs, as_ = [], []
+        for b, a in self.stage_factors(layer, stages):
+            bs.append(b.double())
+            as_.append(a.double())
+        if not bs:
+            return 0
+        bcat, acat = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+        del bs, as_
+        gb, ga = bcat.T @ bcat, acat @ acat.T
+        return _rank_from_grams(gb, ga, bcat.shape[0], acat.shape[1], rtol)
 
-    def ranks(self, rtol: float | None = None) -> dict[str, int]:
-        return {name: self.rank(name, rtol) for name in self.factors}
+    def ranks(self, stages: int | None = None, rtol: float | None = None) -> dict[str, int]:
+        return {name: self.rank(name, stages, rtol) for name in self._layers}
 
     def nbytes(self) -> int:
-        return sum(b.nbytes + a.nbytes for entries in self.factors.values() for b, a in entries)
+        """Bytes of factors held in host memory (0 on disk)."""
+        return sum(b.nbytes + a.nbytes for stage in self._stages for b, a in stage.values())
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, entries in self.factors.items():
-            for t, (b, a) in enumerate(entries):
-                out[f"{name}@{t}.B"] = b
-                out[f"{name}@{t}.A"] = a
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self._paths)
+
+    # -- saving -------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """A self-contained copy of the ledger in ``directory`` (one shard per stage): hard
+        links to this ledger's shards (they never change), or the shards written now."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.directory is not None and out.resolve() == self.directory.resolve():
+            return out
+        for old in out.glob("stage_*.safetensors"):
+            old.unlink()
+        for t in range(self.num_stages):
+            dst = out / SHARD.format(t + 1)
+            if self.directory is not None:
+                _link_or_copy(self._paths[t], dst)
+            else:
+                _write_shard(self._stages[t], dst)
         return out
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.factors, self._grams = {}, {}
-        keys = sorted({k.rsplit(".", 1)[0] for k in state}, key=lambda k: (k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])))
-        for key in keys:  # the Grams are built on the first rank() call, if any
-            self.factors.setdefault(key.rsplit("@", 1)[0], []).append((state[key + ".B"], state[key + ".A"]))
-
-    def save(self, path) -> None:
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
+    def adopt(self, other: "UnloadLedger") -> None:
+        """Take ``other``'s stages as this (empty) ledger's: a resumed run continues appending."""
+        if self.num_stages:
+            raise RuntimeError("adopt() needs an empty ledger")
+        if self.directory is None:
+            per_layer = {n: list(other.stage_factors(n)) for n in other.layers}
+            self._stages = [{n: per_layer[n][t] for n in other.layers} for t in range(other.num_stages)]
+            self._layers = other.layers
+            return
+        other.save(self.directory)
+        self._paths = sorted(self.directory.glob("stage_*.safetensors"))
+        self._readers = {}
+        self._layers = other.layers
 
     @classmethod
     def load(cls, path) -> "UnloadLedger":
-        ledger = cls()
-        ledger.load_state_dict(load_file(str(path)))
-        return ledger
+        """A ledger saved by :meth:`save` (a directory of shards), read in place."""
+        p = Path(path)
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p}: no ledger directory (stage_*.safetensors shards)")
+        return cls(p)
+
+
+_TEMP_PREFIX = "plora-ledger-"
+
+
+def _remove_stale_ledgers() -> None:
+    """Remove temporary ledgers whose process is gone (``plora-ledger-<pid>-*``)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*-*"):
+        pid = path.name[len(_TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive, someone else's
+            pass
+
+
+def _write_shard(stage: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+    """One stage as ``<layer>.B``/``<layer>.A`` fp32 (the layer order in the metadata), in
+    the safetensors format (8-byte header length, JSON header padded to 8 bytes, raw
+    little-endian data in offset order), each tensor written from its own memory:
+    ``safetensors.torch.save_file`` would first copy every tensor into a bytes object, a
+    second copy of the stage. Written to a temporary name, then renamed: a shard that
+    exists is complete."""
+    header: dict = {"__metadata__": {"layers": json.dumps(list(stage))}}
+    tensors, offset = [], 0
+    for name, (b, a) in stage.items():
+        for x, t in (("B", b), ("A", a)):
+            t = t.detach().to(torch.float32).contiguous()
+            header[f"{name}.{x}"] = {"dtype": "F32", "shape": list(t.shape),
+                                    "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+            tensors.append(t)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors:
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    os.replace(tmp, path)
+
+
+def _lower_priority() -> None:
+    """Run this thread (and the threads it starts) at the lowest CPU priority (Linux)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class RankMeter:
+    """Measures the accumulated rank of each stage off the unload: one background thread at
+    the lowest CPU priority, stage after stage in order, layer by layer from the ledger
+    (the exact rule of :meth:`UnloadLedger.rank`). :meth:`submit` returns a Future of
+    ``{layer: rank}``."""
+
+    def __init__(self, ledger: UnloadLedger, rtol: float | None = None):
+        self.ledger, self.rtol = ledger, rtol
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="plora-rank", initializer=_lower_priority)
+
+    def submit(self, stages: int):
+        return self._pool.submit(self.ledger.ranks, stages, self.rtol)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def weights_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -391,14 +620,42 @@ class LocalAccess:
     def write(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
         param.data.copy_(value.to(dtype=param.dtype, device=param.device))
 
+    def merge(self, base: torch.nn.Parameter, b: torch.Tensor, a: torch.Tensor, fan_in_fan_out: bool) -> None:
+        """W <- W + B A in place on the frozen backbone weight (:func:`merge_into_`)."""
+        merge_into_(base.data, b, a, fan_in_fan_out)
+
     def reset_optimizer_state(self, optimizer, params, policy: str, prune_ratio: float) -> None:
-        for p in params:
-            if policy == "reset":
-                optimizer.state.pop(p, None)  # AdamW re-creates step, exp_avg, exp_avg_sq at 0
-            elif policy == "prune":
+        if policy == "reset":
+            reset_adam_state_(optimizer, params)
+        elif policy == "prune":
+            for p in params:
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in optimizer.state.get(p, {}):
                         prune_by_magnitude(optimizer.state[p][key], prune_ratio)
+
+
+def reset_adam_state_(optimizer, params) -> None:
+    """Adam(W)'s state of ``params`` back to that of a fresh optimizer, in place: the
+    moments (and ``max_exp_avg_sq``) zeroed and ``step`` set to 0, so the next step is
+    bit-identical to a fresh optimizer's first one while the tensors, allocated once,
+    are reused (popping the state made the next step allocate them again)."""
+    tensors, steps = [], []
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for key, value in state.items():
+            if key == "step":
+                if torch.is_tensor(value):
+                    steps.append(value)
+                else:
+                    state[key] = 0
+            elif torch.is_tensor(value):
+                tensors.append(value)
+    if tensors:
+        torch._foreach_zero_(tensors)
+    if steps:
+        torch._foreach_zero_(steps)
 
 
 def _lap(parts: dict, key: str, since: float) -> float:
@@ -407,23 +664,49 @@ def _lap(parts: dict, key: str, since: float) -> float:
     return now
 
 
-@dataclass
 class UnloadEvent:
-    stage: int  # stages completed after this unload (1 for the first)
-    step: int
-    samples: int
-    seconds: float
-    ranks: dict[str, int] = field(default_factory=dict)
-    output_change: float | None = None  # max |logits after - before| / max |before|, if measured
-    parts: dict[str, float] = field(default_factory=dict)  # seconds: merge, ledger, reinit, ...
+    """One unload. ``ranks`` (per layer, the accumulated update's rank) is measured off the
+    unload by a :class:`RankMeter`: reading ``ranks`` (or ``mean_rank``/``max_rank``) waits
+    for it; :attr:`ranks_ready` says whether it is there."""
+
+    def __init__(self, stage: int, step: int, samples: int, seconds: float, ranks: dict | None = None,
+                 output_change: float | None = None, parts: dict | None = None, pending=None):
+        self.stage = stage  # stages completed after this unload (1 for the first)
+        self.step = step
+        self.samples = samples
+        self.seconds = seconds
+        self._ranks = dict(ranks or {})
+        self._pending = pending  # Future of the ranks
+        self.output_change = output_change  # max |logits after - before| / max |before|, if measured
+        self.parts = dict(parts or {})  # seconds: merge, ledger, reinit, optimizer, rank (submit)
+
+    @property
+    def ranks_ready(self) -> bool:
+        return self._pending is None or self._pending.done()
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        if self._pending is not None:
+            self._ranks = self._pending.result()
+            self._pending = None
+        return self._ranks
+
+    @ranks.setter
+    def ranks(self, value: dict[str, int]) -> None:
+        self._ranks, self._pending = dict(value), None
 
     @property
     def mean_rank(self) -> float:
-        return sum(self.ranks.values()) / len(self.ranks) if self.ranks else 0.0
+        ranks = self.ranks
+        return sum(ranks.values()) / len(ranks) if ranks else 0.0
 
     @property
     def max_rank(self) -> int:
         return max(self.ranks.values(), default=0)
+
+    def __repr__(self) -> str:
+        return (f"UnloadEvent(stage={self.stage}, step={self.step}, samples={self.samples}, "
+                f"seconds={self.seconds:.4f}, ranks_ready={self.ranks_ready})")
 
 
 class PeriodicUnloader:
@@ -437,7 +720,8 @@ class PeriodicUnloader:
                  momentum: float = 0.0, momentum_rule: str = "preserve",
                  optimizer_on_unload: str = "reset", prune_ratio: float = 0.99,
                  init_a: str = "kaiming", seed: int = 0, keep_ledger: bool = True,
-                 hold_ledger: bool = True, adapter: str = ADAPTER, access: LocalAccess | None = None):
+                 hold_ledger: bool = True, ledger_on_disk: bool = False, adapter: str = ADAPTER,
+                 access: LocalAccess | None = None):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if momentum_rule not in MOMENTUM_RULES:
@@ -461,8 +745,12 @@ class PeriodicUnloader:
             raise ValueError("model has no peft LoRA layers to unload")
         # keep_ledger: the run records its unloads (checkpoints store the ledger instead of
         # the backbone); hold_ledger: this process holds it (one data-parallel rank suffices)
+        # ledger_on_disk: its stages go to shards in a temporary directory (host memory O(1) in T)
         self.keeps_ledger = keep_ledger
-        self.ledger = UnloadLedger() if keep_ledger and hold_ledger else None
+        self.ledger = None
+        if keep_ledger and hold_ledger:
+            self.ledger = UnloadLedger.temporary() if ledger_on_disk else UnloadLedger()
+        self.meter = RankMeter(self.ledger) if self.ledger is not None else None
         self.base_digest = self._digest_base() if keep_ledger else None
         self.stage = 0
 
@@ -481,7 +769,7 @@ class PeriodicUnloader:
     @classmethod
     def from_config(cls, model, optimizer, scheduler, plora_cfg, lora_cfg, seed=0, access=None):
         """Under torch.distributed only rank 0 holds the ledger (and measures the rank):
-        every rank merges the same factors, so one copy in host memory is enough."""
+        every rank merges the same factors, so one copy is enough. It is kept on disk."""
         hold = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
             or torch.distributed.get_rank() == 0
         clock = UnloadClock(plora_cfg.unload_every_samples, plora_cfg.unload_every_steps)
@@ -489,7 +777,7 @@ class PeriodicUnloader:
                    momentum_rule=plora_cfg.momentum_rule,
                    optimizer_on_unload=plora_cfg.optimizer_on_unload,
                    prune_ratio=plora_cfg.prune_ratio, init_a=lora_cfg.init_a, seed=seed,
-                   keep_ledger=plora_cfg.ledger, hold_ledger=hold, access=access)
+                   keep_ledger=plora_cfg.ledger, hold_ledger=hold, ledger_on_disk=True, access=access)
 
     def _reset_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
         if self.optimizer is None or self.optimizer_on_unload == "keep":
@@ -504,11 +792,14 @@ class PeriodicUnloader:
 
     @torch.no_grad()
     def unload(self) -> UnloadEvent:
+        """Merge, re-initialise, reset; the ledger's shard is written and the rank measured
+        in background threads, so the cost does not depend on the number of stages."""
         t0 = time.perf_counter()
         parts = dict.fromkeys(("merge", "ledger", "reinit", "optimizer", "rank"), 0.0)
         m = self.momentum
         c = 1.0 - m
         ad = self.adapter
+        stage = {}
         for index, (name, layer) in enumerate(self.layers.items()):
             lora_a, lora_b = layer.lora_A[ad].weight, layer.lora_B[ad].weight
             base = layer.get_base_layer().weight
@@ -518,12 +809,10 @@ class PeriodicUnloader:
                 b_full = self.access.read(lora_b)
                 b = b_full * (c * layer.scaling[ad])
                 # fp32 sum, cast once to the backbone dtype: the ledger's replay does the same
-                merged = merge_stage(self.access.read(base), b.to(base.device), a.to(base.device),
-                                     getattr(layer, "fan_in_fan_out", False))
-                self.access.write(base, merged)
+                self.access.merge(base, b, a, getattr(layer, "fan_in_fan_out", False))
                 t = _lap(parts, "merge", t)
-                if self.ledger is not None:
-                    self.ledger.add(name, b, a)
+                if self.ledger is not None:  # a may be lora_a itself, re-initialised below
+                    stage[name] = (b, a.detach().clone())
                 t = _lap(parts, "ledger", t)
                 if m == 0.0:
                     g = torch.Generator().manual_seed(_seed_for(self.seed, self.stage, index))
@@ -537,6 +826,9 @@ class PeriodicUnloader:
                 self.access.write(lora_b, new_b)
                 _lap(parts, "reinit", t)
         t = time.perf_counter()
+        if self.ledger is not None:
+            self.ledger.add_stage(stage)
+        t = _lap(parts, "ledger", t)
         self._reset_optimizer_state(lora_parameters(self.model, ad))
         if self.scheduler is not None:
             for fn in self.scheduler.lr_lambdas:
@@ -545,10 +837,10 @@ class PeriodicUnloader:
             refresh_lr(self.scheduler)
         t = _lap(parts, "optimizer", t)
         self.stage += 1
-        ranks = self.ledger.ranks() if self.ledger is not None else {}
+        pending = self.meter.submit(self.ledger.num_stages) if self.meter is not None else None
         _lap(parts, "rank", t)
         return UnloadEvent(stage=self.stage, step=self.clock.steps, samples=self.clock.samples,
-                           seconds=time.perf_counter() - t0, ranks=ranks, parts=parts)
+                           seconds=time.perf_counter() - t0, parts=parts, pending=pending)
 
     def state_dict(self) -> dict:
         return {"stage": self.stage, "clock": self.clock.state_dict()}

@@ -6,7 +6,7 @@
     <run>/checkpoint/          the last checkpoint (``--resume`` continues from it); it also holds
                                config.yaml and evals.json, so it can be evaluated on its own
     <run>/adapter/             the live peft adapter of the last stage (see ADAPTER_NOTE)
-    <run>/ledger.safetensors   every unload's merged factors (PLoRA)
+    <run>/ledger/              every unload's merged factors, one shard per stage (PLoRA)
     <run>/tokenizer/
     <run>/merged/              the trained model as a Hugging Face model directory (config.json,
                                model.safetensors, tokenizer, generation_config.json), unless
@@ -31,7 +31,7 @@ from .loop import Run, event_record, setup
 CHECKPOINT = "checkpoint"
 MERGED = "merged"
 ADAPTER_NOTE = ("Under PLoRA this adapter is only the last stage's live update: every earlier stage "
-                "was merged into the backbone at its unload (ledger.safetensors holds them). The "
+                "was merged into the backbone at its unload (ledger/ holds them). The "
                 "trained model is merged/ (or the backbone of checkpoint/ plus this adapter), not the "
                 "base model plus this adapter.")
 
@@ -150,7 +150,7 @@ def write_run_dir(run: Run, out: str | Path, **extra) -> dict:
         if run.cfg.method == "plora":
             (out / "adapter" / "README.txt").write_text(ADAPTER_NOTE + "\n")
     if run.unloader is not None and run.unloader.ledger is not None:
-        run.unloader.ledger.save(out / "ledger.safetensors")
+        run.unloader.ledger.save(out / "ledger")
     run.tokenizer.save_pretrained(str(out / "tokenizer"))
     if run.cfg.save_merged:
         save_merged(run, out / MERGED)

@@ -501,6 +501,7 @@ class TrialTracker:
 
     def __init__(self, tracking: dict | None, rank: int):
         self.logger = RunLogger(tracking["uri"], tracking["run_id"]) if tracking and rank == 0 else None
+        self._unloads = []  # unload events whose ranks are still being measured
         self._t0 = time.monotonic() - ((self.logger.last_value("time/elapsed_s") or 0.0) if self.logger else 0.0)
 
     def trainable_params(self, count: int) -> None:
@@ -508,16 +509,25 @@ class TrialTracker:
             self.logger.log_metrics({"model/trainable_params": count}, 0)
 
     def step(self, rec: dict) -> None:
+        self._log_unloads()
         if self.logger:
             self.logger.log_metrics({"train/loss": rec["loss"], "train/lr": rec["lr"],
                                      "train/samples": rec["samples"], "train/tokens_per_s": rec["tokens_per_s"],
                                      "time/elapsed_s": time.monotonic() - self._t0}, rec["step"])
 
     def unload(self, e) -> None:
+        """Logged once its ranks (measured in the background) are there, at its own step."""
         if self.logger:
+            self._unloads.append(e)
+            self._log_unloads()
+
+    def _log_unloads(self, wait: bool = False) -> None:
+        while self._unloads and (wait or self._unloads[0].ranks_ready):
+            e = self._unloads.pop(0)
             self.logger.log_unload(e.stage, e.step, e.samples, e.ranks, e.seconds, e.output_change)
 
     def metrics(self, metrics: dict, step: int) -> None:
+        self._log_unloads(wait=True)
         if self.logger:
             self.logger.log_metrics(metrics, step)
             self.logger.flush()  # a checkpoint: the driver and the UI see it now
@@ -534,6 +544,7 @@ class TrialTracker:
             self.logger.log_items(step, samples, tasks)
 
     def flush(self) -> None:
+        self._log_unloads(wait=True)
         if self.logger:
             self.logger.flush()
 

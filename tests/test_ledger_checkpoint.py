@@ -27,7 +27,9 @@ def final_checkpoint(cfg, tmp_path, on_step=None):
     assert result.error is None
     with result.checkpoint.as_directory() as d:
         files = sorted(os.listdir(d))
-        tensors = {name: load_file(os.path.join(d, f"{name}.safetensors")) for name in ("trainable", "ledger")}
+        tensors = {"trainable": load_file(os.path.join(d, "trainable.safetensors")),
+                   "ledger": {f"{shard}/{k}": v for shard in sorted(os.listdir(os.path.join(d, "ledger")))
+                              for k, v in load_file(os.path.join(d, "ledger", shard)).items()}}
         state = json.loads(open(os.path.join(d, "state.json")).read())
     return files, tensors, state
 

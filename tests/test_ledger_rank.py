@@ -4,7 +4,7 @@ QR-based ``numerical_rank`` on the same factors, full-rank and rank-deficient al
 import pytest
 import torch
 
-from plora_ray.plora import UnloadLedger, numerical_rank
+from plora_ray.plora import RankMeter, UnloadLedger, numerical_rank
 
 
 def stages(d, k, r, t, gen):
@@ -14,7 +14,7 @@ def stages(d, k, r, t, gen):
 def check_every_stage(factors, d=48, k=40):
     ledger = UnloadLedger()
     for i, (b, a) in enumerate(factors, 1):
-        ledger.add("w", b, a)
+        ledger.add_stage({"w": (b, a)})
         bs, as_ = zip(*factors[:i])
         assert ledger.rank("w") == numerical_rank(list(bs), list(as_)), f"stage {i}"
     return ledger.rank("w")
@@ -46,11 +46,11 @@ def test_incremental_rank_equals_full_rank_when_a_rows_repeat_and_stages_cancel(
 
 def test_incremental_rank_of_zero_and_tiny_updates():
     ledger = UnloadLedger()
-    ledger.add("w", torch.zeros(16, 2), torch.randn(2, 24))
+    ledger.add_stage({"w": (torch.zeros(16, 2), torch.randn(2, 24))})
     assert ledger.rank("w") == 0
-    ledger.add("w", torch.randn(16, 2), torch.randn(2, 24))
+    ledger.add_stage({"w": (torch.randn(16, 2), torch.randn(2, 24))})
     assert ledger.rank("w") == 2
-    ledger.add("w", 1e-12 * torch.randn(16, 2), torch.randn(2, 24))  # below the fp32 tolerance
+    ledger.add_stage({"w": (1e-12 * torch.randn(16, 2), torch.randn(2, 24))})  # below the fp32 tolerance
     bs, as_ = zip(*ledger.factors["w"])
     assert ledger.rank("w") == numerical_rank(list(bs), list(as_)) == 2
 
@@ -59,8 +59,58 @@ def test_rank_after_loading_a_ledger_equals_the_live_one(tmp_path):
     g = torch.Generator().manual_seed(3)
     live = UnloadLedger()
     for b, a in stages(32, 24, 2, 6, g):
-        live.add("x", b, a)
-        live.add("y", b[:, :1], a[:1])
-    live.save(tmp_path / "ledger.safetensors")
-    loaded = UnloadLedger.load(tmp_path / "ledger.safetensors")
+        live.add_stage({"x": (b, a), "y": (b[:, :1], a[:1])})
+    live.save(tmp_path / "ledger")
+    loaded = UnloadLedger.load(tmp_path / "ledger")
     assert loaded.ranks() == live.ranks() == {"x": 12, "y": 6}
+    assert loaded.ranks(stages=3) == live.ranks(stages=3) == {"x": 6, "y": 3}
+
+
+def test_on_disk_ledger_and_background_meter_match_the_in_memory_ledger(tmp_path):
+    """Shards on disk hold the same factors; the meter's ranks for
+    every stage, measured in its own thread, equal the synchronous ones."""
+    g = torch.Generator().manual_seed(4)
+    memory, disk = UnloadLedger(), UnloadLedger(tmp_path / "live")
+    meter = RankMeter(disk)
+    futures = []
+    for b, a in stages(40, 30, 3, 8, g):
+        memory.add_stage({"x": (b, a)})
+        disk.add_stage({"x": (b, a)})
+        futures.append(meter.submit(disk.num_stages))
+    assert [f.result() for f in futures] == [memory.ranks(stages=t) for t in range(1, 9)]
+    assert [f.result()["x"] for f in futures] == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert disk.nbytes() == 0 and memory.nbytes() == disk.disk_bytes() - 8 * _header_bytes(tmp_path / "live")
+    for (b1, a1), (b2, a2) in zip(memory.stage_factors("x"), disk.stage_factors("x")):
+        assert torch.equal(b1, b2) and torch.equal(a1, a2)
+    reopened = UnloadLedger(tmp_path / "live")  # a directory of shards is a ledger
+    assert reopened.num_stages == 8 and reopened.ranks() == memory.ranks()
+    meter.close()
+
+
+def _header_bytes(directory):
+    import struct
+
+    with open(sorted(directory.iterdir())[0], "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def test_temporary_ledgers_of_dead_processes_are_removed():
+    import subprocess
+    import sys
+
+    code = ("import os; from plora_ray.plora import UnloadLedger; l = UnloadLedger.temporary(); "
+            "l.add_stage({'w': (__import__('torch').ones(2, 1), __import__('torch').ones(1, 3))}); "
+            "print(l.directory, flush=True); os._exit(0)")  # exits without cleaning up (like SIGKILL)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from pathlib import Path
+
+    stale = Path(out.stdout.strip())
+    assert stale.is_dir() and any(stale.iterdir())
+    mine = UnloadLedger.temporary()
+    assert not stale.exists() and mine.directory.is_dir()
+    mine_dir = mine.directory
+    del mine
+    import gc
+
+    gc.collect()
+    assert not mine_dir.exists()  # a collected temporary ledger removes its directory

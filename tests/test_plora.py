@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 
 from plora_ray.data import collate
-from plora_ray.plora import (PeriodicUnloader, StageLR, UnloadClock, UnloadLedger, lora_layers,
+from plora_ray.plora import (LocalAccess, PeriodicUnloader, StageLR, UnloadClock, UnloadLedger, lora_layers,
                              lora_parameters, make_scheduler, numerical_rank)
 from plora_ray.train import setup, train_step
 
@@ -83,11 +84,19 @@ def test_ledger_roundtrips_through_safetensors(tiny_cfg, tmp_path):
     run.unloader.unload()
     train_steps(run, 2)
     run.unloader.unload()
-    run.unloader.ledger.save(tmp_path / "ledger.safetensors")
-    loaded = UnloadLedger.load(tmp_path / "ledger.safetensors")
-    assert loaded.num_stages == 2
-    for name in run.unloader.ledger.factors:
-        assert torch.equal(loaded.delta(name), run.unloader.ledger.delta(name))
+    live = run.unloader.ledger
+    assert live.directory is not None and live.nbytes() == 0  # on disk: nothing held once written
+    live.save(tmp_path / "ledger")
+    shards = sorted(p.name for p in (tmp_path / "ledger").iterdir())
+    assert shards == ["stage_00001.safetensors", "stage_00002.safetensors"]
+    for name in shards:  # hard links to the live shards, not copies
+        assert (tmp_path / "ledger" / name).stat().st_ino == (live.directory / name).stat().st_ino
+    for name in shards:  # the shards are plain safetensors files
+        assert len(load_file(str(tmp_path / "ledger" / name))) == 2 * len(run.unloader.layers)
+    loaded = UnloadLedger.load(tmp_path / "ledger")
+    assert loaded.num_stages == 2 and loaded.layers == live.layers == list(run.unloader.layers)
+    for name in live.layers:
+        assert torch.equal(loaded.delta(name), live.delta(name))
 
 
 class OneLayer(torch.nn.Module):
@@ -167,13 +176,15 @@ def test_unload_touches_only_lora_optimizer_state(tiny_cfg, policy):
     lora = lora_parameters(run.model)
     before = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in run.optimizer.state[p].items()}
               for p in lora + [norm]}
+    storage = {id(p): {k: v.data_ptr() for k, v in run.optimizer.state[p].items()} for p in lora}
     run.unloader.unload()
     state = run.optimizer.state
     for k, v in before[id(norm)].items():
         assert torch.equal(state[norm][k], v)  # the non-LoRA parameter is untouched
     for p in lora:
-        if policy == "reset":
-            assert p not in state or len(state[p]) == 0
+        if policy == "reset":  # zeroed in place: the same tensors, all zero, step 0
+            assert {k: v.data_ptr() for k, v in state[p].items()} == storage[id(p)]
+            assert all(not v.any() for v in state[p].values())
         elif policy == "keep":
             for k, v in before[id(p)].items():
                 assert torch.equal(state[p][k], v)
@@ -190,6 +201,34 @@ def test_unload_touches_only_lora_optimizer_state(tiny_cfg, policy):
     train_steps(run, 1)
     if policy == "reset":
         assert all(state[p]["step"].item() == 1 for p in lora)
+
+
+def test_in_place_reset_steps_exactly_like_a_fresh_optimizer():
+    """After a reset, AdamW's next steps are bit-identical to those of a new AdamW (what
+    popping the state gave), with weight decay, amsgrad's extra moment and foreach or not."""
+    for kwargs in ({"weight_decay": 0.1}, {"amsgrad": True, "foreach": False}, {"foreach": True}):
+        g = torch.Generator().manual_seed(0)
+        init = torch.randn(6, 5, generator=g)
+        grads = [torch.randn(6, 5, generator=g) for _ in range(5)]
+        runs = []
+        for fresh in (False, True):
+            p = torch.nn.Parameter(init.clone())
+            opt = torch.optim.AdamW([p], lr=1e-2, **kwargs)
+            for grad in grads[:2]:  # some history to forget
+                p.grad = grad.clone()
+                opt.step()
+            if fresh:
+                opt = torch.optim.AdamW([p], lr=1e-2, **kwargs)
+            else:
+                LocalAccess().reset_optimizer_state(opt, [p], "reset", 0.0)
+            trace = []
+            for grad in grads[2:]:
+                p.grad = grad.clone()
+                opt.step()
+                trace.append(p.detach().clone())
+            runs.append(trace)
+        for a, b in zip(*runs):
+            assert torch.equal(a, b), kwargs
 
 
 def lr_trace(cfg, n):

@@ -310,3 +310,28 @@ def test_mlflow_ui_command(tmp_path):
         f"mlflow ui --backend-store-uri '{spaced}' --port 5001")
     assert tracking.compare_runs_url("http://h:1/", "3", ["a", "b"]) == (
         "http://h:1/#/compare-runs?runs=%5B%22a%22%2C%22b%22%5D&experiments=%5B%223%22%5D")
+
+
+def test_trial_tracker_logs_an_unload_once_its_background_ranks_are_measured(sweep):
+    """The rank is measured off the unload: the unload is logged, at its own step, by the
+    first step after its ranks are there, or at the next checkpoint/flush (waiting)."""
+    from concurrent.futures import Future
+
+    from plora_ray.plora import UnloadEvent
+
+    uri, exp, client, parent = sweep
+    run_id = tracking.trial_run(uri, exp, parent, "late", "late", {})
+    tracker = tracking.TrialTracker({"uri": uri, "run_id": run_id}, rank=0)
+    first, second = Future(), Future()
+    tracker.unload(UnloadEvent(1, 2, 8, 0.01, pending=first))
+    tracker.step({"step": 3, "loss": 1.0, "lr": 1e-3, "samples": 12, "tokens_per_s": 1.0})
+    first.set_result({"q": 8, "v": 6})
+    tracker.unload(UnloadEvent(2, 4, 16, 0.01, pending=second))
+    tracker.step({"step": 5, "loss": 1.0, "lr": 1e-3, "samples": 20, "tokens_per_s": 1.0})
+    tracker.logger.flush()
+    ranks = client.get_metric_history(run_id, "plora/accumulated_rank")
+    assert [(m.step, m.value) for m in ranks] == [(2, 7.0)]  # the second is still pending
+    second.set_result({"q": 16, "v": 12})
+    tracker.flush()
+    ranks = client.get_metric_history(run_id, "plora/accumulated_rank")
+    assert sorted((m.step, m.value) for m in ranks) == [(2, 7.0), (4, 14.0)]

@@ -35,7 +35,7 @@ def test_example_run_unloads_with_growing_rank_and_outputs_rebuild_weights(tmp_p
     # W_T = W_0 + ledger, and the merged weights = W_T + the live adapter's s*B*A
     cfg = load_run_config(ROOT / "examples/tiny.yaml")
     w0 = tiny_model(cfg.model, len(tiny_tokenizer()), cfg.seed).state_dict()
-    ledger = UnloadLedger.load(out / "ledger.safetensors")
+    ledger = UnloadLedger.load(out / "ledger")
     merged = load_file(str(out / "merged" / "model.safetensors"))
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     scale = cfg.lora.alpha / cfg.lora.rank
