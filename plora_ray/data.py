@@ -216,6 +216,12 @@ class StepPlan:
 
     Per epoch the indices are shuffled with (seed, epoch); an epoch's last micro-batch
     and last step may be short (all data is used).
+
+    With ``lengths`` (one per example) the micro-batches are length-grouped, as Hugging Face's
+    ``LengthGroupedSampler`` does: the shuffled order is cut into mega-batches of
+    ``GROUP_MICRO_BATCHES`` micro-batches, each sorted by length (longest first) and cut into
+    micro-batches, whose order is then shuffled with (seed, epoch) (the short last micro-batch
+    stays last). Rows of a micro-batch then have similar lengths, so little of it is padding.
     """
 
     num_examples: int
@@ -224,12 +230,27 @@ class StepPlan:
     epochs: int = 1
     seed: int = 0
     shuffle: bool = True
+    lengths: list[int] | None = None
+
+    GROUP_MICRO_BATCHES = 50
 
     def epoch_steps(self, epoch: int) -> list[list[list[int]]]:
         order = list(range(self.num_examples))
         if self.shuffle:
             random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        micro = [order[i: i + self.micro_batch_size] for i in range(0, len(order), self.micro_batch_size)]
+        m = self.micro_batch_size
+        if self.lengths is not None:
+            if len(self.lengths) != self.num_examples:
+                raise ValueError(f"{len(self.lengths)} lengths for {self.num_examples} examples")
+            mega = m * self.GROUP_MICRO_BATCHES
+            order = [i for s in range(0, len(order), mega)
+                     for i in sorted(order[s: s + mega], key=lambda i: -self.lengths[i])]
+        micro = [order[i: i + m] for i in range(0, len(order), m)]
+        if self.lengths is not None and self.shuffle:
+            full = len(micro) - (len(micro[-1]) < m if micro else 0)
+            head = micro[:full]
+            random.Random(f"{self.seed}/{epoch}/groups").shuffle(head)
+            micro = head + micro[full:]
         k = self.gradient_accumulation_steps
         return [micro[i: i + k] for i in range(0, len(micro), k)]
 

@@ -64,3 +64,20 @@ def test_step_plan_uses_every_example_once_per_epoch(n, micro, accum):
         assert sorted(flat) == list(range(n))
     assert plan.epoch_steps(0) != plan.epoch_steps(1)
     assert StepPlan(n, micro, accum, epochs=2, seed=1).steps() == plan.steps()
+
+
+@pytest.mark.parametrize("n,micro,accum", [(50, 4, 3), (450, 4, 2), (7, 2, 2)])
+def test_length_grouped_plan_covers_each_example_once_and_groups_lengths(n, micro, accum):
+    lengths = [(i * 7919) % 256 + 1 for i in range(n)]
+    plan = StepPlan(n, micro, accum, epochs=2, seed=3, lengths=lengths)
+    for e in range(2):
+        micro_batches = [mb for step in plan.epoch_steps(e) for mb in step]
+        assert sorted(i for mb in micro_batches for i in mb) == list(range(n))
+        assert all(len(mb) == micro for mb in micro_batches[:-1])  # only the last may be short
+    assert plan.steps() == StepPlan(n, micro, accum, epochs=2, seed=3, lengths=lengths).steps()
+    assert plan.steps() != StepPlan(n, micro, accum, epochs=2, seed=4, lengths=lengths).steps()
+
+    def padding(p):
+        return sum(max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb)
+                   for step in p.steps() for mb in step)
+    assert padding(plan) < padding(StepPlan(n, micro, accum, epochs=2, seed=3)) / 2
