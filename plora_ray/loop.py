@@ -61,7 +61,8 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     """
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model(cfg)
-    examples = load_examples(cfg.data.train_files, tokenizer, cfg.data.max_length) if data else []
+    examples = load_examples(cfg.data.train_files, tokenizer, cfg.data.max_length, cfg.data.cache_dir,
+                             cfg.data.tokenize_cache) if data else []
     heldout = []
     if data:  # rows kept out of training are chosen before the plan, identically on every rank
         from .evaluation.heldout import prepare_heldout

@@ -81,3 +81,24 @@ def test_length_grouped_plan_covers_each_example_once_and_groups_lengths(n, micr
         return sum(max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb)
                    for step in p.steps() for mb in step)
     assert padding(plan) < padding(StepPlan(n, micro, accum, epochs=2, seed=3)) / 2
+
+
+def test_datasets_cache_gives_the_same_examples_and_is_read_back(tmp_path, monkeypatch):
+    import plora_ray.data as data
+
+    tok = tiny_tokenizer()
+    alpaca = {"instruction": "What is 2 + 2?", "input": "", "output": "4."}
+    (tmp_path / "a.jsonl").write_text(json.dumps({"messages": DIALOGUE}) + "\n\n" + json.dumps(alpaca) + "\n"
+                                      + json.dumps(SHAREGPT) + "\n")
+    files = [str(tmp_path / "a.jsonl"), "tiny-dialogues"]
+    plain = load_examples(files, tok, 96, cache=False)
+    cached = load_examples(files, tok, 96, cache_dir=tmp_path / "cache")
+    assert cached == plain and len(plain) == 3 + 480
+    assert len(list((tmp_path / "cache").rglob("*.arrow"))) >= 3  # raw rows + two tokenised files
+
+    def no_tokenising(*args):
+        raise AssertionError("tokenised again")
+    monkeypatch.setattr(data, "tokenize_dialogue", no_tokenising)
+    assert load_examples(files, tok, 96, cache_dir=tmp_path / "cache") == plain  # read back
+    with pytest.raises(AssertionError):  # another max_length is another cache entry
+        load_examples(files, tok, 80, cache_dir=tmp_path / "cache")

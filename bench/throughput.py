@@ -1,0 +1,196 @@
+"""Training throughput of plora_ray's loop against Hugging Face Trainer + PEFT, same run.
+
+    python bench/throughput.py [--rows full|mix] [--steps 4] [--warmup 1] [--rounds 1]
+
+Both sides: SmolLM2-135M-Instruct (the embedded model), LoRA r 8 / alpha 16 on all seven linear
+modules (peft, adapters in fp32), the same tokenised rows (assistant-only labels), micro-batch 4,
+sequence length 256, AdamW (same betas, eps, lr, clipping 1.0), constant LR, one process.
+plora_ray runs through the CLI's loop (``loop.setup`` + ``loop.train_step``); the Trainer runs
+with no evaluation, saving or logging (``report_to=[]``), ``dataloader_num_workers=0``.
+Each configuration is timed per optimizer step after ``--warmup`` steps, back to back in this
+process (``--rounds`` repeats the sequence; the best round counts).
+
+Rows: ``full`` (default) joins consecutive dialogues of the embedded mix into multi-turn
+conversations cut at 256 tokens, so every micro-batch is 4 x 256 with no padding;
+``mix`` takes the mix's dialogues as they are (mixed lengths: padding), and adds the
+length-grouped rows on both sides (``data.group_by_length`` / ``group_by_length=True``).
+
+Configurations: plora_ray with bf16 weights and with fp32 weights; the Trainer with bf16
+weights and with fp32 weights + bf16 autocast (``bf16=True``). tokens/s counts non-padding
+tokens. Last line: plora_ray (bf16 weights) / the Trainer's best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+MODEL = "smollm2-135m-instruct"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEQ, MICRO, LR = 256, 4, 1e-4
+
+
+def make_rows(kind: str, n: int, path: str) -> str:
+    """A jsonl file of ``n`` dialogues (see the module docstring)."""
+    from plora_ray.embedded_mix import build_embedded_mix
+
+    mix = [{"messages": r["messages"]} for r in build_embedded_mix("embedded-mix-small")]
+    if kind == "mix":
+        rows = mix[:n]
+    else:  # four dialogues per conversation: well over 256 tokens
+        rows = [{"messages": [m for r in mix[4 * i: 4 * i + 4] for m in r["messages"]]} for i in range(n)]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def plora_config(data_file: str, dtype: str, steps: int, group: bool):
+    from plora_ray.config import build_run_config
+
+    return build_run_config({
+        "name": "bench-throughput", "method": "lora", "seed": 0,
+        "model": {"name_or_path": MODEL, "dtype": dtype},
+        "lora": {"rank": 8, "alpha": 16, "target_modules": TARGETS},
+        "optim": {"lr": LR, "scheduler": "constant"},
+        "data": {"train_files": [data_file], "max_length": SEQ, "micro_batch_size": MICRO,
+                 "gradient_accumulation_steps": 1, "max_steps": steps, "shuffle": True,
+                 "group_by_length": group},
+        "eval": {"tasks": []}, "heldout": {"files": []}})
+
+
+def time_plora(data_file: str, dtype: str, steps: int, warmup: int, group: bool = False) -> dict:
+    from plora_ray.loop import setup, train_step
+
+    run = setup(plora_config(data_file, dtype, steps + warmup, group))
+    times, tokens = [], []
+    for index, micro_batches in enumerate(run.steps):
+        t0 = time.perf_counter()
+        out = train_step(run, micro_batches)
+        if index >= warmup:
+            times.append(time.perf_counter() - t0)
+            tokens.append(out["tokens"])
+    return {"tokens_per_s": sum(tokens) / sum(times), "step_s": statistics.median(times),
+            "loss": out["loss"], "run": run}
+
+
+def time_trainer(data_file: str, dtype: str, autocast: bool, steps: int, warmup: int,
+                 group: bool = False) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from transformers import AutoTokenizer
+
+    from plora_ray.assets import model_path
+    from plora_ray.data import collate, load_examples
+
+    path = str(model_path(MODEL))
+    tok = AutoTokenizer.from_pretrained(path)
+    examples = load_examples([data_file], tok, SEQ)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(examples)
+
+        def __getitem__(self, i):
+            return examples[i]
+
+    seen = []  # non-padding tokens of each forward pass, in order
+
+    def count(module, args, kwargs):
+        seen.append(int(kwargs["attention_mask"].sum()))
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if not marks:
+                marks.append((time.perf_counter(), len(seen)))
+
+        def on_step_end(self, args, state, control, **kw):
+            marks.append((time.perf_counter(), len(seen)))
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=MICRO, gradient_accumulation_steps=1,
+            max_steps=steps + warmup, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+            adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
+            optim="adamw_torch", bf16=autocast, use_cpu=not torch.cuda.is_available(), seed=0,
+            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
+            dataloader_num_workers=0, remove_unused_columns=False, group_by_length=group,
+            disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=lambda rows: collate(rows, tok.pad_token_id),
+                          callbacks=[Clock()])
+        trainer.train()
+    (t0, n0), (t1, n1) = marks[warmup], marks[-1]
+    timed = seen[n0:n1]
+    return {"tokens_per_s": sum(timed) / (t1 - t0), "step_s": (t1 - t0) / (len(marks) - 1 - warmup)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="full", choices=["full", "mix"])
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated subset of configurations")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from plora_ray.assets import model_path
+
+    model_path(MODEL)  # fetched and converted once, before any timing
+    tmp = tempfile.mkdtemp()
+    n = (args.steps + args.warmup) * MICRO + MICRO
+    data = make_rows(args.rows, n if args.rows == "full" else max(n, 200), os.path.join(tmp, "rows.jsonl"))
+    configs = {
+        "plora_ray bf16 weights": lambda: time_plora(data, "bfloat16", args.steps, args.warmup),
+        "Trainer+PEFT bf16 weights": lambda: time_trainer(data, "bfloat16", False, args.steps, args.warmup),
+        "Trainer+PEFT fp32 + bf16 autocast": lambda: time_trainer(data, "float32", True, args.steps, args.warmup),
+        "plora_ray fp32 weights": lambda: time_plora(data, "float32", args.steps, args.warmup),
+    }
+    if args.rows == "mix":
+        configs["plora_ray bf16, grouped"] = lambda: time_plora(data, "bfloat16", args.steps, args.warmup, True)
+        configs["Trainer+PEFT bf16, grouped"] = lambda: time_trainer(data, "bfloat16", False, args.steps,
+                                                                     args.warmup, True)
+    if args.only:
+        keep = [k.strip() for k in args.only.split(",")]
+        configs = {k: v for k, v in configs.items() if any(s in k for s in keep)}
+    best: dict[str, dict] = {}
+    for r in range(args.rounds):
+        for name, fn in configs.items():
+            res = fn()
+            res.pop("run", None)
+            print(f"round {r}: {name}: {res['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+            if name not in best or res["tokens_per_s"] > best[name]["tokens_per_s"]:
+                best[name] = res
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "?") if os.path.exists("/proc/cpuinfo") else "?"
+    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+          f"rows {args.rows}, micro-batch {MICRO} x {SEQ}, {args.steps} timed steps after {args.warmup}, "
+          f"best of {args.rounds} round(s)")
+    print(f"{'configuration':36} {'tokens/s':>10} {'s/step':>8}")
+    for name, res in best.items():
+        print(f"{name:36} {res['tokens_per_s']:10.0f} {res['step_s']:8.2f}")
+    trainer = [v["tokens_per_s"] for k, v in best.items() if k.startswith("Trainer") and "grouped" not in k]
+    ours = best.get("plora_ray bf16 weights")
+    if ours and trainer:
+        print(f"tokens/s plora_ray (bf16 weights) / Trainer+PEFT (best of its dtypes): "
+              f"{ours['tokens_per_s']:.0f} / {max(trainer):.0f} = {ours['tokens_per_s'] / max(trainer):.2f}x "
+              "(target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
