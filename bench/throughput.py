@@ -61,7 +61,7 @@ def plora_config(data_file: str, dtype: str, steps: int, group: bool):
         "data": {"train_files": [data_file], "max_length": SEQ, "micro_batch_size": MICRO,
                  "gradient_accumulation_steps": 1, "max_steps": steps, "shuffle": True,
                  "group_by_length": group},
-        "eval": {"tasks": []}, "heldout": {"files": []}})
+        "eval": {"tasks": [], "heldout": {"files": []}}})
 
 
 def time_plora(data_file: str, dtype: str, steps: int, warmup: int, group: bool = False) -> dict:

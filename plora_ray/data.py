@@ -235,6 +235,16 @@ def _tokenized(name: str, tokenizer, max_length: int, cache: Path) -> list[dict]
     and a second load with the same data, tokenizer and max_length reads it back."""
     import datasets
 
+    verbose = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # no bars in workers' logs
+    try:
+        return _tokenize_rows(name, tokenizer, max_length, cache)
+    finally:
+        if verbose:
+            datasets.enable_progress_bars()
+
+
+def _tokenize_rows(name: str, tokenizer, max_length: int, cache: Path) -> list[dict]:
     rows, source = _row_dataset(name, cache)
     key = hashlib.sha256(json.dumps([TOKENIZE_VERSION, source, tokenizer_fingerprint(tokenizer),
                                      max_length]).encode()).hexdigest()[:24]
@@ -247,14 +257,8 @@ def _tokenized(name: str, tokenizer, max_length: int, cache: Path) -> list[dict]
     if not rows.cache_files:  # an in-memory dataset caches where it is told to
         (cache / "tokenized").mkdir(parents=True, exist_ok=True)
         cache_file = str(cache / "tokenized" / f"{key}.arrow")
-    verbose = not datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        out = rows.map(encode, with_indices=True, remove_columns=rows.column_names, new_fingerprint=key,
-                       cache_file_name=cache_file, load_from_cache_file=True)
-    finally:
-        if verbose:
-            datasets.enable_progress_bars()
+    out = rows.map(encode, with_indices=True, remove_columns=rows.column_names, new_fingerprint=key,
+                   cache_file_name=cache_file, load_from_cache_file=True)
     cols = out.to_dict()
     return [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"])]
 
