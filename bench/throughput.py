@@ -1,19 +1,23 @@
 """Training throughput of plora_ray's loop against Hugging Face Trainer + PEFT, same run.
 
-    python bench/throughput.py [--rows full|mix] [--steps 4] [--warmup 1] [--rounds 1]
+    python bench/throughput.py [--rows full|mix] [--steps 4] [--warmup 1]
 
 Both sides: SmolLM2-135M-Instruct (the embedded model), LoRA r 8 / alpha 16 on all seven linear
 modules (peft, adapters in fp32), the same tokenised rows (assistant-only labels), micro-batch 4,
 sequence length 256, AdamW (same betas, eps, lr, clipping 1.0), constant LR, one process.
 plora_ray runs through the CLI's loop (``loop.setup`` + ``loop.train_step``); the Trainer runs
 with no evaluation, saving or logging (``report_to=[]``), ``dataloader_num_workers=0``.
-Each configuration is timed per optimizer step after ``--warmup`` steps, back to back in this
-process (``--rounds`` repeats the sequence; the best round counts).
+The configurations are interleaved step by step in this process, so a machine whose load
+changes (a shared one) slows all of them alike: after each Trainer step (timed from its
+``on_step_begin`` to its ``on_step_end``, i.e. without fetching its batch) one step of each
+plora_ray configuration runs (timed around ``train_step``, collation included). The first
+``--warmup`` steps of each configuration are not timed.
 
 Rows: ``full`` (default) joins consecutive dialogues of the embedded mix into multi-turn
 conversations cut at 256 tokens, so every micro-batch is 4 x 256 with no padding;
 ``mix`` takes the mix's dialogues as they are (mixed lengths: padding), and adds the
-length-grouped rows on both sides (``data.group_by_length`` / ``group_by_length=True``).
+length-grouped rows on both sides (``data.group_by_length`` /
+``train_sampling_strategy="group_by_length"``).
 
 Configurations: plora_ray with bf16 weights and with fp32 weights; the Trainer with bf16
 weights and with fp32 weights + bf16 autocast (``bf16=True``). tokens/s counts non-padding
@@ -64,23 +68,35 @@ def plora_config(data_file: str, dtype: str, steps: int, group: bool):
         "eval": {"tasks": [], "heldout": {"files": []}}})
 
 
-def time_plora(data_file: str, dtype: str, steps: int, warmup: int, group: bool = False) -> dict:
-    from plora_ray.loop import setup, train_step
+class PloraSide:
+    """A plora_ray run stepped on demand; its steps after ``warmup`` are timed."""
 
-    run = setup(plora_config(data_file, dtype, steps + warmup, group))
-    times, tokens = [], []
-    for index, micro_batches in enumerate(run.steps):
+    def __init__(self, data_file: str, dtype: str, steps: int, warmup: int, group: bool = False):
+        from plora_ray.loop import setup
+
+        self.run = setup(plora_config(data_file, dtype, steps, group))
+        self.warmup, self.index, self.times, self.tokens = warmup, 0, [], []
+
+    def step(self) -> None:
+        from plora_ray.loop import train_step
+
+        if self.index >= len(self.run.steps):
+            return
         t0 = time.perf_counter()
-        out = train_step(run, micro_batches)
-        if index >= warmup:
-            times.append(time.perf_counter() - t0)
-            tokens.append(out["tokens"])
-    return {"tokens_per_s": sum(tokens) / sum(times), "step_s": statistics.median(times),
-            "loss": out["loss"], "run": run}
+        out = train_step(self.run, self.run.steps[self.index])
+        if self.index >= self.warmup:
+            self.times.append(time.perf_counter() - t0)
+            self.tokens.append(out["tokens"])
+        self.index += 1
+
+    def result(self) -> dict:
+        return {"tokens_per_s": sum(self.tokens) / sum(self.times), "step_s": statistics.median(self.times),
+                "steps": len(self.times)}
 
 
 def time_trainer(data_file: str, dtype: str, autocast: bool, steps: int, warmup: int,
-                 group: bool = False) -> dict:
+                 group: bool = False, between=()) -> dict:
+    """Trainer + PEFT for ``steps`` steps; after each one, every callable of ``between`` runs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -111,40 +127,40 @@ def time_trainer(data_file: str, dtype: str, autocast: bool, steps: int, warmup:
 
     model.register_forward_pre_hook(count, with_kwargs=True)
 
-    marks = []
+    times, tokens = [], []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if not marks:
-                marks.append((time.perf_counter(), len(seen)))
+            self.t0, self.n0 = time.perf_counter(), len(seen)
 
         def on_step_end(self, args, state, control, **kw):
-            marks.append((time.perf_counter(), len(seen)))
+            times.append(time.perf_counter() - self.t0)
+            tokens.append(sum(seen[self.n0:]))
+            for fn in between:
+                fn()
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=MICRO, gradient_accumulation_steps=1,
-            max_steps=steps + warmup, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+            max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
             adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
             optim="adamw_torch", bf16=autocast, use_cpu=not torch.cuda.is_available(), seed=0,
             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-            dataloader_num_workers=0, remove_unused_columns=False, group_by_length=group,
+            dataloader_num_workers=0, remove_unused_columns=False,
+            train_sampling_strategy="group_by_length" if group else "random",
             disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=lambda rows: collate(rows, tok.pad_token_id),
                           callbacks=[Clock()])
         trainer.train()
-    (t0, n0), (t1, n1) = marks[warmup], marks[-1]
-    timed = seen[n0:n1]
-    return {"tokens_per_s": sum(timed) / (t1 - t0), "step_s": (t1 - t0) / (len(marks) - 1 - warmup)}
+    times, tokens = times[warmup:], tokens[warmup:]
+    return {"tokens_per_s": sum(tokens) / sum(times), "step_s": statistics.median(times), "steps": len(times)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="full", choices=["full", "mix"])
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per configuration")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps of each Trainer configuration")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--only", default="", help="comma-separated subset of configurations")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import torch
@@ -153,37 +169,33 @@ def main() -> None:
 
     model_path(MODEL)  # fetched and converted once, before any timing
     tmp = tempfile.mkdtemp()
-    n = (args.steps + args.warmup) * MICRO + MICRO
-    data = make_rows(args.rows, n if args.rows == "full" else max(n, 200), os.path.join(tmp, "rows.jsonl"))
-    configs = {
-        "plora_ray bf16 weights": lambda: time_plora(data, "bfloat16", args.steps, args.warmup),
-        "Trainer+PEFT bf16 weights": lambda: time_trainer(data, "bfloat16", False, args.steps, args.warmup),
-        "Trainer+PEFT fp32 + bf16 autocast": lambda: time_trainer(data, "float32", True, args.steps, args.warmup),
-        "plora_ray fp32 weights": lambda: time_plora(data, "float32", args.steps, args.warmup),
-    }
+    per_side = args.steps + args.warmup
+    trainers = [("Trainer+PEFT bf16 weights", "bfloat16", False, False),
+                ("Trainer+PEFT fp32 + bf16 autocast", "float32", True, False)]
     if args.rows == "mix":
-        configs["plora_ray bf16, grouped"] = lambda: time_plora(data, "bfloat16", args.steps, args.warmup, True)
-        configs["Trainer+PEFT bf16, grouped"] = lambda: time_trainer(data, "bfloat16", False, args.steps,
-                                                                     args.warmup, True)
-    if args.only:
-        keep = [k.strip() for k in args.only.split(",")]
-        configs = {k: v for k, v in configs.items() if any(s in k for s in keep)}
+        trainers.append(("Trainer+PEFT bf16, grouped", "bfloat16", False, True))
+    plora_steps = len(trainers) * per_side  # one step of each plora_ray side after each Trainer step
+    n = plora_steps * MICRO + MICRO
+    data = make_rows(args.rows, n if args.rows == "full" else max(n, 400), os.path.join(tmp, "rows.jsonl"))
+    sides = {"plora_ray bf16 weights": PloraSide(data, "bfloat16", plora_steps, args.warmup),
+             "plora_ray fp32 weights": PloraSide(data, "float32", plora_steps, args.warmup)}
+    if args.rows == "mix":
+        sides["plora_ray bf16, grouped"] = PloraSide(data, "bfloat16", plora_steps, args.warmup, group=True)
     best: dict[str, dict] = {}
-    for r in range(args.rounds):
-        for name, fn in configs.items():
-            res = fn()
-            res.pop("run", None)
-            print(f"round {r}: {name}: {res['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
-            if name not in best or res["tokens_per_s"] > best[name]["tokens_per_s"]:
-                best[name] = res
+    for name, dtype, autocast, group in trainers:
+        best[name] = time_trainer(data, dtype, autocast, per_side, args.warmup, group,
+                                  between=[side.step for side in sides.values()])
+        print(f"{name}: {best[name]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+    for name, side in sides.items():
+        best[name] = side.result()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "?") if os.path.exists("/proc/cpuinfo") else "?"
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"rows {args.rows}, micro-batch {MICRO} x {SEQ}, {args.steps} timed steps after {args.warmup}, "
-          f"best of {args.rounds} round(s)")
-    print(f"{'configuration':36} {'tokens/s':>10} {'s/step':>8}")
+          f"rows {args.rows}, micro-batch {MICRO} x {SEQ}, steps interleaved, {args.warmup} warm-up step(s) "
+          "per configuration")
+    print(f"{'configuration':36} {'tokens/s':>10} {'median s/step':>14} {'timed steps':>12}")
     for name, res in best.items():
-        print(f"{name:36} {res['tokens_per_s']:10.0f} {res['step_s']:8.2f}")
+        print(f"{name:36} {res['tokens_per_s']:10.0f} {res['step_s']:14.2f} {res['steps']:12d}")
     trainer = [v["tokens_per_s"] for k, v in best.items() if k.startswith("Trainer") and "grouped" not in k]
     ours = best.get("plora_ray bf16 weights")
     if ours and trainer:
