@@ -102,3 +102,11 @@ def test_datasets_cache_gives_the_same_examples_and_is_read_back(tmp_path, monke
     assert load_examples(files, tok, 96, cache_dir=tmp_path / "cache") == plain  # read back
     with pytest.raises(AssertionError):  # another max_length is another cache entry
         load_examples(files, tok, 80, cache_dir=tmp_path / "cache")
+
+
+def test_a_broken_file_still_names_its_line_with_the_cache_on(tmp_path):
+    from plora_ray.data import DataError
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": DIALOGUE}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
+        load_examples([str(tmp_path / "bad.jsonl")], tiny_tokenizer(), 96, cache_dir=tmp_path / "cache")
