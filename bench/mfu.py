@@ -7,7 +7,8 @@ measured in the same run.
 The run: SmolLM2-135M-Instruct, LoRA r 8 on all seven linear modules (or full fine-tuning),
 micro-batch 4 x 256, the rows of ``bench/throughput.py``, through ``loop.setup`` +
 ``loop.train_step``. The peak: the best of several 2048 x 2048 matmuls in the training dtype,
-measured before and after the timed steps (the larger counts: a conservative MFU).
+measured before the run and after every step (the largest counts: a conservative MFU on a
+machine whose load varies).
 
 Model FLOPs of a step, counted from its rows (T tokens of a row, K of them with a labelled
 next token, N the base's matmul parameters without the embedding/LM head, V x d the head):
@@ -102,10 +103,10 @@ def main() -> None:
         t0 = time.perf_counter()
         out = train_step(run, micro_batches)
         dt = time.perf_counter() - t0
+        peaks.append(matmul_peak(dtype))  # after every step: the load of a shared machine varies
         if index >= args.warmup:
             u, e = step_flops(model_cfg, run.examples, micro_batches, args.method, cfg.lora.rank)
             seconds, tokens, useful, every = seconds + dt, tokens + out["tokens"], useful + u, every + e
-    peaks.append(matmul_peak(dtype))
     peak = max(peaks)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "?") if os.path.exists("/proc/cpuinfo") else "?"
@@ -113,7 +114,7 @@ def main() -> None:
           f"{args.method}, {args.dtype} weights, rows {args.rows}{' grouped' if args.group else ''}, "
           f"micro-batch {MICRO} x {SEQ}, {args.steps} timed steps after {args.warmup}")
     print(f"2048^2 {args.dtype} matmul peak: {' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s "
-          f"(before / after the steps; {peak / 1e9:.1f} used)")
+          f"(before the run, then after each step; the largest, {peak / 1e9:.1f}, is used)")
     print(f"{'count':34} {'GFLOP/token':>12} {'GFLOP/s':>9} {'MFU':>7}")
     for name, flops in (("head on labelled positions", useful), ("head on every token (convention)", every)):
         rate = flops / seconds
