@@ -124,6 +124,15 @@ class DataConfig(_Section):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
     shuffle: bool = True
+    group_by_length: bool = Field(
+        False, description="length-grouped micro-batches (rows of similar length together: "
+        "less padding, faster steps; the step order stays seeded and shuffled)")
+    tokenize_cache: bool = Field(
+        True, description="tokenise each file once through the datasets cache (every trial of "
+        "a sweep reads it back)")
+    cache_dir: str | None = Field(
+        None, description="where datasets caches raw and tokenised rows; null: "
+        "<PLORA_RAY_CACHE or ~/.cache/plora_ray>/datasets")
 
 
 HELDOUT_NAMES = ("gsm8k-heldout",)  # the 319 GSM8K problems the embedded mix never trains on

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import RunConfig
-from .data import StepPlan, collate, load_examples
+from .data import IGNORE, StepPlan, collate, load_examples
 from .engines import make_engine
+from .loss import loss_positions, loss_sum
 from .models import build_model
 from .plora import PeriodicUnloader, StageLR, UnloadClock, UnloadEvent, make_scheduler
 
@@ -67,7 +67,8 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     t0 = time.perf_counter()
     model, tokenizer = build_model(cfg)
     t1 = time.perf_counter()
-    examples = load_examples(cfg.data.train_files, tokenizer, cfg.data.max_length) if data else []
+    examples = load_examples(cfg.data.train_files, tokenizer, cfg.data.max_length, cfg.data.cache_dir,
+                             cfg.data.tokenize_cache) if data else []
     heldout = []
     if data:  # rows kept out of training are chosen before the plan, identically on every rank
         from .evaluation.heldout import prepare_heldout
@@ -76,7 +77,8 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     t2 = time.perf_counter()
     # one global plan; each rank takes its share of every step's micro-batches
     plan = StepPlan(len(examples), cfg.data.micro_batch_size, cfg.data.gradient_accumulation_steps * world,
-                    cfg.data.epochs, cfg.seed, cfg.data.shuffle)
+                    cfg.data.epochs, cfg.seed, cfg.data.shuffle,
+                    [len(e["input_ids"]) for e in examples] if cfg.data.group_by_length else None)
     steps = plan.steps()[: cfg.data.max_steps]
     engine = make_engine(model, cfg, device or torch.device("cpu"), rank, world)
     timings = {"model_load": t1 - t0, "tokenise": t2 - t1, "engine": time.perf_counter() - t2}
@@ -103,12 +105,8 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
 
 
 def causal_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled tokens, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+    """Sum of next-token cross-entropy over labelled tokens, and their count (see ``loss``)."""
+    return loss_sum(model, batch), int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def rank_share(micro_batches: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], int]:
@@ -131,29 +129,36 @@ def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
     """
     engine, pad = run.engine, run.tokenizer.pad_token_id
 
-    def on_device(indices):
-        return {k: v.to(engine.device) for k, v in collate([run.examples[i] for i in indices], pad).items()}
+    def host_batch(indices):  # counts and loss positions on the host: no device sync
+        batch = collate([run.examples[i] for i in indices], pad)
+        batch["positions"], batch["targets"] = loss_positions(batch["labels"])
+        return batch
+
+    def on_device(batch):
+        non_blocking = engine.device.type == "cuda"
+        return {k: v.to(engine.device, non_blocking=non_blocking) for k, v in batch.items()
+                if k in ("input_ids", "attention_mask", "positions", "targets")}
 
     mine, padding = rank_share(micro_batches, run.rank, run.world)
-    batches = [on_device(mb) for mb in mine]
-    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    batches = [host_batch(mb) for mb in mine]
+    local_tokens = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
     n_tokens = engine.all_reduce_sum([local_tokens])[0]
     weight = run.world / max(n_tokens, 1)
     # padding: one example (the step's first), loss times 0, so its gradient is exactly zero
-    weighted = [(b, weight) for b in batches] + [(on_device(micro_batches[0][:1]), 0.0)] * padding
+    weighted = [(b, weight) for b in batches] + [(host_batch(micro_batches[0][:1]), 0.0)] * padding
     run.model.train()
-    loss_local, tokens = 0.0, 0
+    loss_local, tokens = torch.zeros((), dtype=torch.float64, device=engine.device), 0
     for i, (b, w) in enumerate(weighted):
         with engine.accumulating(last=i == len(weighted) - 1):
-            loss_sum, _ = causal_lm_loss_sum(engine.model, b)
-            engine.backward(loss_sum * w)
+            loss = loss_sum(engine.model, on_device(b))
+            engine.backward(loss * w)
         if w:
-            loss_local += loss_sum.item()
+            loss_local += loss.detach().double()
             tokens += int(b["attention_mask"].sum())
     lr = engine.optimizer.param_groups[0]["lr"]
     engine.step()
     run.scheduler.step()
-    loss_total, tokens = engine.all_reduce_sum([loss_local, tokens])
+    loss_total, tokens = engine.all_reduce_sum([loss_local.item(), tokens])  # the step's one sync
     samples = sum(len(mb) for mb in micro_batches)
     return {"loss": loss_total / max(n_tokens, 1), "lr": lr, "samples": samples, "tokens": tokens}
 

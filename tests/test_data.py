@@ -64,3 +64,49 @@ def test_step_plan_uses_every_example_once_per_epoch(n, micro, accum):
         assert sorted(flat) == list(range(n))
     assert plan.epoch_steps(0) != plan.epoch_steps(1)
     assert StepPlan(n, micro, accum, epochs=2, seed=1).steps() == plan.steps()
+
+
+@pytest.mark.parametrize("n,micro,accum", [(50, 4, 3), (450, 4, 2), (7, 2, 2)])
+def test_length_grouped_plan_covers_each_example_once_and_groups_lengths(n, micro, accum):
+    lengths = [(i * 7919) % 256 + 1 for i in range(n)]
+    plan = StepPlan(n, micro, accum, epochs=2, seed=3, lengths=lengths)
+    for e in range(2):
+        micro_batches = [mb for step in plan.epoch_steps(e) for mb in step]
+        assert sorted(i for mb in micro_batches for i in mb) == list(range(n))
+        assert all(len(mb) == micro for mb in micro_batches[:-1])  # only the last may be short
+    assert plan.steps() == StepPlan(n, micro, accum, epochs=2, seed=3, lengths=lengths).steps()
+    assert plan.steps() != StepPlan(n, micro, accum, epochs=2, seed=4, lengths=lengths).steps()
+
+    def padding(p):
+        return sum(max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb)
+                   for step in p.steps() for mb in step)
+    assert padding(plan) < padding(StepPlan(n, micro, accum, epochs=2, seed=3)) / 2
+
+
+def test_datasets_cache_gives_the_same_examples_and_is_read_back(tmp_path, monkeypatch):
+    import plora_ray.data as data
+
+    tok = tiny_tokenizer()
+    alpaca = {"instruction": "What is 2 + 2?", "input": "", "output": "4."}
+    (tmp_path / "a.jsonl").write_text(json.dumps({"messages": DIALOGUE}) + "\n\n" + json.dumps(alpaca) + "\n"
+                                      + json.dumps(SHAREGPT) + "\n")
+    files = [str(tmp_path / "a.jsonl"), "tiny-dialogues"]
+    plain = load_examples(files, tok, 96, cache=False)
+    cached = load_examples(files, tok, 96, cache_dir=tmp_path / "cache")
+    assert cached == plain and len(plain) == 3 + 480
+    assert len(list((tmp_path / "cache").rglob("*.arrow"))) >= 3  # raw rows + two tokenised files
+
+    def no_tokenising(*args):
+        raise AssertionError("tokenised again")
+    monkeypatch.setattr(data, "tokenize_dialogue", no_tokenising)
+    assert load_examples(files, tok, 96, cache_dir=tmp_path / "cache") == plain  # read back
+    with pytest.raises(AssertionError):  # another max_length is another cache entry
+        load_examples(files, tok, 80, cache_dir=tmp_path / "cache")
+
+
+def test_a_broken_file_still_names_its_line_with_the_cache_on(tmp_path):
+    from plora_ray.data import DataError
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": DIALOGUE}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
+        load_examples([str(tmp_path / "bad.jsonl")], tiny_tokenizer(), 96, cache_dir=tmp_path / "cache")
