@@ -1,7 +1,8 @@
 """A real multi-node Ray cluster and an MLflow server on this machine, for the cluster tests.
 
 Two ``ray start --block`` processes (a head and a second node, ``--num-cpus 1`` each, every
-port picked free, temp dirs under the test's tmp) and one ``mlflow server``, all on loopback.
+port picked free, temp dirs of their own under /tmp: Ray's AF_UNIX socket paths are too long
+under pytest's tmp) and one ``mlflow server``, all on loopback.
 Every process is started in its own session, so stopping it means killing exactly the
 processes of that session (the raylet, GCS, dashboard, workers and job drivers that node
 started), never ``ray stop``, which would kill every Ray cluster on the host.
@@ -15,10 +16,12 @@ node ``127.0.0.3``. The dashboard and MLflow listen on ``127.0.0.1``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -63,9 +66,11 @@ def kill_session(proc: subprocess.Popen) -> None:
 
 
 def base_env(tmp: Path) -> dict[str, str]:
-    # the cluster the tests start is local: no token authentication, Train's fast polling
+    # the cluster the tests start is local: no token authentication, Train's fast polling;
+    # `python` of a job's entrypoint is this interpreter; tests/ for cluster_hooks
     return dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", PYTHONPATH=str(ROOT),
+                RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
+                PATH=f"{BIN}:{os.environ.get('PATH', '')}",
                 DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                 RAY_TRAIN_ENABLE_PRINT_PATCH="0")
 
@@ -92,6 +97,9 @@ class LocalCluster:
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
+        # Ray's temp dirs hold AF_UNIX sockets (107 bytes at most): pytest's tmp paths are too
+        # long for them, so a short directory of our own, removed in stop()
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="plr-"))
         self.env = base_env(tmp)
         self.nodes: list[Node] = []
         self.mlflow: subprocess.Popen | None = None
@@ -108,17 +116,23 @@ class LocalCluster:
                 "--dashboard-agent-listen-port", str(free_port(ip)),
                 "--dashboard-agent-grpc-port", str(free_port(ip)), "--metrics-export-port", str(free_port(ip)),
                 "--runtime-env-agent-port", str(free_port(ip)), "--min-worker-port", str(lo),
-                "--max-worker-port", str(lo + 199), "--temp-dir", str(self.tmp / f"ray{i}"),
+                "--max-worker-port", str(lo + 199), "--temp-dir", str(self.ray_tmp / f"r{i}"),
                 "--block", "--disable-usage-stats"]
 
     def _start(self, i: int, args: list[str], env: dict) -> Node:
+        env = {**env, **self.node_env(i)}
         log = self.tmp / f"node{i}.log"
         ip = args[args.index("--node-ip-address") + 1]
         proc = subprocess.Popen([str(BIN / "ray"), "start", *args], env=env, start_new_session=True,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        node = Node(proc, ip, self.tmp / f"ray{i}", log)
+        node = Node(proc, ip, self.ray_tmp / f"r{i}", log)
         self.nodes.append(node)
         return node
+
+    def node_env(self, i: int) -> dict[str, str]:
+        """What the workers of node ``i`` inherit: the fault-injection hook (cluster_hooks.py)."""
+        return {"PLORA_RAY_STEP_HOOK": "cluster_hooks:on_step", "PLORA_TEST_NODE": f"node{i}",
+                "PLORA_TEST_DIR": str(self.tmp)}
 
     def start_head(self) -> Node:
         return self._start(0, ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
@@ -144,12 +158,22 @@ class LocalCluster:
             return []
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def wait_nodes(self, count: int, timeout: float = 90) -> list[dict]:
+    def wait_started(self, node: Node, timeout: float = 180) -> None:
+        """Until ``ray start`` says the node runs (it then blocks)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            for node in self.nodes:
-                if node.proc.poll() is not None:
-                    raise RuntimeError(f"ray start exited: {node.log.read_text()[-2000:]}")
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {node.log.read_text()[-3000:]}")
+            if "Ray runtime started" in node.log.read_text():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"ray start not up in {timeout} s: {node.log.read_text()[-3000:]}")
+
+    def wait_nodes(self, count: int, timeout: float = 120) -> list[dict]:
+        for node in self.nodes:
+            self.wait_started(node, timeout)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
             nodes = self.alive_nodes()
             if len(nodes) >= count:
                 return nodes
@@ -186,3 +210,4 @@ class LocalCluster:
             node.stop()
         if self.mlflow is not None:
             kill_session(self.mlflow)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
