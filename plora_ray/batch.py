@@ -37,6 +37,7 @@ DEFAULT_EXCLUDES = [".git", ".venv", "runs", "outputs", "mlruns", "mlartifacts",
                     ".pytest_cache"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 META_BATCH, META_SWEEP = "plora.batch", "plora.sweep"
+WAIT_POLL_S = 5
 
 
 class _Strict(BaseModel):
@@ -106,15 +107,18 @@ def _flow(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
 
 
-def load_batch(path: str | os.PathLike, check_paths: bool = True) -> Batch:
+def load_batch(path: str | os.PathLike, check_paths: bool = True, storage: str | None = None,
+               tracking_uri: str | None = None) -> Batch:
     """Read and validate a batch file and every sweep in it (as ``tune --dry-run`` would), before
-    anything is submitted; raises ConfigError / DataError with one line."""
+    anything is submitted; raises ConfigError / DataError with one line. ``storage`` and
+    ``tracking_uri`` replace the file's."""
     from .cluster import is_uri
     from .preflight import check_sweep
     from .search_space import load_sweep
 
     path = Path(path)
     data = read_yaml(path)
+    data.update({k: v for k, v in (("storage", storage), ("tracking_uri", tracking_uri)) if v})
     try:
         spec = BatchSpec.model_validate(data)
     except ValidationError as exc:
@@ -212,6 +216,10 @@ def batch_jobs(batch: Batch, client, state_dir: Path) -> dict[str, list]:
     return out
 
 
+def _status(job) -> str:
+    return str(getattr(job.status, "value", job.status))
+
+
 def _time(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
@@ -223,8 +231,8 @@ def status_table(jobs: dict[str, list]) -> str:
             rows.append((name, "-", "NOT SUBMITTED", "-", "-", ""))
         for job in history:
             message = " ".join((job.message or "").split())
-            rows.append((name, job.submission_id or job.job_id or "-", str(job.status.value if hasattr(
-                job.status, "value") else job.status), _time(job.start_time), _time(job.end_time),
+            rows.append((name, job.submission_id or job.job_id or "-", _status(job), _time(job.start_time),
+                         _time(job.end_time),
                 message[:60] + ("..." if len(message) > 60 else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -250,7 +258,7 @@ def _pick(batch: Batch, jobs: dict[str, list], targets: list[str]) -> list:
     return picked
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m plora_ray.batch", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["submit", "status", "logs", "stop"])
     parser.add_argument("file", help="batch file (see search_spaces/batches/)")
@@ -261,11 +269,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-path-checks", action="store_true",
                         help="submit: skip checks of model, data and storage paths that exist only on the cluster")
     parser.add_argument("--dry-run", action="store_true", help="submit: validate and print the jobs, submit none")
+    parser.add_argument("--storage", help="submit: the --storage of every sweep, instead of the file's")
+    parser.add_argument("--tracking-uri", help="submit: the --tracking-uri of every sweep, instead of the file's")
     parser.add_argument("--follow", action="store_true", help="logs: follow one job's log until it ends")
-    args = parser.parse_args(argv)
+    parser.add_argument("--wait", action="store_true", help="status: wait until every job of the batch has "
+                        "ended; exit 1 unless all succeeded")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     state_dir = Path(args.state_dir)
     try:
-        batch = load_batch(args.file, check_paths=not (args.no_path_checks or args.command != "submit"))
+        batch = load_batch(args.file, check_paths=not (args.no_path_checks or args.command != "submit"),
+                           storage=args.storage, tracking_uri=args.tracking_uri)
         if args.command == "submit" and args.dry_run:
             for name, space, sweep in batch.sweeps:
                 print(f"{name}: {batch.entrypoint(space, sweep)}")
@@ -278,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         jobs = batch_jobs(batch, client, state_dir)
         if args.command == "status":
+            while args.wait and any(_status(h[-1]) not in TERMINAL for h in jobs.values() if h):
+                time.sleep(WAIT_POLL_S)
+                jobs = batch_jobs(batch, client, state_dir)
             print(status_table(jobs))
-            return 0
+            return 0 if not args.wait or all(h and _status(h[-1]) == "SUCCEEDED" for h in jobs.values()) else 1
         picked = _pick(batch, jobs, args.targets)
         if args.command == "stop":
             for job in picked:
