@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import ConfigError
 
-LOCAL_TRACKING_SCHEMES = ("sqlite", "file", "")  # a store on one machine's disk
+LOCAL_TRACKING_SCHEMES = ("sqlite", "file")  # a store on one machine's disk
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -81,16 +81,18 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def tracking_scheme(uri: str) -> str:
+def is_local_tracking(uri: str) -> bool:
+    """A SQLite file or a directory (``sqlite:``, ``file:``, a plain path): one machine's disk.
+    Servers (``http(s)://``) and Databricks (``databricks``, ``databricks-uc``) are not."""
     if "://" in uri:
-        return uri.split("://", 1)[0].lower()
-    return "" if uri.startswith(("/", ".", "~")) or ":" not in uri else uri.split(":", 1)[0].lower()
+        return uri.split("://", 1)[0].lower() in LOCAL_TRACKING_SCHEMES
+    return not uri.lower().startswith("databricks")
 
 
 def check_tracking_for_cluster(uri: str, nodes: int) -> None:
     """On a cluster of more than one node every trial's rank 0 may run on any node: the MLflow
     store must be a server they all reach. ConfigError (one line) for SQLite / a local directory."""
-    if nodes > 1 and tracking_scheme(uri) in LOCAL_TRACKING_SCHEMES:
+    if nodes > 1 and is_local_tracking(uri):
         raise ConfigError(f"--tracking-uri: '{uri}' is a store on one machine's disk and this Ray cluster has "
                           f"{nodes} nodes, whose trials log from any of them: start an MLflow server "
                           "(mlflow server --host HOST --port 5000 --backend-store-uri ...) and give "
