@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             _follow(client, picked[0].submission_id)
             return 0
         for job in picked:
-            print(f"==> {job.metadata.get(META_SWEEP, '?')} {job.submission_id} ({job.status}) <==")
+            print(f"==> {job.metadata.get(META_SWEEP, '?')} {job.submission_id} ({_status(job)}) <==")
             print(client.get_job_logs(job.submission_id), end="")
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
