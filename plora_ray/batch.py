@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stop":
             for job in picked:
                 stopped = client.stop_job(job.submission_id)
-                print(f"{'stopping' if stopped else 'already ended'}: {job.metadata.get(META_SWEEP, '?')} "
+                print(f"{'stopping' if stopped else 'already ended'}: {(job.metadata or {}).get(META_SWEEP, '?')} "
                       f"{job.submission_id}")
             return 0
         if args.follow:
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             _follow(client, picked[0].submission_id)
             return 0
         for job in picked:
-            print(f"==> {job.metadata.get(META_SWEEP, '?')} {job.submission_id} ({_status(job)}) <==")
+            print(f"==> {(job.metadata or {}).get(META_SWEEP, '?')} {job.submission_id} ({_status(job)}) <==")
             print(client.get_job_logs(job.submission_id), end="")
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
