@@ -226,9 +226,17 @@ def run_sweep(spec, args) -> str:
                  "parent_run_id": parent, "spec": spec.model_dump(mode="json")}
         write_text(latest, json.dumps(sweep))
     uri, parent, ended = sweep["tracking_uri"], sweep["parent_run_id"], False
+    def terminate(signum, frame):
+        """SIGTERM (``ray job stop``, a scheduler's kill; SIGKILL follows within seconds): the
+        trials and the sweep's run are ended in MLflow first, then the sweep stops as on Ctrl-C;
+        ``--resume`` continues it."""
+        end_running_trials(uri, parent)
+        finish_sweep(uri, parent, status="FAILED")
+        raise KeyboardInterrupt(f"signal {signum}")
+
     previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():  # `ray job stop` sends SIGTERM
-        signal.signal(signal.SIGTERM, _terminate)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
     try:
         restore = storage_join(storage, sweep["name"]) if args.resume else None
         results = build_tuner(spec, sweep, restore).fit()
@@ -249,12 +257,6 @@ def run_sweep(spec, args) -> str:
         lines = text.splitlines()  # the report's path just before the closing `mlflow ui` line
         text = "\n".join(lines[:-1] + [report] + lines[-1:])
     return text
-
-
-def _terminate(signum, frame):
-    """SIGTERM (``ray job stop``, a scheduler's kill) ends the sweep as Ctrl-C does: its trials
-    and its run are marked ended; ``--resume`` continues it."""
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def write_sweep_report(uri: str, experiment: str, parent: str, out: Path) -> str:

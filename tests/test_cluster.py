@@ -172,6 +172,8 @@ def test_batch_submits_two_sweeps_status_lists_both_stop_stops_one(cluster, tmp_
     assert (rows[held_sweep][2], rows[other][2]) == ("STOPPED", "SUCCEEDED")
     [trial] = sweep_trials(cluster.tracking_uri, parent_of(tmp_path / "sweeps", other))
     assert trial["status"] == "finished"
+    [stopped] = sweep_trials(cluster.tracking_uri, parent_of(tmp_path / "sweeps", held_sweep))
+    assert (stopped["status"], stopped["mlflow_status"]) == ("failed", "FAILED")  # not left RUNNING
     assert main(["logs", str(batch), other, *cli]) == 0
     logs = capsys.readouterr().out
     assert logs.startswith(f"==> {other} {ids[other]} (SUCCEEDED) <==") and f"\nsweep {other}-" in logs
