@@ -212,8 +212,11 @@ def run_sweep(spec, args) -> str:
         raise ConfigError(f"--resume: no earlier sweep of '{spec.name}' under {storage}: run it without --resume")
     uri = json.loads(earlier)["tracking_uri"] if earlier else args.tracking_uri or default_tracking_uri(storage)
     address = cluster_address(args.address)
-    # a local cluster: the cores (the trials' Tune functions take no CPU); a cluster: as it is
-    ensure_ray(address, num_cpus=None if address else os.cpu_count() or 1)
+    # a local cluster counts one logical CPU more than the cores, as before the trials' Tune
+    # functions stopped taking CPU: a stopped trial's worker reservation is released a while
+    # after its trial ends, and without the spare CPU the next trial waited on it (a sweep with
+    # ASHA hung on 2 cores); a cluster: as it is
+    ensure_ray(address, num_cpus=None if address else (os.cpu_count() or 1) + 1)
     check_tracking_for_cluster(uri, len(alive_nodes()))  # before the first MLflow write or trial
     if earlier:
         sweep = json.loads(earlier)
