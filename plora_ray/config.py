@@ -197,11 +197,27 @@ class DistributedConfig(_Section):
         "ddp", description="with workers > 1 (or always for deepspeed): torch DDP or DeepSpeed")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
     offload_optimizer: bool = Field(False, description="DeepSpeed: optimizer state on the CPU")
-    use_gpu: bool = Field(False, description="one GPU per worker (nccl); CPU uses gloo")
+    use_gpu: bool = Field(False, description="GPU workers (nccl); CPU uses gloo")
+    gpus_per_worker: float | None = Field(
+        None, gt=0, description="with use_gpu: GPUs each worker reserves (Ray resources); a fraction "
+        "below 1 lets workers share a GPU (0.5: two per GPU); above 1 a whole number; default 1")
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how the workers of one run are placed on the cluster's nodes (Ray "
+        "placement group strategy); STRICT_PACK: all on one node (one trial = one 8-GPU node)")
     max_failures: int = Field(0, ge=-1, description="restarts from the last checkpoint; -1: unlimited")
-    storage_path: str | None = Field(None, description="Ray storage (shared on a cluster); "
-                                     "default <output_dir>/ray")
+    storage_path: str | None = Field(None, description="Ray storage (shared on a cluster: a path "
+                                     "every node mounts, s3://, gs://); default <output_dir>/ray")
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "DistributedConfig":
+        g = self.gpus_per_worker
+        if g is not None and not self.use_gpu:
+            raise ValueError("distributed.gpus_per_worker needs distributed.use_gpu: true (or leave it out)")
+        if g is not None and g > 1 and g != int(g):
+            raise ValueError(f"distributed.gpus_per_worker {g:g}: Ray takes a fraction below 1 or a "
+                             "whole number of GPUs: use e.g. 0.5, 1 or 2")
+        return self
 
 
 class RunConfig(_Section):

@@ -6,8 +6,13 @@ Every worker builds the same model and plan (``loop.setup``), trains its share o
 global step, unloads at the same step (the clock counts samples summed over workers; the
 re-initialised A is seeded by (seed, stage, layer), so identical on every rank) and, every
 ``checkpoint_every_steps`` and at the end, saves a checkpoint collectively and calls
-``ray.train.report`` (rank 0 passes the checkpoint). A worker that dies restarts the group
-from the last checkpoint (``distributed.max_failures``).
+``ray.train.report`` (rank 0 passes the checkpoint). A worker that dies, or a node that is
+lost, restarts the group from the last checkpoint on the nodes left (Train's
+``FailureConfig(max_failures=distributed.max_failures)``); the checkpoint holds the PLoRA
+stage, clock and ledger, so the run goes on in the same stage.
+
+Per-worker resources are Ray resources: ``cpus_per_worker`` CPUs and, with ``use_gpu``,
+``gpus_per_worker`` GPUs (a fraction shares a GPU), placed by ``placement_strategy``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from .config import RunConfig
 from .loop import fit, setup
 from .replicas import replicas_identical
-from .tracking import TrialTracker
+from .tracking import TrialTracker, add_trial_node
 from .rundir import CHECKPOINT, load_run_checkpoint, restore_run, save_run_checkpoint, write_run_dir
 
 
@@ -47,6 +52,21 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     if "PLORA_RAY_CACHE" in os.environ:
         env["PLORA_RAY_CACHE"] = os.environ["PLORA_RAY_CACHE"]
     return env
+
+
+# "module:function": called as on_step(rec, rank) after every step in every worker whose
+# environment sets it (the node's, when `ray start` got it): fault injection on one node only
+STEP_HOOK_ENV = "PLORA_RAY_STEP_HOOK"
+
+
+def _env_step_hook():
+    spec = os.environ.get(STEP_HOOK_ENV)
+    if not spec:
+        return None
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def report_metrics(run, final: bool) -> dict:
@@ -86,12 +106,15 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             load_run_checkpoint(run, d)
+    node_id = ray.get_runtime_context().get_node_id()
     tracker = TrialTracker(config.get("tracking"), rank)
+    if tracker.logger:  # rank 0 of a trial: where it runs (a lost node moves it)
+        add_trial_node(config["tracking"]["uri"], config["tracking"]["run_id"], node_id)
     tracker.trainable_params(sum(p.numel() for p in run.model.parameters() if p.requires_grad))
-    hook = config.get("on_step")
+    hooks = [h for h in (config.get("on_step"), _env_step_hook()) if h]
 
     def on_step(rec):
-        if hook:
+        for hook in hooks:
             hook(rec, rank)
         tracker.step(rec)
 
@@ -102,6 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_checkpoint(run, final):
         metrics = report_metrics(run, final)
+        metrics["node_id"] = node_id
         scores = run.evals[-1] if run.evals and run.evals[-1]["step"] == run.clock.steps else {}
         scores = {k: v for k, v in scores.items() if k != "step"}
         metrics.update(scores)
@@ -118,10 +142,21 @@ def train_loop_per_worker(config: dict) -> None:
     except FloatingPointError as exc:  # every rank sees the same all-reduced loss
         tracker.flush()
         metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
+        metrics["node_id"] = node_id
         metrics.update({"diverged": True, "diverged_reason": str(exc)})
         report(run, metrics)
     finally:
         tracker.flush()
+
+
+def worker_resources(cfg: RunConfig) -> dict[str, float]:
+    """Ray resources of one worker: its CPUs and, with ``use_gpu``, its GPUs as given (0.5
+    stays 0.5: two workers share a GPU; Ray's default for ``use_gpu`` would be 1)."""
+    d = cfg.distributed
+    res = {"CPU": d.cpus_per_worker}
+    if d.use_gpu:
+        res["GPU"] = d.gpus_per_worker if d.gpus_per_worker is not None else 1.0
+    return res
 
 
 def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None, tracking: dict | None = None,
@@ -137,7 +172,8 @@ def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None, tr
         train_loop_config={"run": cfg.model_dump(mode="json"), "tracking": tracking, "on_step": on_step,
                            "submitted": time.time()},
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
-                                     resources_per_worker={"CPU": d.cpus_per_worker}),
+                                     resources_per_worker=worker_resources(cfg),
+                                     placement_strategy=d.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         run_config=RayRunConfig(name=name, storage_path=storage_path,
                                 failure_config=FailureConfig(max_failures=d.max_failures),
@@ -163,24 +199,31 @@ def _env(values: dict[str, str]):
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address``, or start a local cluster (unless Ray is already initialised).
+    """Connect to ``address`` (``auto``, ``HOST:PORT``, ``ray://HOST:10001``; without one, the
+    cluster of the Ray Job this runs in, ``RAY_ADDRESS``), or start a local cluster (unless
+    Ray is already initialised).
 
     Only a local cluster started here gets settings: token authentication off unless the
     user set ``RAY_AUTH_MODE`` (Ray would otherwise write ``~/.ray/auth_token``; its processes
     inherit the variable when they start, it is not left set in this process), and Ray
     Train's controller polling every 0.25 s instead of 2 s (each ``report`` waits one poll),
-    through this job's runtime environment.
+    through this job's runtime environment. An existing cluster keeps its own settings: its
+    authentication is whatever its operator chose.
     """
     import ray
 
+    from .cluster import cluster_address
+
     if ray.is_initialized():
         return
+    address = cluster_address(address)
     if address:
         ray.init(address=address, log_to_driver=True)
         return
     auth = {} if "RAY_AUTH_MODE" in os.environ else {"RAY_AUTH_MODE": "disabled"}
     with _env(auth):
         ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=1 << 30, log_to_driver=True,
+                 dashboard_host="127.0.0.1",  # the Jobs API runs code: loopback only
                  runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}})
 
 

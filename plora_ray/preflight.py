@@ -5,7 +5,8 @@ nothing written.
 Beyond what the config schemas check alone (``config.py``, ``search_space.py``):
 
 * output and storage directories: not a file, creatable and writable (probed with a temporary
-  file that is removed again), so results are never lost at the end of a run;
+  file that is removed again), so results are never lost at the end of a run; a storage URI
+  (``s3://``, ``gs://``) is only checked to be one Ray's filesystems open;
 * ``--resume`` names a directory (or sweep) that holds a run;
 * the base model: its module tree built on the meta device (no weights read), and every name in
   ``lora.target_modules`` matching a layer LoRA can wrap;
@@ -79,13 +80,20 @@ def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
                 tracking_uri: str | None = None) -> None:
     """Everything a sweep needs, before Ray starts: the storage, ``--resume``, and the model and
     data of every trial (each distinct value once); raises ConfigError / DataError."""
+    from .cluster import is_uri
     from .search_space import trial_points, trial_run_config
 
-    storage = Path(storage_dir)
-    check_writable(storage, "--storage")
-    if resume and not (storage / f"{spec.name}.latest.json").is_file():
-        raise ConfigError(f"--resume: no earlier sweep of '{spec.name}' under {storage.absolute()}: run it "
-                          "without --resume, or give its --storage")
+    if is_uri(storage_dir):  # s3://, gs://...: Ray writes it; only a local path is probed here
+        if not tracking_uri:
+            raise ConfigError(f"--storage {storage_dir}: the default tracking store is a SQLite file under "
+                              "a local --storage: give --tracking-uri (an MLflow server, http://HOST:PORT)")
+        check_storage_uri(str(storage_dir))
+    else:
+        storage = Path(storage_dir)
+        check_writable(storage, "--storage")
+        if resume and not (storage / f"{spec.name}.latest.json").is_file():
+            raise ConfigError(f"--resume: no earlier sweep of '{spec.name}' under {storage.absolute()}: run it "
+                              "without --resume, or give its --storage")
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
         check_writable(Path(tracking_uri.removeprefix("sqlite:///")).parent, "--tracking-uri directory")
     if not spec._check_paths:
@@ -104,6 +112,19 @@ def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
                 check_files(cfg.data.train_files)
         except (ConfigError, DataError) as exc:
             raise type(exc)(f"{src}: {where}: {exc}") from None
+
+
+# URI schemes Ray's storage_path takes (pyarrow filesystems); opening one may need the network
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
+
+
+def check_storage_uri(uri: str) -> None:
+    """A storage URI of a scheme Ray's storage layer (pyarrow) writes. Nothing is opened here:
+    an object store may be reachable only from the cluster; access shows when Ray writes."""
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme not in STORAGE_SCHEMES:
+        raise ConfigError(f"--storage {uri}: '{scheme}://' is not a storage Ray writes: give a local path "
+                          "every node mounts, s3://BUCKET/PATH or gs://BUCKET/PATH")
 
 
 class SweepFailed(Exception):

@@ -45,7 +45,11 @@ KINDS = typing.get_args(Kind)
 # trial resources are set once, under `resources`, so Ray's reservation and the run agree
 RESOURCE_PATHS = {"distributed.workers": "resources.workers",
                   "distributed.cpus_per_worker": "resources.cpus_per_worker",
-                  "distributed.use_gpu": "resources.gpus_per_worker"}
+                  "distributed.use_gpu": "resources.gpus_per_worker",
+                  "distributed.gpus_per_worker": "resources.gpus_per_worker",
+                  "distributed.placement_strategy": "resources.placement_strategy",
+                  "distributed.max_failures": "failures.worker_restarts"}
+DEFAULT_WORKER_RESTARTS = 1  # a lost worker or node: once from the last checkpoint, then Tune's retry
 MAX_COMBINATIONS = 4096  # ~0.1 ms each; beyond, each value alone and the first trial
 TRIAL_INDEX = "__trial_index__"  # a trial's repeat index (ray.tune.search.repeater.TRIAL_INDEX)
 
@@ -130,7 +134,22 @@ class Resources(_Strict):
 
     workers: int | None = Field(None, ge=1, description="Ray Train workers per trial")
     cpus_per_worker: float | None = Field(None, gt=0)
-    gpus_per_worker: float | None = Field(None, ge=0, description="> 0 sets distributed.use_gpu")
+    gpus_per_worker: float | None = Field(None, ge=0, description="> 0 sets distributed.use_gpu; a "
+                                          "fraction below 1 shares a GPU (0.5: two workers per GPU)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
+        None, description="placement of a trial's workers (STRICT_PACK: one node per trial)")
+
+
+class Failures(_Strict):
+    """What a sweep does when something dies; unset: the defaults below."""
+
+    trial_retries: int = Field(1, ge=-1, description="Tune reruns a failed trial (its driver-side "
+                               "function died, or its workers ran out of restarts) from its last "
+                               "checkpoint this many times; -1: without limit")
+    worker_restarts: int | None = Field(None, ge=-1, description="Train restarts a trial's worker group "
+                                        "from the last checkpoint when a worker or its node is lost "
+                                        f"(distributed.max_failures); default: the base's, else "
+                                        f"{DEFAULT_WORKER_RESTARTS}; -1: without limit")
 
 
 class SweepSpec(_Strict):
@@ -145,6 +164,7 @@ class SweepSpec(_Strict):
     max_concurrent: int = Field(1, ge=1)
     scheduler: Scheduler = Scheduler()
     resources: Resources = Resources()
+    failures: Failures = Failures()
     space: dict[str, Distribution] = {}
     fixed: dict[str, Any] = {}
     _source: str = PrivateAttr("sweep")
@@ -262,7 +282,15 @@ def _check(spec: SweepSpec, base_source: str) -> None:
     r.workers = r.workers or d.workers
     r.cpus_per_worker = r.cpus_per_worker or d.cpus_per_worker
     if r.gpus_per_worker is None:
-        r.gpus_per_worker = 1.0 if d.use_gpu else 0.0
+        r.gpus_per_worker = (d.gpus_per_worker or 1.0) if d.use_gpu else 0.0
+    if r.gpus_per_worker > 1 and r.gpus_per_worker != int(r.gpus_per_worker):
+        raise ConfigError(f"{src}: field 'resources.gpus_per_worker': {r.gpus_per_worker:g}: Ray takes a "
+                          "fraction below 1 or a whole number of GPUs: use e.g. 0.5, 1 or 2")
+    r.placement_strategy = r.placement_strategy or d.placement_strategy
+    f = spec.failures
+    if f.worker_restarts is None:
+        f.worker_restarts = d.max_failures if "max_failures" in (spec.base.get("distributed") or {}) \
+            else DEFAULT_WORKER_RESTARTS
     for path in spec.fixed:
         _check_path(spec, f"fixed.{path}", path)
     seen: dict[str, str] = {}
@@ -373,6 +401,9 @@ def _trial_data(spec: SweepSpec, params: dict[str, Any]) -> dict:
     apply_override(data, "distributed.workers", r.workers)
     apply_override(data, "distributed.cpus_per_worker", r.cpus_per_worker)
     apply_override(data, "distributed.use_gpu", r.gpus_per_worker > 0)
+    apply_override(data, "distributed.gpus_per_worker", r.gpus_per_worker if r.gpus_per_worker > 0 else None)
+    apply_override(data, "distributed.placement_strategy", r.placement_strategy)
+    apply_override(data, "distributed.max_failures", spec.failures.worker_restarts)
     for path, value in trial_values(params).items():
         apply_override(data, path, copy.deepcopy(value))
     if params.get(TRIAL_INDEX):  # a repeat: seed = base seed + index
@@ -449,7 +480,9 @@ def describe(spec: SweepSpec) -> str:
              f"{spec.mode} {spec.metric}",
              f"searcher {s.type} (seed {s.seed}), num_samples {spec.num_samples}, repeats "
              f"{spec.repeats}; scheduler {sched}",
-             f"per trial: {r.workers} worker(s) x {r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU"]
+             f"per trial: {r.workers} worker(s) x {r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU, "
+             f"placement {r.placement_strategy}; on failure: {spec.failures.worker_restarts} worker-group "
+             f"restart(s), {spec.failures.trial_retries} trial retry(ies)"]
     for key, d in spec.space.items():
         if "," in key:  # a joint key: one table row per line
             lines += [f"  {key}: {d.kind}"] + [f"    {_flow(v)}" for v in d.values]

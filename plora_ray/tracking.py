@@ -37,6 +37,7 @@ TAG_TRIAL_ID = "plora.trial_id"
 TAG_STATUS = "plora.status"
 TAG_CONFIG_ID = "plora.config_id"        # hash of the searched values without the seed
 TAG_SEED = "plora.seed"
+TAG_NODES = "plora.nodes"                # Ray node ids rank 0 of a trial ran on, in order
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"        # MLflow's own nesting tag (the UI groups by it)
 
@@ -144,6 +145,8 @@ def active_params(run_config: Mapping[str, Any]) -> dict[str, Any]:
         cfg.pop("lora", None)
     dist = cfg.get("distributed", {})
     dist.pop("storage_path", None)
+    if not dist.get("use_gpu"):
+        dist.pop("gpus_per_worker", None)
     if dist.get("engine") != "deepspeed":
         dist.pop("zero_stage", None)
         dist.pop("offload_optimizer", None)
@@ -333,6 +336,15 @@ def trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_i
 
         _retry(client.log_text, run_id, yaml.safe_dump(dict(run_config), sort_keys=False), "config/run.yaml")
     return run_id
+
+
+def add_trial_node(tracking_uri: str, run_id: str, node_id: str) -> None:
+    """Append ``node_id`` to the run's ``plora.nodes`` tag (comma-separated, in order; a restart
+    on the same node adds nothing): where a trial ran, and moved to after losing a node."""
+    client = _client(tracking_uri)
+    nodes = [n for n in client.get_run(run_id).data.tags.get(TAG_NODES, "").split(",") if n]
+    if not nodes or nodes[-1] != node_id:
+        _retry(client.set_tag, run_id, TAG_NODES, ",".join([*nodes, node_id]))
 
 
 def set_trial_status(tracking_uri: str, run_id: str, status: str) -> None:
@@ -550,7 +562,8 @@ class TrialTracker:
 
 
 __all__ = [
-    "DEFAULT_DB", "TRIAL_STATUSES", "RunLogger", "TrialTracker", "active_params", "compare_runs_url",
+    "DEFAULT_DB", "TRIAL_STATUSES", "RunLogger", "TrialTracker", "active_params", "add_trial_node",
+    "compare_runs_url",
     "config_label",
     "config_id", "default_tracking_uri", "end_running_trials", "ensure_experiment", "finish_sweep",
     "flatten_params", "git_commit", "mlflow_ui_command", "package_versions", "run_name", "sanitize_key",

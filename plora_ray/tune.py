@@ -3,10 +3,17 @@
     python -m plora_ray.tune search_spaces/unload.yaml
     python -m plora_ray.tune search_spaces/joint.yaml --set num_samples=8 --dry-run
     python -m plora_ray.tune search_spaces/unload.yaml --resume       # continue the last sweep
+    python -m plora_ray.tune FILE --address auto --storage /shared/sweeps --tracking-uri http://mlflow:5000
+    ray job submit --working-dir . -- python -m plora_ray.tune FILE --storage s3://bucket/sweeps ...
 
 One trial = one Ray Train TorchTrainer run (``distributed.trainer_for``) built by a Tune
-function that asks for a sliver of CPU (Train V2 refuses ``Tuner(TorchTrainer)``); its workers
-take the trial's resources. The driver creates the MLflow experiment, a parent run for the
+function that asks for a sliver of memory and no CPU (Train V2 refuses ``Tuner(TorchTrainer)``);
+its workers take the trial's resources, so a node's CPUs all go to workers. On a cluster
+(``--address``, or inside a Ray Job) the sweep refuses a tracking store only one machine
+reaches once it sees more than one node, before any trial starts (``cluster.py``); failures
+are handled at two levels (``failures`` in the sweep file): Train restarts a trial's worker
+group from its last checkpoint when a worker or node is lost, Tune retries a trial that
+failed anyway, and ``--resume`` continues a sweep whose driver died. The driver creates the MLflow experiment, a parent run for the
 sweep and one nested run per trial (idempotent per trial id, so a restarted trial continues its
 run, named from its searched values: ``u16 m0.1 r1 s0``); rank 0 of each trial logs the curves
 into it. ``repeats: N`` runs every configuration with N seeds (separate trials). When Tune is
@@ -21,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,8 +39,10 @@ from .config import ConfigError
 from .data import DataError
 from .preflight import SweepFailed, check_sweep, raise_if_every_trial_failed
 
-# the Tune function of a trial only waits on its TorchTrainer: a sliver of a CPU (0 is refused)
-TRIAL_CPU = 0.01
+# the Tune function of a trial only waits on its TorchTrainer: no CPU (a node's CPUs are for
+# workers: with a sliver of CPU two trial functions on a 1-CPU node left no room for a worker)
+# and a sliver of memory (Tune refuses a request with nothing in it)
+TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20}
 DIVERGED_PENALTY = {"min": 1e6, "max": -1.0}  # what the searcher sees for a diverged trial
 
 
@@ -40,6 +51,7 @@ def trial_function(config: dict, sweep: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .cluster import storage_join
     from .distributed import trainer_for
     from .search_space import SweepSpec, trial_run_config, trial_values
     from .tracking import active_params, run_name, set_trial_status, trial_run, trial_tags
@@ -54,8 +66,8 @@ def trial_function(config: dict, sweep: dict) -> None:
     run_id = trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"], trial_id,
                        name, active_params(run_cfg), trial_tags(values, cfg.seed), run_cfg)
     tracking = {"uri": sweep["tracking_uri"], "run_id": run_id}
-    storage = str(Path(sweep["storage"]) / "trials")
-    trainer = trainer_for(cfg, storage, f"{sweep['name']}-{trial_id}", callbacks=[TuneReportCallback()],
+    trainer = trainer_for(cfg, storage_join(sweep["storage"], "trials"), f"{sweep['name']}-{trial_id}",
+                          callbacks=[TuneReportCallback()],
                           tracking=tracking)
     result = trainer.fit()  # a failure or an early stop is recorded by the driver (reconcile)
     metrics = dict(result.metrics or {})
@@ -87,7 +99,7 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
 
     from .search_space import tune_param_space
 
-    trainable = tune.with_resources(tune.with_parameters(trial_function, sweep=sweep), {"cpu": TRIAL_CPU})
+    trainable = tune.with_resources(tune.with_parameters(trial_function, sweep=sweep), TRIAL_RESOURCES)
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True)
     s, num_samples = spec.searcher, spec.num_samples
@@ -115,7 +127,8 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
                                     trial_name_creator=_trial_name(spec),
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
-                                      failure_config=ray.tune.FailureConfig(max_failures=1)),
+                                      failure_config=ray.tune.FailureConfig(
+                                          max_failures=spec.failures.trial_retries)),
     )
 
 
@@ -153,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plora_ray.tune", description=__doc__.split("\n")[0])
     parser.add_argument("space", help="search-space YAML (see search_spaces/)")
     parser.add_argument("--resume", action="store_true", help="continue the last sweep of this file")
-    parser.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
-    parser.add_argument("--storage", default="runs/sweeps", help="Ray storage path (shared on a cluster)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<storage>/mlflow.db)")
+    parser.add_argument("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: the "
+                        "cluster of the Ray Job this runs in, else a local cluster started here)")
+    parser.add_argument("--storage", default="runs/sweeps", help="Ray storage: a local path (on a multi-node "
+                        "cluster one every node mounts), s3://... or gs://...")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<storage>/mlflow.db, "
+                        "one machine only; on a cluster an MLflow server, http://HOST:PORT)")
     parser.add_argument("--no-report", action="store_true",
                         help="skip the analysis report (python -m analysis report) at the end")
     parser.add_argument("--dry-run", action="store_true", help="validate and describe the sweep, run nothing")
@@ -182,43 +198,65 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_sweep(spec, args) -> str:
+    from .cluster import (alive_nodes, check_tracking_for_cluster, cluster_address, is_uri, read_text, storage_join,
+                          storage_root, write_text)
     from .distributed import ensure_ray
     from .tracking import default_tracking_uri, end_running_trials, ensure_experiment, finish_sweep, start_sweep_run
 
-    storage = Path(args.storage).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    latest = storage / f"{spec.name}.latest.json"
-    if args.resume:
-        if not latest.exists():
-            raise ConfigError(f"--resume: no earlier sweep of '{spec.name}' under {storage}: run it without --resume")
-        sweep = json.loads(latest.read_text())
+    storage = storage_root(args.storage)
+    if not is_uri(storage):
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    latest = storage_join(storage, f"{spec.name}.latest.json")
+    earlier = read_text(latest) if args.resume else None
+    if args.resume and earlier is None:
+        raise ConfigError(f"--resume: no earlier sweep of '{spec.name}' under {storage}: run it without --resume")
+    uri = json.loads(earlier)["tracking_uri"] if earlier else args.tracking_uri or default_tracking_uri(storage)
+    address = cluster_address(args.address)
+    # a local cluster counts one logical CPU more than the cores, as before the trials' Tune
+    # functions stopped taking CPU: a stopped trial's worker reservation is released a while
+    # after its trial ends, and without the spare CPU the next trial waited on it (a sweep with
+    # ASHA hung on 2 cores); a cluster: as it is
+    ensure_ray(address, num_cpus=None if address else (os.cpu_count() or 1) + 1)
+    check_tracking_for_cluster(uri, len(alive_nodes()))  # before the first MLflow write or trial
+    if earlier:
+        sweep = json.loads(earlier)
     else:
-        uri = args.tracking_uri or default_tracking_uri(storage)
         experiment_id = ensure_experiment(uri, spec.name)
         name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent = start_sweep_run(uri, experiment_id, name, Path(args.space),
                                  {"plora.metric": spec.metric, "plora.mode": spec.mode, "plora.repeats": spec.repeats})
-        sweep = {"name": name, "storage": str(storage), "tracking_uri": uri, "experiment_id": experiment_id,
+        sweep = {"name": name, "storage": storage, "tracking_uri": uri, "experiment_id": experiment_id,
                  "parent_run_id": parent, "spec": spec.model_dump(mode="json")}
-        latest.write_text(json.dumps(sweep))
+        write_text(latest, json.dumps(sweep))
     uri, parent, ended = sweep["tracking_uri"], sweep["parent_run_id"], False
+    def terminate(signum, frame):
+        """SIGTERM (``ray job stop``, a scheduler's kill; SIGKILL follows within seconds): the
+        trials and the sweep's run are ended in MLflow first, then the sweep stops as on Ctrl-C;
+        ``--resume`` continues it."""
+        end_running_trials(uri, parent)
+        finish_sweep(uri, parent, status="FAILED")
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
     try:
-        # a local cluster counts one logical CPU more than the cores for the trials' waiting Tune
-        # functions, else 2 trials x (1 + 0.01) CPUs would not fit on 2 cores and run one by one
-        ensure_ray(args.address, num_cpus=None if args.address else (os.cpu_count() or 1) + 1)
-        restore = str(storage / sweep["name"]) if args.resume else None
+        restore = storage_join(storage, sweep["name"]) if args.resume else None
         results = build_tuner(spec, sweep, restore).fit()
         end_running_trials(uri, parent, trial_outcomes(results))
         text = summarize(spec, sweep, results)
         finish_sweep(uri, parent)
         ended = True
-    finally:  # an exception or Ctrl-C: no trial (and not the sweep) is left RUNNING
+    finally:  # an exception, Ctrl-C or SIGTERM: no trial (and not the sweep) is left RUNNING
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
         if not ended:
             end_running_trials(uri, parent)
             finish_sweep(uri, parent, status="FAILED")
     raise_if_every_trial_failed(results, text)
     if not args.no_report:
-        report = write_sweep_report(uri, spec.name, parent, storage / "reports" / sweep["name"])
+        reports = Path("runs/reports") if is_uri(storage) else Path(storage) / "reports"
+        report = write_sweep_report(uri, spec.name, parent, reports / sweep["name"])
         lines = text.splitlines()  # the report's path just before the closing `mlflow ui` line
         text = "\n".join(lines[:-1] + [report] + lines[-1:])
     return text

@@ -1,0 +1,34 @@
+"""Fault injection for the cluster tests, run after every step by the Ray Train workers of
+the test cluster's nodes (their ``ray start`` environment sets
+``PLORA_RAY_STEP_HOOK=cluster_hooks:on_step``, ``PLORA_TEST_NODE`` and ``PLORA_TEST_DIR``; see
+plora_ray/distributed.py).
+
+Rank 0 appends ``<run name> <node> <step>`` to ``$PLORA_TEST_DIR/steps.log`` (which node ran
+which step of which trial). While ``$PLORA_TEST_DIR/hold`` exists and names this node, a
+worker that finished step ``HOLD_STEP`` (the checkpoint of step HOLD_STEP - 1 is written)
+writes ``reached-<run name>`` and waits there, so a test can kill its node or its sweep's
+driver at a known point of a known trial.
+"""
+
+import os
+import time
+from pathlib import Path
+
+HOLD_STEP = 5
+
+
+def on_step(rec, rank):
+    if rank != 0:
+        return
+    import ray.train
+
+    d, node = Path(os.environ["PLORA_TEST_DIR"]), os.environ["PLORA_TEST_NODE"]
+    run = ray.train.get_context().get_experiment_name()
+    with open(d / "steps.log", "a") as f:
+        f.write(f"{run} {node} {rec['step']}\n")
+    hold = d / "hold"
+    if rec["step"] != HOLD_STEP or not hold.exists() or hold.read_text().strip() != node:
+        return
+    (d / f"reached-{run}").write_text(node)
+    while hold.exists():
+        time.sleep(0.2)
