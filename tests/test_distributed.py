@@ -148,7 +148,10 @@ def test_ray_run_writes_the_run_directory_a_one_process_run_writes(ray_cluster, 
     summary = run_distributed(cfg, tmp_path / "ray_run", "cli-layout")
     assert summary["steps"] == 2 and summary["replicas_identical"] is True and summary["workers"] == 2
     ray_ckpt = next((tmp_path / "ray_run" / "ray" / "cli-layout").glob("checkpoint_*"))  # a sweep's "best"
-    one = fit(setup(cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"workers": 1})})),
+    # the same global batch in one process (2 micro-batches a step): the same unloads, so the same files
+    single = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"workers": 1}),
+                                    "data": cfg.data.model_copy(update={"gradient_accumulation_steps": 2})})
+    one = fit(setup(single),
               on_checkpoint=lambda run, final: save_run_checkpoint(run, tmp_path / "one" / "checkpoint"),
               progress=False)
     write_run_dir(one, tmp_path / "one")
