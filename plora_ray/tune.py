@@ -97,6 +97,7 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Repeater
     from ray.tune.search.optuna import OptunaSearch
 
+    from .placement import OrphanedPlacementGroups
     from .search_space import tune_param_space
 
     trainable = tune.with_resources(tune.with_parameters(trial_function, sweep=sweep), TRIAL_RESOURCES)
@@ -127,6 +128,7 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
                                     trial_name_creator=_trial_name(spec),
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
+                                      callbacks=[OrphanedPlacementGroups()],
                                       failure_config=ray.tune.FailureConfig(
                                           max_failures=spec.failures.trial_retries)),
     )
