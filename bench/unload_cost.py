@@ -27,7 +27,6 @@ also holds the ledger).
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -201,26 +200,25 @@ def main_engines(args):
 
 
 def main():
-    if "--engines" in sys.argv:
-        p = argparse.ArgumentParser()
-        p.add_argument("--engines", default="ddp,zero0,zero2,zero3")
-        p.add_argument("--hidden", type=int, default=256)
-        p.add_argument("--layers", type=int, default=4)
-        p.add_argument("--steps", type=int, default=4)
-        return main_engines(p.parse_args())
-    if "--llama7b" in sys.argv:
-        p = argparse.ArgumentParser()
-        p.add_argument("--llama7b", action="store_true")
-        p.add_argument("--blocks", type=int, default=32)
-        p.add_argument("--rank", type=int, default=8)
-        p.add_argument("--stages", type=int, default=50)
-        p.add_argument("--every", type=int, default=10, help="print every N stages")
-        return main_llama7b(p.parse_args())
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description="one unload vs one step (tiny Llama); --engines: on 2 "
+                                "Ray workers; --llama7b: per part at LLaMA-7B layer shapes")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--engines", nargs="?", const="ddp,zero0,zero2,zero3", help="engines to compare")
+    mode.add_argument("--llama7b", action="store_true")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, help="timed steps (default 10; 4 with --engines)")
+    p.add_argument("--blocks", type=int, default=32, help="--llama7b: transformer blocks to build")
+    p.add_argument("--rank", type=int, default=8, help="--llama7b: LoRA rank")
+    p.add_argument("--stages", type=int, default=50, help="--llama7b: unloads (T)")
+    p.add_argument("--every", type=int, default=10, help="--llama7b: print every N stages")
     args = p.parse_args()
+    if args.engines:
+        args.steps = args.steps or 4
+        return main_engines(args)
+    if args.llama7b:
+        return main_llama7b(args)
+    args.steps = args.steps or 10
     torch.manual_seed(0)
     step32, unload32, rank32 = measure("float32", args)
     step16, unload16, rank16 = measure("bfloat16", args)
