@@ -1,5 +1,10 @@
 """Which searched values mattered: Optuna's fANOVA and PED-ANOVA on a study rebuilt from the
-completed trials (their searched values and their best value of the sweep's metric)."""
+completed trials (their searched values and their best value of the sweep's metric).
+
+Trials an early-stopping scheduler (ASHA) stopped are completed trials too, but their best value
+is from fewer training samples than a finished trial's: when the sweep has any, every trial is
+scored by its best value up to the last checkpoint step that *all* of them reached (the budget
+ASHA itself compared them at), so no trial is credited for training longer."""
 
 from __future__ import annotations
 
@@ -26,19 +31,37 @@ def _distribution(values: list):
     return d.FloatDistribution(float(low), float(high), log=log), float
 
 
+COMPLETED = ("finished", "stopped_early")
+
+
+def common_step(trials: list, metric: str) -> int | None:
+    """The last checkpoint step at which every one of ``trials`` reported ``metric``."""
+    lasts = [max((s for s, v in zip(*t.history(metric)) if not math.isnan(v)), default=None)
+             for t in trials]
+    return None if not lasts or None in lasts else min(lasts)
+
+
+def best_up_to(trial, metric: str, lower: bool, step: int | None) -> float:
+    values = [v for s, v in zip(*trial.history(metric))
+              if not math.isnan(v) and (step is None or s <= step)]
+    if not values:
+        return math.nan
+    return min(values) if lower else max(values)
+
+
 def study_from_sweep(sweep: Sweep):
-    """(study, metric, n_trials): completed trials with a value of the selection metric."""
+    """(study, metric, n_trials, budget_step): completed trials (finished or stopped early by the
+    scheduler) with a value of the selection metric; ``budget_step`` is the step their values
+    are taken up to (None: each finished trial's whole run)."""
     import optuna
 
     metric, lower = selection_metric(sweep)
+    done = [t for t in sweep.trials if metric is not None and t.status in COMPLETED
+            and checkpoint_step(t, metric, lower, "best") is not None]
+    budget = common_step(done, metric) if any(t.status == "stopped_early" for t in done) else None
     rows = []
-    for t in sweep.trials:
-        if t.status != "finished" or metric is None:
-            continue
-        step = checkpoint_step(t, metric, lower, "best")
-        if step is None:
-            continue
-        value = t.value_at(metric, step)
+    for t in done:
+        value = best_up_to(t, metric, lower, budget)
         params = {k: v for k, v in t.space.items() if k not in SEED_KEYS}
         if math.isfinite(value) and params:
             rows.append((params, value))
@@ -54,16 +77,18 @@ def study_from_sweep(sweep: Sweep):
         study.add_trial(optuna.trial.create_trial(
             value=value, params={k: dists[k][1](params[k]) for k in keys},
             distributions={k: dists[k][0] for k in keys}))
-    return study, metric, len(rows)
+    return study, metric, len(rows), budget
 
 
 def param_importances(sweep: Sweep, seed: int = 0) -> dict:
-    """{"metric", "n_trials", "fanova": {param: importance}, "ped_anova": {...}, "warning"}."""
+    """{"metric", "n_trials", "budget_step", "fanova": {param: importance}, "ped_anova": {...},
+    "warning"}."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
-    study, metric, n = study_from_sweep(sweep)
-    out = {"metric": metric, "n_trials": n, "fanova": {}, "ped_anova": {}, "warning": None}
+    study, metric, n, budget = study_from_sweep(sweep)
+    out = {"metric": metric, "n_trials": n, "budget_step": budget, "fanova": {}, "ped_anova": {},
+           "warning": None}
     if n < MIN_TRIALS:
         out["warning"] = (f"only {n} completed trial(s) (fewer than {MIN_TRIALS}): "
                           "the importances below are not reliable")

@@ -177,9 +177,13 @@ def _evaluated_sections(sweep: Sweep, out_dir: Path, numbers: dict) -> list[str]
     # importance
     imp = param_importances(sweep)
     numbers["importance"] = imp
+    scored = ("each completed trial's best checkpoint" if imp.get("budget_step") is None else
+              f"each completed trial's best checkpoint up to step {imp['budget_step']}, the last "
+              "one every trial reached: the scheduler stopped some early, and no trial is "
+              "credited for training longer")
     md += ["## What mattered most", "",
-           f"Hyperparameter importance for `{imp['metric']}` (each completed trial's best "
-           f"checkpoint), from {imp['n_trials']} completed trials: Optuna's fANOVA and "
+           f"Hyperparameter importance for `{imp['metric']}` ({scored}), from "
+           f"{imp['n_trials']} completed trials: Optuna's fANOVA and "
            f"PED-ANOVA on a study rebuilt from the trials' searched values.", ""]
     if imp["warning"]:
         md += [f"**Warning:** {imp['warning']} (minimum {MIN_TRIALS}).", ""]

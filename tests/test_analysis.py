@@ -310,6 +310,32 @@ def test_importance_ranks_first_the_parameter_that_drives_the_metric(scratch, tm
     assert next(iter(imp["ped_anova"])) == "optim.lr"
 
 
+def test_importance_scores_asha_stopped_trials_at_the_budget_all_reached(scratch, tmp_path):
+    """Half the trials stopped early (ASHA) after the step-10 checkpoint: every trial is scored
+    by its best value up to step 10, so the finished trials' later, better values (driven by
+    momentum alone) cannot make momentum look important."""
+    uri, client = scratch
+    exp = client.create_experiment("imp-asha", artifact_location=str(tmp_path / "a"))
+    parent = client.create_run(exp, tags={"plora.run_type": "sweep", "plora.mode": "min",
+                                          "plora.metric": "eval/heldout/loss"}).info.run_id
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        lr, momentum = 10 ** rng.uniform(-5, -2), float(rng.uniform(0, 1))
+        stopped = i % 2 == 0
+        rid = client.create_run(exp, tags={
+            "mlflow.parentRunId": parent, "plora.status": "stopped_early" if stopped else "finished",
+            "space.optim.lr": str(lr), "space.plora.momentum": str(momentum)}).info.run_id
+        metrics = [Metric("eval/heldout/loss", 1 + (np.log10(lr) + 3.5) ** 2, 0, 10)]
+        if not stopped:
+            metrics.append(Metric("eval/heldout/loss", -10 * momentum, 0, 20))
+        client.log_batch(rid, metrics=metrics)
+    from analysis.importance import param_importances
+    from analysis.store import load_sweep
+    imp = param_importances(load_sweep(uri, "imp-asha"))
+    assert imp["n_trials"] == 20 and imp["budget_step"] == 10
+    assert next(iter(imp["fanova"])) == "optim.lr"
+
+
 def test_partial_sweep_is_marked_partial(scratch, tmp_path):
     uri, client = scratch
     exp = client.create_experiment("live", artifact_location=str(tmp_path / "a"))

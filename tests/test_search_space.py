@@ -10,13 +10,14 @@ import pytest
 import yaml
 
 from plora_ray.config import ConfigError, RunConfig
-from plora_ray.search_space import (describe, load_sweep, trial_count, trial_run_config,
-                                    trial_values, tune_param_space)
+from plora_ray.search_space import (TRIAL_INDEX, describe, load_sweep, trial_count,
+                                    trial_run_config, trial_values, tune_param_space)
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN_FILE = ROOT / "search_spaces" / "unload.yaml"  # the main job: SmolLM2, the embedded default
 TINY_FILES = sorted(p for p in (ROOT / "search_spaces").glob("*.yaml") if p != MAIN_FILE)
 PAPER_FILES = sorted((ROOT / "search_spaces" / "paper").glob("*.yaml"))
+STUDY_FILES = sorted((ROOT / "search_spaces" / "study").glob("*.yaml"))
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE = {"plora": {"unload_every_steps": 2}, "data": {"max_steps": 1, "max_length": 64}}
 
@@ -121,6 +122,7 @@ def _points(spec, n_random=4):
     from ray.tune.search.variant_generator import generate_variants
 
     domains = tune_param_space(spec)
+    domains.pop(TRIAL_INDEX, None)  # repeats: the seed axis of a grid
     assert domains.keys() == spec.space.keys()
     assert all(isinstance(d, Domain) or set(d) == {"grid_search"} for d in domains.values())
     if spec.searcher.type == "optuna":
@@ -361,3 +363,27 @@ def test_sweep_cli_fails_before_ray_in_seconds(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "nonexistent_proj" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+def test_study_sweeps_share_one_budget_and_protocol():
+    """docs/study.md: every run of the three study sweeps trains on the same samples (>= 600)
+    and is scored on the same held-out problems at the same (>= 8) checkpoints."""
+    assert [p.stem for p in STUDY_FILES] == ["final", "lora_lr", "plora"]
+    protocols, methods = set(), {}
+    for path in STUDY_FILES:
+        assert f"python -m plora_ray.tune search_spaces/study/{path.name}" in path.read_text()
+        spec = load_sweep(path)
+        assert spec.metric == "eval/heldout/loss" and spec.mode == "min"
+        for params in _points(spec):
+            cfg = trial_run_config(spec, params)
+            d = cfg.data
+            samples = d.max_steps * cfg.global_batch_size
+            assert samples >= 600 and d.max_steps // cfg.checkpoint_every_steps >= 8
+            assert cfg.model.name_or_path == "smollm2-135m-instruct" and cfg.lora.rank == 1
+            protocols.add((samples, cfg.checkpoint_every_steps, d.max_length, tuple(d.train_files),
+                           cfg.eval.heldout.limit, tuple(cfg.lora.target_modules)))
+            methods.setdefault(path.stem, set()).add(cfg.method)
+    assert len(protocols) == 1
+    assert methods == {"lora_lr": {"lora"}, "plora": {"plora"}, "final": {"lora", "plora"}}
+    final = load_sweep(ROOT / "search_spaces" / "study" / "final.yaml")
+    assert final.repeats == 3 and trial_count(final) == 6
