@@ -15,6 +15,8 @@ import numpy as np
 from . import figures
 from .importance import MIN_TRIALS, param_importances
 from .learning import DEFINITION, learning_ability
+from .paired import DEFINITION as PAIRED_DEFINITION
+from .paired import method_differences
 from .results import LEVEL, build_table, checkpoint_step, eval_metric_keys, selection_metric
 from .store import Sweep, load_sweep
 
@@ -68,6 +70,12 @@ def pareto_points(sweep: Sweep) -> tuple[list[dict], str | None]:
 
 
 # ----------------------------------------------------------------------------- sections
+
+
+def _signed(d: dict) -> str:
+    if math.isnan(d["lo"]) or math.isnan(d["hi"]):
+        return "—"
+    return f"[{d['lo']:+.4f}, {d['hi']:+.4f}]"
 
 
 def _table_md(table) -> list[str]:
@@ -173,6 +181,25 @@ def _evaluated_sections(sweep: Sweep, out_dir: Path, numbers: dict) -> list[str]
     else:
         md.append("No PLoRA configuration with a LoRA run at the same rank in this sweep.")
     md.append("")
+
+    # PLoRA - LoRA, paired
+    diffs = method_differences(sweep)
+    numbers["differences"] = []
+    if diffs:
+        md += ["## PLoRA − LoRA at the last checkpoint, paired", "", PAIRED_DEFINITION, "",
+               "| PLoRA | metric | PLoRA − LoRA | seeds (paired by seed) | items (seed-averaged) "
+               "| verdict |", "|---|---|---|---|---|---|"]
+        for d in diffs:
+            verdict = {"plora": "PLoRA better", "lora": "LoRA better",
+                       None: "not distinguishable"}[d.better]
+            md.append(f"| {d.plora.label()} | `{d.metric}` | {d.diff:+.4f} | "
+                      f"{_signed(d.seeds)} (n={d.seeds['n']}) | {_signed(d.items)} "
+                      f"(n={d.items['n']}) | {verdict} |")
+            numbers["differences"].append({"plora": d.plora.label(), "lora": d.lora.label(),
+                                           "metric": d.metric, "diff": d.diff,
+                                           "seeds": d.seeds, "items": d.items,
+                                           "better": d.better})
+        md.append("")
 
     # importance
     imp = param_importances(sweep)

@@ -250,6 +250,26 @@ def test_learning_ability_ratios_are_sample_ratios_to_the_lora_best(store):
     assert bench["speed_per_seed"] == pytest.approx([2.0, 2.0])
 
 
+def test_plora_minus_lora_is_paired_by_seed_and_by_item(store):
+    """P16 vs LoRA, seeds 0 and 1: held-out loss 1.2/1.21 vs 1.3/1.31 at the last checkpoint
+    (the same per-item noise on both sides), ARC 34/33 vs 28/27 of 40 items correct."""
+    rows = {(d["plora"], d["metric"]): d for d in store["numbers"]["differences"]}
+    label = "method=plora plora.unload_every_samples=16"
+    loss = rows[(label, "eval/heldout/loss")]
+    assert loss["diff"] == pytest.approx(-0.1)
+    assert loss["seeds"]["n"] == 2 and loss["items"]["n"] == N_ITEMS
+    assert loss["seeds"]["lo"] == pytest.approx(-0.1) and loss["seeds"]["hi"] == pytest.approx(-0.1)
+    assert loss["items"]["diff"] == pytest.approx(-0.1) and loss["items"]["hi"] < 0
+    assert loss["better"] == "plora"
+    arc = rows[(label, "eval/arc_easy/acc_norm")]
+    assert arc["diff"] == pytest.approx(6 / 40) and arc["items"]["diff"] == pytest.approx(6 / 40)
+    assert arc["items"]["lo"] < arc["items"]["diff"] < arc["items"]["hi"]
+    # one seed a side: no seed interval, so never called distinguishable
+    p8 = rows[("method=plora plora.unload_every_samples=8", "eval/heldout/loss")]
+    assert p8["seeds"]["n"] == 1 and p8["better"] is None
+    assert "## PLoRA − LoRA at the last checkpoint, paired" in store["md"]
+
+
 def test_learning_ability_says_when_the_target_is_never_reached(store):
     p8 = next(r for r in store["numbers"]["learning_ability"]
               if "=8" in r["plora"] and r["target"] == "held-out loss")
