@@ -87,6 +87,11 @@ def _table_md(table) -> list[str]:
         label = [str(c.values[k]) for k in table.varied] if table.varied else [c.label()]
         if c.running:
             label[-1] += " (partial)"
+        elif all(t.status == "stopped_early" for t in c.trials):
+            samples = max(t.samples_at(max(t.history("eval/samples")[0], default=0))
+                          for t in c.trials)
+            label[-1] += (" (stopped early" + ("" if math.isnan(samples) else
+                                               f" at {samples:,.0f} samples") + ")")
         cells = [table.cells[m][i].text(3) for m in table.metrics]
         n = max((table.cells[m][i].n_seeds for m in table.metrics), default=len(c.trials))
         lines.append("| " + " | ".join(label + cells + [str(n), _fmt(table.trainable[i])]) + " |")

@@ -371,6 +371,18 @@ def test_partial_sweep_is_marked_partial(scratch, tmp_path):
     assert json.loads((tmp_path / "r" / "report.json").read_text())["partial"] is True
 
 
+def test_trial_stopped_early_is_marked_with_its_samples(scratch, tmp_path):
+    uri, client = scratch
+    exp = client.create_experiment("asha", artifact_location=str(tmp_path / "a"))
+    parent = client.create_run(exp, tags={"plora.run_type": "sweep"}).info.run_id
+    log_trial(client, exp, parent, tmp_path, config="lora", seed=0, space=LORA,
+              acc=[20, 24, 26, 28], heldout=[2.0, 1.6, 1.4, 1.3])
+    log_trial(client, exp, parent, tmp_path, config="p16", seed=0, space=P16,
+              status="stopped_early", acc=[22, 28], heldout=[1.8, 1.35], train_steps=20)
+    md = write_report(uri, "asha", out_dir=tmp_path / "r", log_to_mlflow=False).read_text()
+    assert "16 (stopped early at 160 samples)" in md and "(partial)" not in md
+
+
 def test_compare_shows_paired_differences(store, capsys):
     runs = store["runs"]
     assert cli(["compare", runs["P8_0"], runs["L0"], "--tracking-uri", store["uri"]]) == 0
