@@ -193,7 +193,10 @@ def numerical_rank(bs: list[torch.Tensor], as_: list[torch.Tensor], rtol: float 
     return int((sv > tol).sum())
 
 
-MERGE_CHUNK_ELEMENTS = 1 << 20  # rows of W merged at a time: a 4 MB fp32 buffer (stays in cache)
+# rows of W merged at a time: a 16 MB fp32 buffer. Measured at LLaMA-7B layer shapes (2 CPU cores,
+# 3 interleaved rounds): 16 MB blocks merge 1.4-2x faster than 4 MB ones (fewer GEMM calls)
+# and 2-3x faster than 64 MB or whole-layer blocks (which fall out of cache).
+MERGE_CHUNK_ELEMENTS = 1 << 22
 
 
 @torch.no_grad()
