@@ -17,7 +17,7 @@ from .importance import MIN_TRIALS, param_importances
 from .learning import DEFINITION, learning_ability
 from .paired import DEFINITION as PAIRED_DEFINITION
 from .paired import method_differences
-from .results import LEVEL, build_table, checkpoint_step, eval_metric_keys, selection_metric
+from .results import LEVEL, build_table, checkpoint_step, eval_metric_keys, selection_metric, show
 from .store import Sweep, load_sweep
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -84,12 +84,12 @@ def _table_md(table) -> list[str]:
     lines = ["| " + " | ".join(head + short + ["seeds", "trainable params"]) + " |",
              "|" + "---|" * (len(head) + len(short) + 2)]
     for i, c in enumerate(table.configs):
-        label = [str(c.values[k]) for k in table.varied] if table.varied else [c.label()]
+        label = [show(c.values[k]) for k in table.varied] if table.varied else [c.label()]
         if c.running:
             label[-1] += " (partial)"
         elif all(t.status == "stopped_early" for t in c.trials):
-            samples = max(t.samples_at(max(t.history("eval/samples")[0], default=0))
-                          for t in c.trials)
+            samples = max(t.samples_at(max((s for m in table.metrics for s in t.history(m)[0]),
+                                           default=0)) for t in c.trials)
             label[-1] += (" (stopped early" + ("" if math.isnan(samples) else
                                                f" at {samples:,.0f} samples") + ")")
         cells = [table.cells[m][i].text(3) for m in table.metrics]

@@ -154,7 +154,12 @@ class Config:
         """The varied values; when nothing varied, the searched values; else the run name."""
         shown = self.values or {k: v for k, v in self.trials[0].space.items()
                                 if k not in SEED_KEYS}
-        return " ".join(f"{k}={v}" for k, v in shown.items()) or self.trials[0].name
+        return " ".join(f"{k}={show(v)}" for k, v in shown.items()) or self.trials[0].name
+
+
+def show(value) -> str:
+    """A searched value as tables print it: floats to 4 significant digits (0.0006978)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def group_configs(trials: list[Trial]) -> tuple[list[Config], list[str]]:

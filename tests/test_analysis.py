@@ -453,3 +453,9 @@ def test_sweep_without_checkpoints_yet_reports_training_curves_only(scratch, tmp
     md = write_report(uri, "early", out_dir=tmp_path / "r", log_to_mlflow=False).read_text()
     assert "No checkpoint has been evaluated yet" in md and "PARTIAL" in md
     assert (tmp_path / "r" / "train_loss.png").exists()
+
+
+def test_searched_floats_print_to_four_significant_digits():
+    from analysis.results import show
+    assert show(0.0006977519928308486) == "0.0006978" and show(0.38128931940501426) == "0.3813"
+    assert show(16) == "16" and show(None) == "None" and show("keep") == "keep"
