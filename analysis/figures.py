@@ -187,8 +187,10 @@ def importance_figure(importances: dict, path: Path) -> Path | None:
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlabel("importance (normalized)")
+    budget = importances.get("budget_step")
     ax.set_title(f"What mattered most for {importances['metric']} "
-                 f"({importances['n_trials']} completed trials)")
+                 f"({importances['n_trials']} completed trials"
+                 + ("" if budget is None else f", best up to step {budget}") + ")")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
