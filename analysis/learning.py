@@ -68,6 +68,12 @@ class Ability:
         return self._summary([q for q in self.quality if not math.isnan(q)])
 
 
+def _category(metric: str) -> bool:
+    """An MMLU category score (eval/mmlu/stem): a slice of the task, not the task's score."""
+    parts = metric.split("/")
+    return len(parts) == 3 and parts[1] == "mmlu" and parts[2] != "acc"
+
+
 def _method(config: Config):
     return config.trials[0].param("method")
 
@@ -94,8 +100,11 @@ def learning_ability(sweep: Sweep) -> list[Ability]:
     if "eval/heldout/loss" in keys:
         targets.append(("held-out loss", "eval/heldout/loss"))
     select, _ = selection_metric(sweep)
-    bench = select if select and not select.startswith("eval/heldout/") else next(
-        (k for k in keys if not k.startswith("eval/heldout/")), None)
+    # a benchmark curve: a task's own score (not an MMLU category) logged at two checkpoints or
+    # more (a benchmark scored only at the end has no "samples to reach")
+    curves = [k for k in keys if not k.startswith("eval/heldout/") and not _category(k)
+              and any(len(t.history(k)[0]) >= 2 for t in sweep.trials)]
+    bench = select if select in curves else next(iter(curves), None)
     if bench:
         targets.append(("benchmark", bench))
     out = []

@@ -250,6 +250,26 @@ def test_learning_ability_ratios_are_sample_ratios_to_the_lora_best(store):
     assert bench["speed_per_seed"] == pytest.approx([2.0, 2.0])
 
 
+def test_learning_ability_needs_a_benchmark_curve_not_a_final_score(scratch, tmp_path):
+    """Benchmarks scored only at the last checkpoint (final_only_tasks) have no "samples to
+    reach"; MMLU categories are never the target."""
+    uri, client = scratch
+    exp = client.create_experiment("final-only", artifact_location=str(tmp_path / "a"))
+    parent = client.create_run(exp, tags={"plora.run_type": "sweep", "plora.mode": "min",
+                                          "plora.metric": "eval/heldout/loss"}).info.run_id
+    for space in (LORA, P16):
+        rid = client.create_run(exp, tags={"mlflow.parentRunId": parent, "plora.status": "finished",
+                                           "plora.seed": "0", "space.seed": "0",
+                                           **{f"space.{k}": str(v) for k, v in space.items()}}).info.run_id
+        client.log_batch(rid, metrics=[
+            Metric("eval/heldout/loss", 2.0, 0, 10), Metric("eval/heldout/loss", 1.5, 0, 20),
+            Metric("eval/samples", 80, 0, 10), Metric("eval/samples", 160, 0, 20),
+            Metric("eval/mmlu/humanities", 0.3, 0, 20), Metric("eval/mmlu/acc", 0.3, 0, 20)])
+    from analysis.learning import learning_ability
+    from analysis.store import load_sweep
+    assert [a.target for a in learning_ability(load_sweep(uri, "final-only"))] == ["held-out loss"]
+
+
 def test_plora_minus_lora_is_paired_by_seed_and_by_item(store):
     """P16 vs LoRA, seeds 0 and 1: held-out loss 1.2/1.21 vs 1.3/1.31 at the last checkpoint
     (the same per-item noise on both sides), ARC 34/33 vs 28/27 of 40 items correct."""
