@@ -254,9 +254,7 @@ def test_learning_ability_needs_a_benchmark_curve_not_a_final_score(scratch, tmp
     """Benchmarks scored only at the last checkpoint (final_only_tasks) have no "samples to
     reach"; MMLU categories are never the target."""
     uri, client = scratch
-    exp = client.create_experiment("final-only", artifact_location=str(tmp_path / "a"))
-    parent = client.create_run(exp, tags={"plora.run_type": "sweep", "plora.mode": "min",
-                                          "plora.metric": "eval/heldout/loss"}).info.run_id
+    exp, parent = heldout_sweep(client, "final-only", tmp_path)
     for space in (LORA, P16):
         rid = client.create_run(exp, tags={"mlflow.parentRunId": parent, "plora.status": "finished",
                                            "plora.seed": "0", "space.seed": "0",
@@ -328,11 +326,17 @@ def test_pareto_front_keeps_trials_nobody_beats_on_cost_and_metric(store):
     assert not points["lora s0"]["pareto_samples"]
 
 
-def test_importance_ranks_first_the_parameter_that_drives_the_metric(scratch, tmp_path):
-    uri, client = scratch
-    exp = client.create_experiment("imp", artifact_location=str(tmp_path / "a"))
+def heldout_sweep(client, name, tmp_path):
+    """(experiment id, sweep run id) of an empty sweep selecting on the held-out loss."""
+    exp = client.create_experiment(name, artifact_location=str(tmp_path / "a"))
     parent = client.create_run(exp, tags={"plora.run_type": "sweep", "plora.mode": "min",
                                           "plora.metric": "eval/heldout/loss"}).info.run_id
+    return exp, parent
+
+
+def test_importance_ranks_first_the_parameter_that_drives_the_metric(scratch, tmp_path):
+    uri, client = scratch
+    exp, parent = heldout_sweep(client, "imp", tmp_path)
     rng = np.random.default_rng(0)
     for i in range(24):
         lr, momentum = 10 ** rng.uniform(-5, -2), float(rng.uniform(0, 1))
@@ -355,9 +359,7 @@ def test_importance_scores_asha_stopped_trials_at_the_budget_all_reached(scratch
     by its best value up to step 10, so the finished trials' later, better values (driven by
     momentum alone) cannot make momentum look important."""
     uri, client = scratch
-    exp = client.create_experiment("imp-asha", artifact_location=str(tmp_path / "a"))
-    parent = client.create_run(exp, tags={"plora.run_type": "sweep", "plora.mode": "min",
-                                          "plora.metric": "eval/heldout/loss"}).info.run_id
+    exp, parent = heldout_sweep(client, "imp-asha", tmp_path)
     rng = np.random.default_rng(1)
     for i in range(20):
         lr, momentum = 10 ** rng.uniform(-5, -2), float(rng.uniform(0, 1))
@@ -376,16 +378,20 @@ def test_importance_scores_asha_stopped_trials_at_the_budget_all_reached(scratch
     assert next(iter(imp["fanova"])) == "optim.lr"
 
 
-def test_partial_sweep_is_marked_partial(scratch, tmp_path):
-    uri, client = scratch
-    exp = client.create_experiment("live", artifact_location=str(tmp_path / "a"))
+def two_trial_report(client, uri, tmp_path, name, status):
+    """Report of a sweep: LoRA finished, PLoRA/16 with `status` after 2 of 4 checkpoints."""
+    exp = client.create_experiment(name, artifact_location=str(tmp_path / "a"))
     parent = client.create_run(exp, tags={"plora.run_type": "sweep"}).info.run_id
     log_trial(client, exp, parent, tmp_path, config="lora", seed=0, space=LORA,
               acc=[20, 24, 26, 28], heldout=[2.0, 1.6, 1.4, 1.3])
-    log_trial(client, exp, parent, tmp_path, config="p16", seed=0, space=P16, status="running",
+    log_trial(client, exp, parent, tmp_path, config="p16", seed=0, space=P16, status=status,
               acc=[22, 28], heldout=[1.8, 1.35], train_steps=20)
-    path = write_report(uri, "live", out_dir=tmp_path / "r", log_to_mlflow=False)
-    md = path.read_text()
+    return write_report(uri, name, out_dir=tmp_path / "r", log_to_mlflow=False).read_text()
+
+
+def test_partial_sweep_is_marked_partial(scratch, tmp_path):
+    uri, client = scratch
+    md = two_trial_report(client, uri, tmp_path, "live", "running")
     assert "**PARTIAL: the sweep is still running** — 1 of 2 trials" in md
     assert "16 (partial)" in md
     assert json.loads((tmp_path / "r" / "report.json").read_text())["partial"] is True
@@ -393,13 +399,7 @@ def test_partial_sweep_is_marked_partial(scratch, tmp_path):
 
 def test_trial_stopped_early_is_marked_with_its_samples(scratch, tmp_path):
     uri, client = scratch
-    exp = client.create_experiment("asha", artifact_location=str(tmp_path / "a"))
-    parent = client.create_run(exp, tags={"plora.run_type": "sweep"}).info.run_id
-    log_trial(client, exp, parent, tmp_path, config="lora", seed=0, space=LORA,
-              acc=[20, 24, 26, 28], heldout=[2.0, 1.6, 1.4, 1.3])
-    log_trial(client, exp, parent, tmp_path, config="p16", seed=0, space=P16,
-              status="stopped_early", acc=[22, 28], heldout=[1.8, 1.35], train_steps=20)
-    md = write_report(uri, "asha", out_dir=tmp_path / "r", log_to_mlflow=False).read_text()
+    md = two_trial_report(client, uri, tmp_path, "asha", "stopped_early")
     assert "16 (stopped early at 160 samples)" in md and "(partial)" not in md
 
 
