@@ -1,6 +1,7 @@
 """PLoRA's "no additional memory" and its step speed, against the same LoRA run.
 
     python bench/memory_parity.py [--device cpu|cuda] [--steps 12] [--shape smollm2|tiny]
+                                  [--rank-measurement background|checkpoint]
 
 Each method runs in its own fresh process (peak memory is per process): the same random-init
 Llama (SmolLM2-135M's shapes by default: hidden 576, 30 layers, 9/3 heads, MLP 1536, bf16
@@ -40,7 +41,8 @@ def config(method: str, args):
         "model": {"name_or_path": "tiny", "dtype": "bfloat16", "tiny": SHAPES[args.shape]},
         "lora": {"rank": 8, "alpha": 16,
                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-        "plora": {"unload_every_steps": 2, "momentum": 0.0},
+        "plora": {"unload_every_steps": 2, "momentum": 0.0,
+                  "rank_measurement": args.rank_measurement},
         "data": {"train_files": ["tiny-dialogues"], "max_length": 256, "micro_batch_size": 4,
                  "gradient_accumulation_steps": 1, "max_steps": args.steps, "shuffle": False},
         "distributed": {"use_gpu": args.device == "cuda"}})
@@ -132,6 +134,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--shape", default="smollm2", choices=list(SHAPES))
+    parser.add_argument("--rank-measurement", default="background", choices=["background", "checkpoint"],
+                        help="plora.rank_measurement of the PLoRA run")
     parser.add_argument("--child", choices=["lora", "plora", "paired"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -140,10 +144,11 @@ def main() -> None:
     results = {}
     for method in ("lora", "plora", "paired"):
         cmd = [sys.executable, __file__, "--child", method, "--device", args.device, "--steps", str(args.steps),
-               "--shape", args.shape]
+               "--shape", args.shape, "--rank-measurement", args.rank_measurement]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[method] = json.loads(out.strip().splitlines()[-1])
     print(f"machine: {machine(args.device)}, device {args.device}, shape {args.shape}, "
+          f"rank measurement {args.rank_measurement}, "
           f"{args.steps} steps of 4 x 256 tokens, LoRA r 8 on 7 modules, bf16 weights")
     print(f"{'method':8} {'peak memory (GB)':>18} {'tokens/s (no unload)':>22} {'tokens/CPU-s (no unload)':>26}")
     for method in ("lora", "plora"):

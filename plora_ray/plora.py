@@ -533,15 +533,36 @@ class RankMeter:
     (the exact rule of :meth:`UnloadLedger.rank`). :meth:`submit` returns a Future of
     ``{layer: rank}``."""
 
-    def __init__(self, ledger: UnloadLedger, rtol: float | None = None):
+    def __init__(self, ledger: UnloadLedger, rtol: float | None = None, background: bool = True):
         self.ledger, self.rtol = ledger, rtol
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="plora-rank", initializer=_lower_priority)
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="plora-rank", initializer=_lower_priority)
+                      if background else None)
 
     def submit(self, stages: int):
+        if self._pool is None:  # deferred: measured by whoever first asks (the next checkpoint)
+            return _Deferred(self.ledger.ranks, stages, self.rtol)
         return self._pool.submit(self.ledger.ranks, stages, self.rtol)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class _Deferred:
+    """A Future-like result computed in the caller's thread on the first ``result()``: no
+    thread competes with the training steps (on a machine of a few cores it would)."""
+
+    def __init__(self, fn, *args):
+        self._call, self._value, self._done = (fn, args), None, False
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self):
+        if not self._done:
+            fn, args = self._call
+            self._value, self._done = fn(*args), True
+        return self._value
 
 
 def weights_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -724,7 +745,7 @@ class PeriodicUnloader:
                  optimizer_on_unload: str = "reset", prune_ratio: float = 0.99,
                  init_a: str = "kaiming", seed: int = 0, keep_ledger: bool = True,
                  hold_ledger: bool = True, ledger_on_disk: bool = False, adapter: str = ADAPTER,
-                 access: LocalAccess | None = None):
+                 access: LocalAccess | None = None, rank_in_background: bool = True):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if momentum_rule not in MOMENTUM_RULES:
@@ -753,7 +774,8 @@ class PeriodicUnloader:
         self.ledger = None
         if keep_ledger and hold_ledger:
             self.ledger = UnloadLedger.temporary() if ledger_on_disk else UnloadLedger()
-        self.meter = RankMeter(self.ledger) if self.ledger is not None else None
+        self.meter = (RankMeter(self.ledger, background=rank_in_background)
+                      if self.ledger is not None else None)
         self.base_digest = self._digest_base() if keep_ledger else None
         self.stage = 0
 
@@ -780,7 +802,8 @@ class PeriodicUnloader:
                    momentum_rule=plora_cfg.momentum_rule,
                    optimizer_on_unload=plora_cfg.optimizer_on_unload,
                    prune_ratio=plora_cfg.prune_ratio, init_a=lora_cfg.init_a, seed=seed,
-                   keep_ledger=plora_cfg.ledger, hold_ledger=hold, ledger_on_disk=True, access=access)
+                   keep_ledger=plora_cfg.ledger, hold_ledger=hold, ledger_on_disk=True, access=access,
+                   rank_in_background=plora_cfg.rank_measurement == "background")
 
     def _reset_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
         if self.optimizer is None or self.optimizer_on_unload == "keep":

@@ -87,6 +87,28 @@ def test_on_disk_ledger_and_background_meter_match_the_in_memory_ledger(tmp_path
     meter.close()
 
 
+def test_deferred_meter_measures_nothing_until_asked_then_the_same_ranks(tmp_path, monkeypatch):
+    """plora.rank_measurement: checkpoint: no thread; each stage's ranks are computed on the
+    first result() (the next checkpoint), equal to the synchronous ones."""
+    import threading
+
+    g = torch.Generator().manual_seed(5)
+    disk = UnloadLedger(tmp_path / "live")
+    meter = RankMeter(disk, background=False)
+    calls = []
+    real = disk.ranks
+    monkeypatch.setattr(disk, "ranks", lambda *a: calls.append(threading.get_ident()) or real(*a))
+    futures = []
+    for b, a in stages(40, 30, 3, 4, g):
+        disk.add_stage({"x": (b, a)})
+        futures.append(meter.submit(disk.num_stages))
+    assert calls == [] and not any(f.done() for f in futures)
+    assert [f.result()["x"] for f in futures] == [3, 6, 9, 12]
+    assert all(f.done() for f in futures) and set(calls) == {threading.get_ident()}
+    assert futures[0].result() == {"x": 3} and len(calls) == 4  # computed once
+    meter.close()
+
+
 def _header_bytes(directory):
     import struct
 
