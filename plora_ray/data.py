@@ -323,8 +323,11 @@ class StepPlan:
     With ``lengths`` (one per example) the micro-batches are length-grouped, as Hugging Face's
     ``LengthGroupedSampler`` does: the shuffled order is cut into mega-batches of
     ``GROUP_MICRO_BATCHES`` micro-batches, each sorted by length (longest first) and cut into
-    micro-batches, whose order is then shuffled with (seed, epoch) (the short last micro-batch
-    stays last). Rows of a micro-batch then have similar lengths, so little of it is padding.
+    micro-batches; consecutive micro-batches form the steps, whose order is then shuffled with
+    (seed, epoch) (a short last step stays last). Rows of a micro-batch then have similar
+    lengths, so little of it is padding, and so do the micro-batches of one step: the
+    data-parallel ranks, which share a step's micro-batches, get similar work (with one
+    micro-batch per step the plan is the same as shuffling micro-batches).
     """
 
     num_examples: int
@@ -349,13 +352,14 @@ class StepPlan:
             order = [i for s in range(0, len(order), mega)
                      for i in sorted(order[s: s + mega], key=lambda i: -self.lengths[i])]
         micro = [order[i: i + m] for i in range(0, len(order), m)]
-        if self.lengths is not None and self.shuffle:
-            full = len(micro) - (len(micro[-1]) < m if micro else 0)
-            head = micro[:full]
-            random.Random(f"{self.seed}/{epoch}/groups").shuffle(head)
-            micro = head + micro[full:]
         k = self.gradient_accumulation_steps
-        return [micro[i: i + k] for i in range(0, len(micro), k)]
+        steps = [micro[i: i + k] for i in range(0, len(micro), k)]
+        if self.lengths is not None and self.shuffle:
+            short = int(bool(steps) and (len(steps[-1]) < k or len(steps[-1][-1]) < m))
+            head = steps[: len(steps) - short]
+            random.Random(f"{self.seed}/{epoch}/groups").shuffle(head)
+            steps = head + steps[len(head):]
+        return steps
 
     def steps(self) -> list[list[list[int]]]:
         return [s for e in range(self.epochs) for s in self.epoch_steps(e)]
