@@ -49,6 +49,13 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
     return best
 
 
+def last_metric_time(client, run_id: str) -> int | None:
+    """Milliseconds of the run's last logged step metric (``train/loss``, ``phase/steps_s``)."""
+    times = [m.timestamp for key in ("train/loss", "phase/steps_s")
+             for m in client.get_metric_history(run_id, key)]
+    return max(times) if times else None
+
+
 def measure(storage: Path, sweep_name: str | None, wall: float | None) -> float:
     from mlflow.tracking import MlflowClient
 
@@ -69,8 +76,10 @@ def measure(storage: Path, sweep_name: str | None, wall: float | None) -> float:
         info = client.get_run(t["run_id"]).info
         if not info.end_time:
             continue
-        span = (info.end_time - info.start_time) / 1000
-        intervals.append((info.start_time / 1000, info.end_time / 1000))
+        # until its last report: a trial's MLflow run may be closed only when the sweep ends
+        end = last_metric_time(client, t["run_id"]) or info.end_time
+        span = (end - info.start_time) / 1000
+        intervals.append((info.start_time / 1000, end / 1000))
         phases = {p: t["metrics"].get(f"phase/{p}_s", 0.0) for p in PHASES}
         phases["other"] = max(0.0, span - sum(phases.values()))
         rows.append((t["name"], t["status"], span, phases))

@@ -134,6 +134,8 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.metrics(scores, run.clock.steps)
         if final:
             metrics["replicas_identical"] = replicas_identical(run)
+        # so far (evaluation included): a trial ASHA stops keeps its phases up to here
+        tracker.phases(run.timings, run.clock.steps)
         report(run, metrics)
 
     try:

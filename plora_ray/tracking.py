@@ -546,7 +546,8 @@ class TrialTracker:
 
     def phases(self, timings: dict, step: int) -> None:
         """Wall seconds per phase of the trial (``phase/<name>_s``: train_start, model_load,
-        tokenise, engine, steps, unload, evaluation, checkpoint), logged once at the end."""
+        tokenise, engine, steps, unload, evaluation, checkpoint), running totals: logged at
+        every checkpoint and at the end."""
         if self.logger and timings:
             self.logger.log_metrics({f"phase/{k}_s": float(v) for k, v in timings.items()}, step)
             self.logger.flush()
