@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--shape", default="smollm2", choices=list(SHAPES))
-    parser.add_argument("--rank-measurement", default="background", choices=["background", "checkpoint"],
+    parser.add_argument("--rank-measurement", default="auto", choices=["auto", "background", "checkpoint"],
                         help="plora.rank_measurement of the PLoRA run")
     parser.add_argument("--child", choices=["lora", "plora", "paired"], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -89,11 +89,12 @@ class PLoraConfig(_Section):
     scheduler_on_unload: Literal["restart", "continue"] = "restart"
     rewarmup_steps: int = Field(0, ge=0, description="linear LR re-warm-up after each unload")
     ledger: bool = Field(True, description="keep each stage's merged factors (fp32)")
-    rank_measurement: Literal["background", "checkpoint"] = Field(
-        "background", description="when each stage's accumulated rank is measured: background (a "
+    rank_measurement: Literal["auto", "background", "checkpoint"] = Field(
+        "auto", description="when each stage's accumulated rank is measured: background (a "
         "low-priority thread right after the unload) or checkpoint (at the next checkpoint, in "
         "the training thread: no thread shares the cores with the steps; on a few CPU cores "
-        "that makes PLoRA's steps as fast as LoRA's)")
+        "that makes PLoRA's steps as fast as LoRA's); auto: background when the model is on a "
+        "GPU (the CPU is idle), checkpoint on CPU")
     measure_output_change: bool = Field(
         False, description="log how much an unload changes the logits of a fixed batch "
         "(two extra forward passes per unload; ~0 for the preserve rule)")

@@ -193,9 +193,9 @@ def numerical_rank(bs: list[torch.Tensor], as_: list[torch.Tensor], rtol: float 
     return int((sv > tol).sum())
 
 
-# rows of W merged at a time: a 16 MB fp32 buffer. Measured at LLaMA-7B layer shapes (2 CPU cores,
-# 3 interleaved rounds): 16 MB blocks merge 1.4-2x faster than 4 MB ones (fewer GEMM calls)
-# and 2-3x faster than 64 MB or whole-layer blocks (which fall out of cache).
+# rows of W merged at a time by PyTorch ops: a 16 MB fp32 buffer. Measured at LLaMA-7B layer shapes
+# (2 CPU cores, 3 interleaved rounds): 16 MB blocks merge 1.4-2x faster than 4 MB ones (fewer GEMM
+# calls) and 2-3x faster than 64 MB or whole-layer blocks (which fall out of cache).
 MERGE_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -203,17 +203,27 @@ MERGE_CHUNK_ELEMENTS = 1 << 22
 def merge_into_(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
     """One stage's merge in place, W <- cast(fp32(W) + B A), block of rows by block of rows.
 
-    Each block is summed in fp32 and cast once to W's dtype, so the result equals
-    ``(w.float() + b @ a).to(w.dtype)`` while the only temporary is one block (no d x k fp32
-    copies: the merge is one pass over W). The unload and the ledger's replay both call this
-    on the same device, so a backbone rebuilt from W_0 and the ledger is bit-identical to
-    the one training produced.
+    Each element is summed in fp32 and cast once to W's dtype, so the result equals
+    ``(w.float() + b @ a).to(w.dtype)`` (up to the order of the r products' fp32 sum) while the
+    only temporary is one block (no d x k fp32 copies: the merge is one pass over W). A bf16
+    weight on the CPU goes through the fused kernel of :mod:`plora_ray.merge_kernel` where it
+    can be built (one read and one write of W); otherwise, and on GPUs, PyTorch ops. The
+    unload and the ledger's replay both call this on the same device, so a backbone rebuilt
+    from W_0 and the ledger is bit-identical to the one training produced.
     """
+    from .merge_kernel import merge_bf16_
+
     left, right = (a.T, b.T) if fan_in_fan_out else (b, a)  # W (rows x cols) += left @ right
     left = left.to(device=w.device, dtype=torch.float32)
     right = right.to(device=w.device, dtype=torch.float32)
+    if merge_bf16_(w, left, right):
+        return w
     rows, cols = w.shape
     step = max(1, MERGE_CHUNK_ELEMENTS // max(cols, 1))
+    if w.dtype == torch.float32:  # no cast: one GEMM with beta = 1 on W itself
+        for i in range(0, rows, step):
+            w[i:i + step].addmm_(left[i:i + step], right)
+        return w
     buf = torch.empty((min(step, rows), cols), dtype=torch.float32, device=w.device)
     for i in range(0, rows, step):
         j = min(i + step, rows)
@@ -548,6 +558,15 @@ class RankMeter:
             self._pool.shutdown(wait=True)
 
 
+def rank_in_background(how: str, model: torch.nn.Module) -> bool:
+    """``plora.rank_measurement``: ``auto`` measures in a background thread only where the
+    steps leave the CPU idle (the model on a GPU); on CPU the thread would share the cores
+    with the steps (PLoRA/LoRA step 0.90 on 2 cores, bench/RESULTS.md), so at the checkpoint."""
+    if how == "auto":
+        return any(p.device.type == "cuda" for p in model.parameters())
+    return how == "background"
+
+
 class _Deferred:
     """A Future-like result computed in the caller's thread on the first ``result()``: no
     thread competes with the training steps (on a machine of a few cores it would)."""
@@ -803,7 +822,7 @@ class PeriodicUnloader:
                    optimizer_on_unload=plora_cfg.optimizer_on_unload,
                    prune_ratio=plora_cfg.prune_ratio, init_a=lora_cfg.init_a, seed=seed,
                    keep_ledger=plora_cfg.ledger, hold_ledger=hold, ledger_on_disk=True, access=access,
-                   rank_in_background=plora_cfg.rank_measurement == "background")
+                   rank_in_background=rank_in_background(plora_cfg.rank_measurement, model))
 
     def _reset_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
         if self.optimizer is None or self.optimizer_on_unload == "keep":

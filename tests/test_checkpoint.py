@@ -60,8 +60,14 @@ def test_ledger_only_checkpoint_resumes_bit_exactly_with_a_bf16_backbone(tiny_cf
     assert resumed.unloads[-1].ranks == full.unloads[-1].ranks
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.1])  # 0: A re-initialised in place at each unload
-def test_replayed_backbone_equals_the_trained_one_bitwise(tiny_cfg, tmp_path, momentum):
+@pytest.mark.parametrize("momentum,fused", [(0.0, False), (0.1, False), (0.1, True)])  # 0: A re-initialised in place
+def test_replayed_backbone_equals_the_trained_one_bitwise(tiny_cfg, tmp_path, momentum, fused, monkeypatch):
+    from plora_ray import merge_kernel
+
+    # fused: the tiny layers go through the fused bf16 kernel too (unloads and replay alike)
+    monkeypatch.setattr(merge_kernel, "MIN_ELEMENTS", 1 if fused else 1 << 62)
+    if fused and merge_kernel.kernel(8) is None:
+        pytest.skip("the fused merge kernel cannot be built here (no C compiler or no AVX2)")
     cfg = tiny_cfg(model={"dtype": "bfloat16"}, plora={"unload_every_steps": 1, "momentum": momentum},
                    optim={"lr": 2e-2}, data={"max_steps": 5})
     run = fit(setup(cfg), progress=False)

@@ -109,6 +109,16 @@ def test_deferred_meter_measures_nothing_until_asked_then_the_same_ranks(tmp_pat
     meter.close()
 
 
+def test_auto_rank_measurement_waits_for_the_checkpoint_on_cpu():
+    from plora_ray.plora import rank_in_background
+
+    cpu = torch.nn.Linear(2, 2)
+    assert not rank_in_background("auto", cpu) and not rank_in_background("checkpoint", cpu)
+    assert rank_in_background("background", cpu)
+    if torch.cuda.is_available():
+        assert rank_in_background("auto", cpu.cuda())
+
+
 def _header_bytes(directory):
     import struct
 
