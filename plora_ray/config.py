@@ -49,10 +49,13 @@ class ModelConfig(_Section):
         description="'tiny' (random-init Llama built from `tiny`), a local directory, "
         "or a hub id transformers can load",
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "float32",
         description="dtype of the backbone weights; LoRA factors, merges and the ledger "
-        "always stay fp32",
+        "always stay fp32. auto: bfloat16 where bf16 matmuls are fast (GPU workers; a CPU with "
+        "AVX-512 or AMX, which PyTorch's oneDNN bf16 path needs), else float32 (an AVX2-only CPU "
+        "runs bf16 matmuls ~50x slower than fp32); resolved when the config is built, so the "
+        "run's config.yaml and MLflow params say which",
     )
     trust_remote_code: bool = False
     tiny: TinyModelConfig = TinyModelConfig()
@@ -226,6 +229,25 @@ class DistributedConfig(_Section):
         return self
 
 
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU runs bf16 matmuls through oneDNN (AVX-512, AMX or Arm bf16); without
+    it PyTorch falls back to a scalar bf16 GEMM (measured on an AVX2 EPYC: 1.1 GFLOP/s, fp32
+    55-125 GFLOP/s)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def auto_dtype(use_gpu: bool) -> str:
+    """``model.dtype: auto``: bfloat16 on GPU workers or a CPU with fast bf16, else float32.
+    Decided where the config is built (the driver): on a cluster whose CPU nodes differ from
+    the driver's, set the dtype explicitly."""
+    return "bfloat16" if use_gpu or fast_bf16_cpu() else "float32"
+
+
 class RunConfig(_Section):
     name: str = "plora-run"
     method: Literal["plora", "lora", "full"] = "plora"
@@ -264,6 +286,8 @@ class RunConfig(_Section):
                 "(paper: 4800) or plora.unload_every_steps"
             )
         d = self.distributed
+        if self.model.dtype == "auto":
+            self.model.dtype = auto_dtype(d.use_gpu)
         if d.engine == "deepspeed" and d.zero_stage == 0 and self.model.dtype == "bfloat16":
             raise ValueError(
                 "DeepSpeed ZeRO stage 0 with bfloat16 keeps an fp32 copy that unloading cannot "

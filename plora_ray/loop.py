@@ -56,6 +56,16 @@ class Run:
         return self.engine.optimizer
 
 
+def warn_slow_bf16(cfg: RunConfig, device: torch.device, rank: int = 0) -> None:
+    """One line on stderr when a bf16 backbone will train on a CPU without fast bf16 matmuls."""
+    from .config import fast_bf16_cpu
+
+    if cfg.model.dtype == "bfloat16" and device.type == "cpu" and rank == 0 and not fast_bf16_cpu():
+        print("warning: field 'model.dtype' bfloat16 on a CPU without fast bf16 matmuls (no AVX-512 "
+              "or AMX: ~50x slower than float32 here); set model.dtype: auto (float32 here) or "
+              "float32", file=sys.stderr, flush=True)
+
+
 def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | None = None,
           data: bool = True) -> Run:
     """Build everything a run needs; identical on every data-parallel rank.
@@ -64,6 +74,7 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     evaluated: the checkpoint brings the schedule's state).
     """
     torch.manual_seed(cfg.seed)
+    warn_slow_bf16(cfg, device or torch.device("cpu"), rank)
     t0 = time.perf_counter()
     model, tokenizer = build_model(cfg)
     t1 = time.perf_counter()
