@@ -238,8 +238,9 @@ def test_main_sweep_runs_smollm2_on_the_embedded_mix_and_scores_the_heldout_loss
         cfg = trial_run_config(spec, params)
         assert cfg.model.name_or_path == "smollm2-135m-instruct"
         assert cfg.data.train_files == ["embedded-mix-small"] and cfg.eval.heldout.files is None  # GSM8K held out
-        assert cfg.eval.tasks == ["arc_easy", "mmlu", "gsm8k"] and cfg.eval.final_only_tasks == ["gsm8k"]
-        assert cfg.data.max_steps // cfg.checkpoint_every_steps >= 4  # curves, not dots
+        assert cfg.eval.tasks == ["arc_easy", "mmlu", "gsm8k"] and cfg.eval.final_only_tasks == cfg.eval.tasks
+        assert cfg.data.max_steps // cfg.checkpoint_every_steps >= 4  # held-out curves, not dots
+        assert cfg.data.max_steps * cfg.data.micro_batch_size <= 300  # one pass over the 300 rows
 
 
 def test_trial_values_split_joint_keys_into_mlflow_param_names():
