@@ -1,12 +1,12 @@
 """A fused CPU kernel for the unload's merge of a bf16 weight: W <- bf16(fp32(W) + L R).
 
 Why: on the CPU the merge of a bf16 backbone in PyTorch ops is three passes over each block of
-W (bf16 -> fp32 copy, a K = r GEMM with beta = 1, fp32 -> bf16 copy), about 4x the memory floor
-of one read and one write of W (bench/RESULTS.md, LLaMA-7B layer shapes). This kernel does it in
-one pass: for a tile of 4 rows and 16 columns it accumulates sum_t L[i, t] R[t, j] in fp32 AVX2
-registers (FMA, t in order; r fixed when the kernel is built, so those loops unroll), adds fp32(W[i, j]) and writes W rounded to nearest-even once, as
-PyTorch rounds fp32 to bf16 (NaN -> 0x7FC0). R (r x cols, fp32) stays in cache; W is read and
-written once.
+W (bf16 -> fp32 copy, a K = r GEMM with beta = 1, fp32 -> bf16 copy), 4-17x the memory floor of
+one read and one write of W (bench/RESULTS.md, LLaMA-7B layer shapes, two machines). This kernel
+does it in one pass: for a tile of 4 rows and 16 columns it accumulates sum_t L[i, t] R[t, j] in
+fp32 AVX2 registers (FMA, t in order; r fixed when the kernel is built, so those loops unroll),
+adds fp32(W[i, j]) and writes W rounded to nearest-even once, as PyTorch rounds fp32 to bf16
+(NaN -> 0x7FC0). R (r x cols, fp32) stays in cache; W is read and written once.
 
 It is plain C (AVX2 + FMA intrinsics, no PyTorch headers), built with the system C compiler on
 first use (about a second) into ``$PLORA_RAY_CACHE`` (default ``~/.cache/plora_ray``) under a
@@ -196,20 +196,19 @@ def _pool(n: int) -> ThreadPoolExecutor:
         return _state["pool"]
 
 
-def applies(w: torch.Tensor, rank: int) -> bool:
-    """Whether :func:`merge_bf16_` takes ``w``: a bf16 CPU matrix of unit column stride."""
+def _takes(w: torch.Tensor) -> bool:
+    """Whether the kernel's layout fits ``w``: a large bf16 CPU matrix of unit column stride."""
     return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dim() == 2
-            and w.stride(1) == 1 and w.numel() >= MIN_ELEMENTS and kernel(rank) is not None)
+            and w.stride(1) == 1 and w.numel() >= MIN_ELEMENTS)
 
 
 @torch.no_grad()
 def merge_bf16_(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
     """W <- bf16(fp32(W) + left @ right) in one pass; False (W untouched) where the kernel
-    does not apply (see :func:`applies`)."""
-    r = left.shape[1]
-    if not applies(w, r):
+    does not apply (another dtype, device or layout, a small W, or no kernel on this machine)."""
+    fn = kernel(left.shape[1]) if _takes(w) else None
+    if fn is None:
         return False
-    fn = kernel(r)
     rows, cols = w.shape
     left = left.to(torch.float32).contiguous()
     right = right.to(torch.float32).contiguous()
