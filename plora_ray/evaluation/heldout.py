@@ -138,7 +138,9 @@ def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
         keep = torch.arange(lo, width - 1)  # logits only where some row is scored: saves memory
         logits = _logits(model, ids.to(device), keep.to(device)).float().cpu()
         tgt = target[:, lo:]
-        nll = F.cross_entropy(logits.transpose(1, 2), tgt.clamp(min=0), reduction="none")
+        # over contiguous (rows, vocab): the (B, V, T) transposed form is ~10x slower on CPU
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1).clamp(min=0),
+                              reduction="none").view_as(tgt)
         mask = tgt != IGNORE
         for row, i in enumerate(idx):
             count = int(mask[row].sum())
