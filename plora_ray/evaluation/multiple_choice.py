@@ -31,6 +31,8 @@ is installed.
 
 from __future__ import annotations
 
+import inspect
+
 import jinja2
 import torch
 import torch.nn.functional as F
@@ -157,6 +159,53 @@ def dummy_forward(model, tokenizer, device) -> None:
     _forward_logprobs(model, torch.tensor([[pad_id]], device=device), torch.tensor([0], device=device))
 
 
+def _cache_argument(model) -> str | None:
+    """The name under which ``model``'s forward (or that of the model inside a peft wrapper)
+    takes a KV cache: ``cache`` (transformers 5) or ``past_key_values`` (4.x); None for an
+    encoder-decoder or a model without one. Only with a cache is a shared context run once."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _shared_context_jobs(model, arg: str, device, ctx: list[int], members: list[tuple[int, list[int]]], out):
+    """Forward calls scoring several continuations of one context: the context once (its last
+    position predicts every continuation's first token), then all continuations as one
+    right-padded batch on copies of its KV cache. The same sums as full-sequence forwards, to
+    float rounding; a multiple-choice item costs ``len(ctx) + sum(len(cont))`` tokens, not
+    ``n · len(ctx) + sum(len(cont))``."""
+    state = {}
+
+    def prefix():
+        res = model(input_ids=torch.tensor([ctx], device=device), use_cache=True, logits_to_keep=1)
+        state["first"] = F.log_softmax(res.logits[0, -1].float(), dim=-1).cpu()
+        state["cache"] = res[arg]
+        if width == 0:
+            finish(None)
+
+    def finish(rest):
+        for row, (i, cont) in enumerate(members):
+            total = state["first"][cont[0]]
+            if len(cont) > 1:
+                total = total + rest[row, torch.arange(len(cont) - 1), torch.tensor(cont[1:])].sum()
+            out[i] = float(total)
+
+    def continuations():
+        cache = state.pop("cache")
+        cache.batch_repeat_interleave(len(members))
+        batch = torch.zeros((len(members), width), dtype=torch.long)
+        for row, (_, cont) in enumerate(members):
+            batch[row, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+        logits = model(input_ids=batch.to(device), use_cache=True, **{arg: cache}).logits
+        finish(F.log_softmax(logits.float(), dim=-1).cpu())
+
+    width = max(len(cont) for _, cont in members) - 1
+    return [prefix] if width == 0 else [prefix, continuations]
+
+
 @torch.inference_mode()
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8,
                    shard: Shard = LOCAL) -> list[float]:
@@ -164,13 +213,17 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
 
     Requests are sorted longest first (as lm-eval) and batched with right padding. Requests
     whose context + continuation[:-1] tokens coincide (MMLU's one-token letters) share one
-    forward pass: lm-eval's ``logits_cache``; the numbers are the same either way. Under a
-    lockstep ``shard`` the forward calls are padded to the largest count over ranks.
+    forward pass: lm-eval's ``logits_cache``. Requests that share a context but not the
+    rest (ARC's choices) run the context once and the continuations on its KV cache, when the
+    model takes a cache and nothing is truncated. The numbers are lm-eval's either way (to float
+    rounding). Under a lockstep ``shard`` the forward calls are padded to the largest count over
+    ranks.
     """
     limit = max_length(model, tokenizer)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    contexts: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for i, (context, continuation) in enumerate(requests):
         if not context:
             raise ValueError("empty context: lm-eval would condition on the BOS/EOS token instead")
@@ -179,26 +232,44 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
             raise ValueError(f"continuation {continuation!r} encodes to no tokens")
         key = tuple((ctx + cont)[-(limit + 1):][:-1])  # the model input, left-truncated
         groups.setdefault(key, []).append((i, cont))
-    order = sorted(groups, key=lambda k: (-len(k), k))
+        if len(ctx) + len(cont) <= limit:
+            contexts.setdefault(tuple(ctx), []).append((i, cont))
     out = [0.0] * len(requests)
-    n_batches = -(-len(order) // batch_size)
-    for b in range(shard.agree_count(n_batches, device)):
-        if b >= n_batches:
+    jobs = []
+    arg = _cache_argument(model)
+    if arg is not None:
+        for ctx, members in contexts.items():
+            if len({tuple(cont[:-1]) for _, cont in members}) > 1:
+                jobs += _shared_context_jobs(model, arg, device, list(ctx), members, out)
+                for i, cont in members:
+                    key = ctx + tuple(cont[:-1])
+                    groups[key] = [m for m in groups[key] if m[0] != i]
+                    if not groups[key]:
+                        del groups[key]
+    order = sorted(groups, key=lambda k: (-len(k), k))
+
+    def batched(keys):
+        def job():
+            width = len(keys[0])
+            batch = torch.full((len(keys), width), pad_id, dtype=torch.long)
+            for row, key in enumerate(keys):
+                batch[row, : len(key)] = torch.tensor(key, dtype=torch.long)
+            contlen = max(len(c) for k in keys for _, c in groups[k])
+            lo = max(0, min(len(k) for k in keys) - contlen)
+            keep = torch.arange(lo, width)
+            logprobs = _forward_logprobs(model, batch.to(device), keep.to(device)).cpu()
+            for row, key in enumerate(keys):
+                for i, cont in groups[key]:
+                    pos = torch.arange(len(key) - len(cont), len(key)) - lo
+                    out[i] = float(logprobs[row, pos, torch.tensor(cont)].sum())
+        return job
+
+    jobs = [batched(order[b:b + batch_size]) for b in range(0, len(order), batch_size)] + jobs
+    for j in range(shard.agree_count(len(jobs), device)):
+        if j < len(jobs):
+            jobs[j]()
+        else:
             dummy_forward(model, tokenizer, device)
-            continue
-        keys = order[b * batch_size:(b + 1) * batch_size]
-        width = len(keys[0])
-        batch = torch.full((len(keys), width), pad_id, dtype=torch.long)
-        for row, key in enumerate(keys):
-            batch[row, : len(key)] = torch.tensor(key, dtype=torch.long)
-        contlen = max(len(c) for k in keys for _, c in groups[k])
-        lo = max(0, min(len(k) for k in keys) - contlen)
-        keep = torch.arange(lo, width)
-        logprobs = _forward_logprobs(model, batch.to(device), keep.to(device)).cpu()
-        for row, key in enumerate(keys):
-            for i, cont in groups[key]:
-                pos = torch.arange(len(key) - len(cont), len(key)) - lo
-                out[i] = float(logprobs[row, pos, torch.tensor(cont)].sum())
     return out
 
 
