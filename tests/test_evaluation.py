@@ -178,6 +178,36 @@ def test_loglikelihoods_match_hand_computed(tiny):
     assert encode_pair(tok, "a: ", "b") == (tok.encode("a:"), tok.encode(" b"))
 
 
+def test_shared_context_on_kv_cache_equals_full_forwards(tiny, monkeypatch):
+    """ARC-style requests (one context, several multi-token continuations) run the context once
+    and the continuations on its KV cache, also through a peft wrapper; the sums equal the
+    full-sequence path (the one taken by a model without a cache) to float rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    from plora_ray.evaluation import multiple_choice
+
+    model, tok = tiny
+    ctx = "Question: Which is a mammal?\nAnswer:"
+    requests = [(ctx, " dog"), (ctx, " a very long answer text"), (ctx, " eagle"),
+                ("Question: Water boils at?\nAnswer:", " 100 C"), ("Question: Water boils at?\nAnswer:", " 0 C")]
+    calls = []
+    original = multiple_choice._shared_context_jobs
+    monkeypatch.setattr(multiple_choice, "_shared_context_jobs",
+                        lambda *a: calls.append(a[3]) or original(*a))
+    cached = loglikelihoods(model, tok, requests, batch_size=2)
+    assert len(calls) == 2  # both contexts took the cache path
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    try:
+        assert loglikelihoods(wrapped, tok, requests, batch_size=2) == pytest.approx(cached, abs=1e-5)
+    finally:
+        wrapped.unload()
+    monkeypatch.setattr(multiple_choice, "_cache_argument", lambda m: None)
+    full = loglikelihoods(model, tok, requests, batch_size=2)
+    assert len(calls) == 4  # two more in the peft run; none without a cache
+    assert cached == pytest.approx(full, abs=1e-4)
+    assert len(set(cached)) == len(cached)  # five different sums, not one number repeated
+
+
 def test_arc_acc_norm_differs_from_acc():
     rec = score_choices([-5.0, -8.0], ["yes", "a much longer answer"], gold=1)
     assert (rec["pred"], rec["pred_norm"]) == (0, 1)
