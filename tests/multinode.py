@@ -108,6 +108,7 @@ class LocalCluster:
         self.address = f"127.0.0.2:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.tracking_uri = ""
+        self.nodes_up: list[dict] = []
 
     def _node_args(self, i: int, ip: str) -> list[str]:
         lo = 30000 + (os.getpid() * 7 + i * 200) % 20000  # a worker-port range of its own
@@ -149,14 +150,47 @@ class LocalCluster:
         unconnected)."""
         import json
 
-        code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-                "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress']} for n in ray.nodes() "
-                "if n['Alive']]))" % self.address)
-        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
-                             timeout=60)
-        if out.returncode:
-            return []
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        answer = self._ask("print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress']} "
+                           "for n in ray.nodes() if n['Alive']]))")
+        return json.loads(answer) if answer else []
+
+    def _ask(self, code: str, timeout: float = 60) -> str:
+        """What ``code`` prints in a child process connected to this cluster (the test process
+        stays unconnected); "" if it fails."""
+        prelude = "import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); " % self.address
+        out = subprocess.run([sys.executable, "-c", prelude + code], env=self.env, capture_output=True, text=True,
+                             timeout=timeout)
+        return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else ""
+
+    def free_cpus(self) -> float:
+        """CPUs of the cluster that no task, actor or placement group holds."""
+        answer = self._ask("print(ray.available_resources().get('CPU', 0.0))")
+        return float(answer) if answer else -1.0
+
+    def wait_idle(self, timeout: float = 120) -> None:
+        """Until every CPU of the cluster is free again: an earlier test's trials (a stopped
+        job's, a killed driver's) are torn down asynchronously."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.free_cpus() >= len(self.nodes_up):
+                return
+            time.sleep(1)
+        raise RuntimeError(f"cluster not idle in {timeout} s:\n{self.diagnose()}")
+
+    def diagnose(self) -> str:
+        """The state to read when a cluster test times out: resources, live actors, the last
+        steps the hook saw, the tail of each node's log."""
+        actors = self._ask(
+            "from ray.util.state import list_actors; print(json.dumps([(a.class_name, a.node_id[:8], a.pid) "
+            "for a in list_actors(filters=[('state', '=', 'ALIVE')], limit=200)]))")
+        resources = self._ask("print(json.dumps({'available': ray.available_resources(), "
+                              "'total': ray.cluster_resources()}))")
+        log = self.tmp / "steps.log"
+        steps = log.read_text().splitlines()[-12:] if log.exists() else []
+        parts = [f"resources: {resources}", f"alive actors: {actors}", "last steps:", *steps]
+        for i, node in enumerate(self.nodes):
+            parts += [f"--- node{i}.log (tail)", *node.log.read_text(errors="replace").splitlines()[-15:]]
+        return "\n".join(parts)
 
     def wait_started(self, node: Node, timeout: float = 180) -> None:
         """Until ``ray start`` says the node runs (it then blocks)."""

@@ -44,6 +44,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_hold(cluster):
     (cluster.tmp / "hold").unlink(missing_ok=True)
+    cluster.wait_idle()  # the trials of the test before are gone: both nodes' CPUs are free
     yield
     (cluster.tmp / "hold").unlink(missing_ok=True)
 
@@ -85,14 +86,18 @@ def curve(uri, run_id, key):
     return sorted((m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key))
 
 
-def wait_for(predicate, timeout, what):
+def wait_for(predicate, timeout, what, cluster=None, output: Path | None = None):
+    """``predicate()`` once it is true; on a timeout, a failure with the cluster's state (and
+    the tail of the driver's ``output``) to read."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(1)
-    pytest.fail(f"{what}: not within {timeout} s")
+    state = cluster.diagnose() if cluster is not None else ""
+    tail = "\n".join(output.read_text(errors="replace").splitlines()[-40:]) if output and output.exists() else ""
+    pytest.fail(f"{what}: not within {timeout} s\n{state}\n--- driver (tail)\n{tail}")
 
 
 def node_steps(cluster) -> list[tuple[str, str, int]]:
@@ -150,7 +155,7 @@ def test_batch_submits_two_sweeps_status_lists_both_stop_stops_one(cluster, tmp_
     assert main(["submit", str(batch), *cli]) == 0
     recorded = json.loads((tmp_path / "state" / "b2.json").read_text())
     assert sorted(recorded) == ["alpha", "beta"] and all(len(ids) == 1 for ids in recorded.values())
-    held = wait_for(lambda: list(cluster.tmp.glob("reached-*")), 300, "a trial held on the second node")
+    held = wait_for(lambda: list(cluster.tmp.glob("reached-*")), 300, "a trial held on the second node", cluster)
     held_sweep = held[0].name.removeprefix("reached-").split("-")[0]  # reached-<sweep>-<time>-<trial>
     other = {"alpha": "beta", "beta": "alpha"}[held_sweep]
     capsys.readouterr()
@@ -184,12 +189,14 @@ def test_killed_driver_resumes_without_lost_or_duplicated_trials(cluster, tmp_pa
     storage = tmp_path / "sweeps"
     cmd = tune_cmd(cluster, space, storage, "--address", cluster.address)
     hold_on(cluster)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cluster.env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = tmp_path / "driver.log"
+    with open(driver, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=cluster.env, start_new_session=True,
+                                stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: list(cluster.tmp.glob("reached-drv-*")) and (storage / "drv.latest.json").exists() and any(
             t["status"] == "finished" for t in sweep_trials(cluster.tracking_uri, parent_of(storage, "drv"))),
-            300, "one trial finished and one held")
+            300, "one trial finished and one held", cluster, driver)
     finally:
         kill_session(proc)  # the driver (SIGKILL): its trials die with it
     (cluster.tmp / "hold").unlink()
@@ -211,20 +218,22 @@ def test_lost_node_mid_trial_restarts_from_its_checkpoint_on_a_surviving_node(cl
     space = write_space(tmp_path / "space.yaml", "lost", [1e-3, 1e-3])  # twice the same trial: a reference
     storage = tmp_path / "sweeps"
     hold_on(cluster)
-    proc = subprocess.Popen(tune_cmd(cluster, space, storage, "--address", cluster.address), cwd=tmp_path,
-                            env=cluster.env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    driver = tmp_path / "driver.log"
+    with open(driver, "w") as log:
+        proc = subprocess.Popen(tune_cmd(cluster, space, storage, "--address", cluster.address), cwd=tmp_path,
+                                env=cluster.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
-        [marker] = wait_for(lambda: list(cluster.tmp.glob("reached-lost-*")), 300, "a trial held on node1")
+        [marker] = wait_for(lambda: list(cluster.tmp.glob("reached-lost-*")), 300, "a trial held on node1",
+                            cluster, driver)
         moved = marker.name.removeprefix("reached-")
         raylet = cluster.nodes[1].raylet_pid()
         assert raylet is not None
         os.kill(raylet, signal.SIGKILL)  # the second node is lost in the middle of the trial's step 5
         # the hold stays: the node's orphaned worker must not go on before it notices it is gone
-        out, _ = proc.communicate(timeout=400)
+        proc.wait(timeout=400)
     finally:
         kill_session(proc)
-    assert proc.returncode == 0, out[-4000:]
+    assert proc.returncode == 0, driver.read_text()[-4000:]
     ids = {n["ip"]: n["id"] for n in cluster.nodes_up}
     head, lost = ids[cluster.nodes[0].ip], ids[cluster.nodes[1].ip]
     trials = sweep_trials(cluster.tracking_uri, parent_of(storage, "lost"))

@@ -147,7 +147,8 @@ def test_ray_run_writes_the_run_directory_a_one_process_run_writes(ray_cluster, 
     cfg = run_config(data={"max_steps": 2})
     summary = run_distributed(cfg, tmp_path / "ray_run", "cli-layout")
     assert summary["steps"] == 2 and summary["replicas_identical"] is True and summary["workers"] == 2
-    ray_ckpt = next((tmp_path / "ray_run" / "ray" / "cli-layout").glob("checkpoint_*"))  # a sweep's "best"
+    # a sweep's "best": a checkpoint directory (Ray also writes checkpoint_manager_snapshot.json there)
+    ray_ckpt = next(p for p in (tmp_path / "ray_run" / "ray" / "cli-layout").glob("checkpoint_*") if p.is_dir())
     # the same global batch in one process (2 micro-batches a step): the same unloads, so the same files
     single = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"workers": 1}),
                                     "data": cfg.data.model_copy(update={"gradient_accumulation_steps": 2})})
