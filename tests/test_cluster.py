@@ -25,6 +25,10 @@ from plora_ray.tracking import sweep_trials
 from test_tune import base
 
 ROOT = Path(__file__).resolve().parents[1]
+# how long a trial may take to reach a point (quiet 2-core machine: 40-70 s; CI machines have
+# been 1.4x slower, and a timeout here only costs time when a test fails)
+WAIT_S = 600
+pytestmark = pytest.mark.timeout(1500)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_hold(cluster):
     (cluster.tmp / "hold").unlink(missing_ok=True)
-    cluster.wait_idle()  # the trials of the test before are gone: both nodes' CPUs are free
+    cluster.wait_idle(WAIT_S // 2)  # the trials of the test before are gone: both nodes' CPUs are free
     yield
     (cluster.tmp / "hold").unlink(missing_ok=True)
 
@@ -126,7 +130,7 @@ def test_sweep_submitted_as_ray_job_runs_trials_on_both_nodes(cluster, tmp_path)
               "--working-dir", str(ROOT), "--submission-id", "job-sweep", "--",
               *tune_cmd(cluster, space, storage)]
     submit[submit.index(sys.executable)] = "python"  # as a user types it
-    done = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=WAIT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert JobSubmissionClient(cluster.dashboard).get_job_status("job-sweep") == JobStatus.SUCCEEDED
     trials = sweep_trials(cluster.tracking_uri, parent_of(storage, "job"))
@@ -155,7 +159,7 @@ def test_batch_submits_two_sweeps_status_lists_both_stop_stops_one(cluster, tmp_
     assert main(["submit", str(batch), *cli]) == 0
     recorded = json.loads((tmp_path / "state" / "b2.json").read_text())
     assert sorted(recorded) == ["alpha", "beta"] and all(len(ids) == 1 for ids in recorded.values())
-    held = wait_for(lambda: list(cluster.tmp.glob("reached-*")), 300, "a trial held on the second node", cluster)
+    held = wait_for(lambda: list(cluster.tmp.glob("reached-*")), WAIT_S, "a trial held on the second node", cluster)
     held_sweep = held[0].name.removeprefix("reached-").split("-")[0]  # reached-<sweep>-<time>-<trial>
     other = {"alpha": "beta", "beta": "alpha"}[held_sweep]
     capsys.readouterr()
@@ -168,7 +172,7 @@ def test_batch_submits_two_sweeps_status_lists_both_stop_stops_one(cluster, tmp_
     client = JobSubmissionClient(cluster.dashboard)
     ids = {name: ids[0] for name, ids in recorded.items()}
     wait_for(lambda: client.get_job_status(ids[held_sweep]) == JobStatus.STOPPED, 120, "the stopped job")
-    wait_for(lambda: client.get_job_status(ids[other]) in (JobStatus.SUCCEEDED, JobStatus.FAILED), 300,
+    wait_for(lambda: client.get_job_status(ids[other]) in (JobStatus.SUCCEEDED, JobStatus.FAILED), WAIT_S,
              "the other job")
     assert client.get_job_status(ids[other]) == JobStatus.SUCCEEDED, client.get_job_logs(ids[other])[-3000:]
     capsys.readouterr()
@@ -196,7 +200,7 @@ def test_killed_driver_resumes_without_lost_or_duplicated_trials(cluster, tmp_pa
     try:
         wait_for(lambda: list(cluster.tmp.glob("reached-drv-*")) and (storage / "drv.latest.json").exists() and any(
             t["status"] == "finished" for t in sweep_trials(cluster.tracking_uri, parent_of(storage, "drv"))),
-            300, "one trial finished and one held", cluster, driver)
+            WAIT_S, "one trial finished and one held", cluster, driver)
     finally:
         kill_session(proc)  # the driver (SIGKILL): its trials die with it
     (cluster.tmp / "hold").unlink()
@@ -204,7 +208,7 @@ def test_killed_driver_resumes_without_lost_or_duplicated_trials(cluster, tmp_pa
     before = sweep_trials(cluster.tracking_uri, parent)
     assert sum(t["status"] == "finished" for t in before) < 2  # really interrupted
     done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=cluster.env, capture_output=True, text=True,
-                          timeout=400)
+                          timeout=WAIT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     after = sweep_trials(cluster.tracking_uri, parent)
     assert len(after) == 2 and len({t["trial_id"] for t in after}) == 2
@@ -223,14 +227,14 @@ def test_lost_node_mid_trial_restarts_from_its_checkpoint_on_a_surviving_node(cl
         proc = subprocess.Popen(tune_cmd(cluster, space, storage, "--address", cluster.address), cwd=tmp_path,
                                 env=cluster.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
-        [marker] = wait_for(lambda: list(cluster.tmp.glob("reached-lost-*")), 300, "a trial held on node1",
+        [marker] = wait_for(lambda: list(cluster.tmp.glob("reached-lost-*")), WAIT_S, "a trial held on node1",
                             cluster, driver)
         moved = marker.name.removeprefix("reached-")
         raylet = cluster.nodes[1].raylet_pid()
         assert raylet is not None
         os.kill(raylet, signal.SIGKILL)  # the second node is lost in the middle of the trial's step 5
         # the hold stays: the node's orphaned worker must not go on before it notices it is gone
-        proc.wait(timeout=400)
+        proc.wait(timeout=WAIT_S)
     finally:
         kill_session(proc)
     assert proc.returncode == 0, driver.read_text()[-4000:]

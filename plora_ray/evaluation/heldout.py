@@ -108,14 +108,18 @@ def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
     """(mean token loss, labelled token count) per example of this rank's ``examples``.
 
     Batches group similar lengths (longest first), right-padded: the model is causal, so
-    padding after a sequence never reaches its scored positions. Under a lockstep ``shard``
-    the forward calls are padded to the largest count over ranks.
+    padding after a sequence never reaches its scored positions. The tokens a batch's rows
+    begin with in common (a chat template's system prompt: 24 of SmolLM2's ~186) run once, the
+    rows on copies of their KV cache, when the model takes a cache (the same losses to fp32
+    rounding). Under a lockstep ``shard`` the forward calls are padded to the largest count
+    over ranks, and every batch is one forward.
     """
     from ..data import IGNORE
 
-    from .multiple_choice import dummy_forward
+    from .multiple_choice import _cache_argument, dummy_forward
 
     device = next(model.parameters()).device
+    arg = None if shard.lockstep and shard.distributed else _cache_argument(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     out: list[tuple[float, int]] = [(float("nan"), 0)] * len(examples)
@@ -136,7 +140,12 @@ def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
         scored = (target != IGNORE).any(0).nonzero().flatten()
         lo = int(scored[0]) if len(scored) else 0
         keep = torch.arange(lo, width - 1)  # logits only where some row is scored: saves memory
-        logits = _logits(model, ids.to(device), keep.to(device)).float().cpu()
+        shared = shared_prefix([examples[i]["input_ids"] for i in idx], lo) if arg else 0
+        if shared >= MIN_SHARED_PREFIX:
+            logits = _logits_on_prefix(model, arg, ids.to(device), shared, (keep - shared).to(device))
+        else:
+            logits = _logits(model, ids.to(device), keep.to(device))
+        logits = logits.float().cpu()
         tgt = target[:, lo:]
         # over contiguous (rows, vocab): the (B, V, T) transposed form is ~10x slower on CPU
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1).clamp(min=0),
@@ -147,6 +156,29 @@ def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
             total = float((nll[row] * mask[row]).sum())
             out[i] = (total / count if count else float("nan"), count)
     return out
+
+
+MIN_SHARED_PREFIX = 8  # fewer common tokens than this: one plain forward
+
+
+def shared_prefix(rows: list[list[int]], limit: int) -> int:
+    """How many leading tokens all ``rows`` share, at most ``limit`` (the first scored
+    position: logits are needed from there) and leaving each row at least one token."""
+    n = min(limit, min(len(r) for r in rows) - 1)
+    first = rows[0]
+    for i in range(max(n, 0)):
+        if any(r[i] != first[i] for r in rows[1:]):
+            return i
+    return max(n, 0)
+
+
+def _logits_on_prefix(model, arg: str, ids: torch.Tensor, shared: int, keep: torch.Tensor) -> torch.Tensor:
+    """The logits of :func:`_logits` for rows that begin with the same ``shared`` tokens:
+    those run once, the rest of every row on copies of their KV cache (positions ``keep`` of
+    the rest)."""
+    cache = model(input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1)[arg]
+    cache.batch_repeat_interleave(ids.shape[0])
+    return model(input_ids=ids[:, shared:], use_cache=True, logits_to_keep=keep, **{arg: cache}).logits
 
 
 def _logits(model, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
