@@ -208,6 +208,27 @@ def test_shared_context_on_kv_cache_equals_full_forwards(tiny, monkeypatch):
     assert len(set(cached)) == len(cached)  # five different sums, not one number repeated
 
 
+def test_common_prefix_of_a_batch_runs_once_with_the_same_loglikelihoods(tiny, monkeypatch):
+    """MMLU-style requests (one-token answers after different questions behind the same long
+    instruction) run the batch's common prefix once, the rest on copies of its KV cache: the
+    sums of the plain batched forward, to float rounding."""
+    from plora_ray.evaluation import kv_prefix
+
+    model, tok = tiny
+    head = "The following are multiple choice questions (with answers) about science.\n\n"
+    requests = [(head + f"Question {q}?\nAnswer:", f" {c}") for q in ("one", "two two", "three") for c in "AB"]
+    calls = []
+    on_prefix = kv_prefix.logits_on_prefix
+    monkeypatch.setattr(kv_prefix, "logits_on_prefix", lambda *a: calls.append(a[3]) or on_prefix(*a))
+    shared = loglikelihoods(model, tok, requests, batch_size=4)
+    assert calls and min(calls) >= kv_prefix.MIN_SHARED_PREFIX  # the batches took the cached path
+    monkeypatch.setattr(kv_prefix, "MIN_SHARED_PREFIX", 10**9)
+    n = len(calls)
+    plain = loglikelihoods(model, tok, requests, batch_size=4)
+    assert len(calls) == n and shared == pytest.approx(plain, abs=1e-5)
+    assert len(set(shared)) == len(shared)
+
+
 def test_arc_acc_norm_differs_from_acc():
     rec = score_choices([-5.0, -8.0], ["yes", "a much longer answer"], gold=1)
     assert (rec["pred"], rec["pred_norm"]) == (0, 1)

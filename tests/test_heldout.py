@@ -64,26 +64,26 @@ def test_heldout_loss_equals_hand_computation(tiny, examples):
 def test_shared_prefix_runs_once_on_a_kv_cache_with_the_same_losses(tiny, examples, monkeypatch):
     """Rows that begin alike (a system prompt) run those tokens once, the rest of every row on
     copies of their KV cache: the losses of one full forward per example, to fp32 rounding."""
-    from plora_ray.evaluation import heldout as heldout_mod
+    from plora_ray.evaluation import kv_prefix
 
     model, tok = tiny
     system = list(range(5, 17))  # 12 tokens every row starts with, never scored
     rows = [{"id": e["id"], "input_ids": system + e["input_ids"], "labels": [IGNORE] * 12 + e["labels"]}
             for e in examples]
-    assert heldout_mod.shared_prefix([r["input_ids"] for r in rows], 40) >= heldout_mod.MIN_SHARED_PREFIX
+    assert kv_prefix.shared_prefix([r["input_ids"] for r in rows], 40) >= kv_prefix.MIN_SHARED_PREFIX
     calls = []
-    on_prefix = heldout_mod._logits_on_prefix
-    monkeypatch.setattr(heldout_mod, "_logits_on_prefix", lambda *a: calls.append(a[3]) or on_prefix(*a))
+    on_prefix = kv_prefix.logits_on_prefix
+    monkeypatch.setattr(kv_prefix, "logits_on_prefix", lambda *a: calls.append(a[3]) or on_prefix(*a))
     got = heldout_losses(model, tok, rows, batch_size=3)
     assert len(calls) == 3 and all(n >= 12 for n in calls)  # every batch took the cached path
-    monkeypatch.setattr(heldout_mod, "MIN_SHARED_PREFIX", 10**9)  # the plain path
+    monkeypatch.setattr(kv_prefix, "MIN_SHARED_PREFIX", 10**9)  # the plain path
     plain = heldout_losses(model, tok, rows, batch_size=3)
     assert len(calls) == 3
     for (loss, n), (p_loss, p_n) in zip(got, plain, strict=True):
         assert n == p_n and loss == pytest.approx(p_loss, abs=1e-5)
-    assert heldout_mod.shared_prefix([[1, 2, 3], [1, 2, 4]], 10) == 2
-    assert heldout_mod.shared_prefix([[1, 2, 3], [1, 2, 3, 4]], 10) == 2  # a token left in each row
-    assert heldout_mod.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 4]], 1) == 1  # not past the first scored position
+    assert kv_prefix.shared_prefix([[1, 2, 3], [1, 2, 4]], 10) == 2
+    assert kv_prefix.shared_prefix([[1, 2, 3], [1, 2, 3, 4]], 10) == 2  # a token left in each row
+    assert kv_prefix.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 4]], 1) == 1  # not past the first scored position
 
 
 def test_split_heldout_is_seeded_disjoint_and_ordered():

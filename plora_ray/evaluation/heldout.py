@@ -25,6 +25,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .kv_prefix import cache_argument, forward_logits
 from .sharding import LOCAL, Shard
 from .stats import mean_stderr
 
@@ -116,10 +117,10 @@ def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
     """
     from ..data import IGNORE
 
-    from .multiple_choice import _cache_argument, dummy_forward
+    from .multiple_choice import dummy_forward
 
     device = next(model.parameters()).device
-    arg = None if shard.lockstep and shard.distributed else _cache_argument(model)
+    arg = None if shard.lockstep and shard.distributed else cache_argument(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     out: list[tuple[float, int]] = [(float("nan"), 0)] * len(examples)
@@ -140,12 +141,8 @@ def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
         scored = (target != IGNORE).any(0).nonzero().flatten()
         lo = int(scored[0]) if len(scored) else 0
         keep = torch.arange(lo, width - 1)  # logits only where some row is scored: saves memory
-        shared = shared_prefix([examples[i]["input_ids"] for i in idx], lo) if arg else 0
-        if shared >= MIN_SHARED_PREFIX:
-            logits = _logits_on_prefix(model, arg, ids.to(device), shared, (keep - shared).to(device))
-        else:
-            logits = _logits(model, ids.to(device), keep.to(device))
-        logits = logits.float().cpu()
+        logits = forward_logits(model, ids.to(device), keep.to(device), [examples[i]["input_ids"] for i in idx],
+                                arg).float().cpu()
         tgt = target[:, lo:]
         # over contiguous (rows, vocab): the (B, V, T) transposed form is ~10x slower on CPU
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1).clamp(min=0),
@@ -156,40 +153,6 @@ def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
             total = float((nll[row] * mask[row]).sum())
             out[i] = (total / count if count else float("nan"), count)
     return out
-
-
-MIN_SHARED_PREFIX = 8  # fewer common tokens than this: one plain forward
-
-
-def shared_prefix(rows: list[list[int]], limit: int) -> int:
-    """How many leading tokens all ``rows`` share, at most ``limit`` (the first scored
-    position: logits are needed from there) and leaving each row at least one token."""
-    n = min(limit, min(len(r) for r in rows) - 1)
-    first = rows[0]
-    for i in range(max(n, 0)):
-        if any(r[i] != first[i] for r in rows[1:]):
-            return i
-    return max(n, 0)
-
-
-def _logits_on_prefix(model, arg: str, ids: torch.Tensor, shared: int, keep: torch.Tensor) -> torch.Tensor:
-    """The logits of :func:`_logits` for rows that begin with the same ``shared`` tokens:
-    those run once, the rest of every row on copies of their KV cache (positions ``keep`` of
-    the rest)."""
-    cache = model(input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1)[arg]
-    cache.batch_repeat_interleave(ids.shape[0])
-    return model(input_ids=ids[:, shared:], use_cache=True, logits_to_keep=keep, **{arg: cache}).logits
-
-
-def _logits(model, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Logits at positions ``keep`` (``logits_to_keep`` where the model takes it)."""
-    try:
-        logits = model(input_ids=ids, logits_to_keep=keep).logits
-        if logits.shape[1] != keep.numel():
-            logits = logits[:, keep]
-    except TypeError:
-        logits = model(input_ids=ids).logits[:, keep]
-    return logits
 
 
 def heldout_metrics(records: list[dict]) -> dict[str, float]:

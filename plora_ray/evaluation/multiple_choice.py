@@ -31,12 +31,13 @@ is installed.
 
 from __future__ import annotations
 
-import inspect
 
 import jinja2
 import torch
 import torch.nn.functional as F
 
+from .kv_prefix import cache_argument as _cache_argument
+from .kv_prefix import forward_logits
 from .sharding import LOCAL, Shard
 from .stats import with_stderr
 
@@ -140,35 +141,17 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def _forward_logprobs(model, batch: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _forward_logprobs(model, batch: torch.Tensor, keep: torch.Tensor, rows=None, arg=None) -> torch.Tensor:
     """fp32 log-softmax at sequence positions ``keep`` only: full-vocabulary logits for every
-    position of a long MMLU prompt would cost GBs on CPU. Models that do not take
-    ``logits_to_keep`` get full logits, indexed afterwards (same numbers)."""
-    try:
-        logits = model(input_ids=batch, logits_to_keep=keep).logits
-        if logits.shape[1] != keep.numel():
-            logits = logits[:, keep]
-    except TypeError:
-        logits = model(input_ids=batch).logits[:, keep]
-    return F.log_softmax(logits.float(), dim=-1)
+    position of a long MMLU prompt would cost GBs on CPU. With ``rows`` and a cache ``arg``,
+    the rows' common prefix runs once (:func:`kv_prefix.forward_logits`)."""
+    return F.log_softmax(forward_logits(model, batch, keep, rows, arg).float(), dim=-1)
 
 
 def dummy_forward(model, tokenizer, device) -> None:
     """One forward pass on a single token, result dropped: a lockstep rank's padding batch."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     _forward_logprobs(model, torch.tensor([[pad_id]], device=device), torch.tensor([0], device=device))
-
-
-def _cache_argument(model) -> str | None:
-    """The name under which ``model``'s forward (or that of the model inside a peft wrapper)
-    takes a KV cache: ``cache`` (transformers 5) or ``past_key_values`` (4.x); None for an
-    encoder-decoder or a model without one. Only with a cache is a shared context run once."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
-        return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def _shared_context_jobs(model, arg: str, device, ctx: list[int], members: list[tuple[int, list[int]]], out):
@@ -237,6 +220,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
     out = [0.0] * len(requests)
     jobs = []
     arg = _cache_argument(model)
+    prefix_arg = None if shard.lockstep and shard.distributed else arg  # lockstep: one forward a job
     if arg is not None:
         for ctx, members in contexts.items():
             if len({tuple(cont[:-1]) for _, cont in members}) > 1:
@@ -257,7 +241,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
             contlen = max(len(c) for k in keys for _, c in groups[k])
             lo = max(0, min(len(k) for k in keys) - contlen)
             keep = torch.arange(lo, width)
-            logprobs = _forward_logprobs(model, batch.to(device), keep.to(device)).cpu()
+            logprobs = _forward_logprobs(model, batch.to(device), keep.to(device), keys, prefix_arg).cpu()
             for row, key in enumerate(keys):
                 for i, cont in groups[key]:
                     pos = torch.arange(len(key) - len(cont), len(key)) - lo

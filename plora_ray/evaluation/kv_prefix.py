@@ -1,0 +1,69 @@
+"""Forward passes that run the tokens a batch's rows begin with in common once.
+
+Chat-templated evaluation prompts all begin with the template's system prompt (24 tokens of
+SmolLM2's ~186 for a held-out GSM8K dialogue); an MMLU batch also shares its instruction.
+:func:`forward_logits` runs that common prefix once (one row), then every row's rest on copies
+of its KV cache: the logits of one full forward per batch, to fp32 rounding, for fewer FLOPs.
+Models that take no cache (or positions inside the prefix that must be scored) get the plain
+forward. A rank under ZeRO-3 lockstep must pass ``arg=None``: the cached path is two forward
+calls, and every rank has to make the same number.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+MIN_SHARED_PREFIX = 8  # fewer common tokens than this: one plain forward
+
+
+def cache_argument(model) -> str | None:
+    """The name under which ``model``'s forward (or that of the model inside a peft wrapper)
+    takes a KV cache: ``cache`` (transformers 5) or ``past_key_values`` (4.x); None for an
+    encoder-decoder or a model without one."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def shared_prefix(rows: list[list[int]], limit: int) -> int:
+    """How many leading tokens all ``rows`` share, at most ``limit`` (the first position whose
+    logits are needed) and leaving each row at least one token."""
+    n = max(min(limit, min(len(r) for r in rows) - 1), 0)
+    first = rows[0]
+    for i in range(n):
+        if any(r[i] != first[i] for r in rows[1:]):
+            return i
+    return n
+
+
+def logits_on_prefix(model, arg: str, ids: torch.Tensor, shared: int, keep: torch.Tensor) -> torch.Tensor:
+    """Logits at positions ``keep`` of ``ids[:, shared:]`` for rows that begin with the same
+    ``shared`` tokens: those run once, the rest of every row on copies of their KV cache."""
+    cache = model(input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1)[arg]
+    cache.batch_repeat_interleave(ids.shape[0])
+    return model(input_ids=ids[:, shared:], use_cache=True, logits_to_keep=keep, **{arg: cache}).logits
+
+
+def forward_logits(model, ids: torch.Tensor, keep: torch.Tensor, rows: list[list[int]] | None = None,
+                   arg: str | None = None) -> torch.Tensor:
+    """Logits of right-padded ``ids`` at sequence positions ``keep`` (ascending, contiguous).
+
+    With ``arg`` (:func:`cache_argument`) and the unpadded ``rows``, a prefix of at least
+    :data:`MIN_SHARED_PREFIX` tokens that every row shares before ``keep[0]`` runs once
+    (:func:`logits_on_prefix`). Otherwise one forward with ``logits_to_keep`` where the model
+    takes it (full logits indexed afterwards where not: the same numbers)."""
+    shared = shared_prefix(rows, int(keep[0])) if arg and rows else 0
+    if shared >= MIN_SHARED_PREFIX:
+        return logits_on_prefix(model, arg, ids, shared, keep - shared)
+    try:
+        logits = model(input_ids=ids, logits_to_keep=keep).logits
+        if logits.shape[1] != keep.numel():
+            logits = logits[:, keep]
+    except TypeError:
+        logits = model(input_ids=ids).logits[:, keep]
+    return logits
