@@ -31,27 +31,11 @@ from .loop import fit, setup
 from .replicas import replicas_identical
 from .tracking import TrialTracker, add_trial_node
 from .rundir import CHECKPOINT, load_run_checkpoint, restore_run, save_run_checkpoint, write_run_dir
+from .ray_trainer import extensions_dir, trainer_for, worker_env, worker_resources  # noqa: F401 (re-exported)
 
 
 class DistributedError(Exception):
     """A Ray run that failed (a worker group error, no cluster); one line for the user."""
-
-
-def extensions_dir() -> str:
-    """DeepSpeed JIT-builds small ops on first use; keep them in a cache we control."""
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "plora_ray" / "torch_extensions")
-
-
-def worker_env(cfg: RunConfig) -> dict[str, str]:
-    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 re-routes a worker's print() through its logger
-    # *and* prints it, so every line would show twice
-    env = {"TORCH_EXTENSIONS_DIR": extensions_dir(), "TOKENIZERS_PARALLELISM": "false",
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    if not cfg.distributed.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    if "PLORA_RAY_CACHE" in os.environ:
-        env["PLORA_RAY_CACHE"] = os.environ["PLORA_RAY_CACHE"]
-    return env
 
 
 # "module:function": called as on_step(rec, rank) after every step in every worker whose
@@ -149,40 +133,6 @@ def train_loop_per_worker(config: dict) -> None:
         report(run, metrics)
     finally:
         tracker.flush()
-
-
-def worker_resources(cfg: RunConfig) -> dict[str, float]:
-    """Ray resources of one worker: its CPUs and, with ``use_gpu``, its GPUs as given (0.5
-    stays 0.5: two workers share a GPU; Ray's default for ``use_gpu`` would be 1)."""
-    d = cfg.distributed
-    res = {"CPU": d.cpus_per_worker}
-    if d.use_gpu:
-        res["GPU"] = d.gpus_per_worker if d.gpus_per_worker is not None else 1.0
-    return res
-
-
-def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None, tracking: dict | None = None,
-                on_step=None):
-    """The TorchTrainer for ``cfg`` (used by the CLI and by each Tune trial). ``on_step(rec, rank)``
-    runs in every worker after every step (it must be picklable)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    d = cfg.distributed
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "tracking": tracking, "on_step": on_step,
-                           "submitted": time.time()},
-        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
-                                     resources_per_worker=worker_resources(cfg),
-                                     placement_strategy=d.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
-        run_config=RayRunConfig(name=name, storage_path=storage_path,
-                                failure_config=FailureConfig(max_failures=d.max_failures),
-                                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                callbacks=callbacks,
-                                worker_runtime_env={"env_vars": worker_env(cfg)}),
-    )
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@
     python -m plora_ray.tune FILE --address auto --storage /shared/sweeps --tracking-uri http://mlflow:5000
     ray job submit --working-dir . -- python -m plora_ray.tune FILE --storage s3://bucket/sweeps ...
 
-One trial = one Ray Train TorchTrainer run (``distributed.trainer_for``) built by a Tune
+One trial = one Ray Train TorchTrainer run (``ray_trainer.trainer_for``) built by a Tune
 function that asks for a sliver of memory and no CPU (Train V2 refuses ``Tuner(TorchTrainer)``);
 its workers take the trial's resources, so a node's CPUs all go to workers. On a cluster
 (``--address``, or inside a Ray Job) the sweep refuses a tracking store only one machine
@@ -52,7 +52,7 @@ def trial_function(config: dict, sweep: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .cluster import storage_join
-    from .distributed import trainer_for
+    from .ray_trainer import trainer_for
     from .search_space import SweepSpec, trial_run_config, trial_values
     from .tracking import active_params, run_name, set_trial_status, trial_run, trial_tags
 
@@ -125,7 +125,7 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
         param_space=tune_param_space(spec),
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher,
                                     scheduler=scheduler, num_samples=num_samples,
-                                    trial_name_creator=_trial_name(spec),
+                                    trial_name_creator=_trial_name(spec), reuse_actors=True,
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
                                       callbacks=[OrphanedPlacementGroups()],
