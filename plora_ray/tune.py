@@ -125,7 +125,7 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
         param_space=tune_param_space(spec),
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher,
                                     scheduler=scheduler, num_samples=num_samples,
-                                    trial_name_creator=_trial_name(spec), reuse_actors=True,
+                                    trial_name_creator=_trial_name(spec),
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
                                       callbacks=[OrphanedPlacementGroups()],
