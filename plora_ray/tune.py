@@ -203,6 +203,7 @@ def run_sweep(spec, args) -> str:
     from .cluster import (alive_nodes, check_tracking_for_cluster, cluster_address, is_uri, read_text, storage_join,
                           storage_root, write_text)
     from .distributed import ensure_ray
+    from .placement import release_leaked
     from .tracking import default_tracking_uri, end_running_trials, ensure_experiment, finish_sweep, start_sweep_run
 
     storage = storage_root(args.storage)
@@ -220,6 +221,8 @@ def run_sweep(spec, args) -> str:
     # ASHA hung on 2 cores); a cluster: as it is
     ensure_ray(address, num_cpus=None if address else (os.cpu_count() or 1) + 1)
     check_tracking_for_cluster(uri, len(alive_nodes()))  # before the first MLflow write or trial
+    if address:  # groups a killed driver of this cluster left reserved (plora_ray/placement.py)
+        release_leaked("at the start")
     if earlier:
         sweep = json.loads(earlier)
     else:
@@ -249,6 +252,8 @@ def run_sweep(spec, args) -> str:
         text = summarize(spec, sweep, results)
         finish_sweep(uri, parent)
         ended = True
+        if address:
+            release_leaked("at the end")
     finally:  # an exception, Ctrl-C or SIGTERM: no trial (and not the sweep) is left RUNNING
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
