@@ -3,6 +3,7 @@ evaluation (final-only tasks, metric names, per-item results) and the EvalConfig
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -84,6 +85,39 @@ def test_shared_prefix_runs_once_on_a_kv_cache_with_the_same_losses(tiny, exampl
     assert kv_prefix.shared_prefix([[1, 2, 3], [1, 2, 4]], 10) == 2
     assert kv_prefix.shared_prefix([[1, 2, 3], [1, 2, 3, 4]], 10) == 2  # a token left in each row
     assert kv_prefix.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 4]], 1) == 1  # not past the first scored position
+
+
+def test_head_runs_only_on_scored_positions_with_the_same_losses(tiny, examples, monkeypatch):
+    """The vocabulary projection sees only the positions a row is scored at (not its prompt
+    or padding), in both the cached and the plain path: the same losses to fp32 rounding."""
+    from plora_ray.evaluation import kv_prefix
+
+    model, tok = tiny
+    system = list(range(5, 17))
+    rows = [{"id": e["id"], "input_ids": system + e["input_ids"], "labels": [IGNORE] * 12 + e["labels"]}
+            for e in examples]
+    scored = sum(sum(label != IGNORE for label in r["labels"][1:]) for r in rows)
+    seen = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        for min_prefix in (kv_prefix.MIN_SHARED_PREFIX, 10**9):  # the cached path, the plain one
+            monkeypatch.setattr(kv_prefix, "MIN_SHARED_PREFIX", min_prefix)
+            seen.clear()
+            got = heldout_losses(model, tok, rows, batch_size=3)
+            assert sum(n for n in seen if n > 1) == scored  # the prefix's one position aside
+            with monkeypatch.context() as m:  # the reference: the head on every kept position
+                m.setattr("plora_ray.evaluation.heldout.head_on", lambda model, select: contextlib.nullcontext())
+                full = heldout_losses(model, tok, rows, batch_size=3)
+            assert sum(n for n in seen if n > 1) > scored
+            for (loss, n), (f_loss, f_n) in zip(got, full, strict=True):
+                assert n == f_n and loss == pytest.approx(f_loss, abs=1e-5)
+    finally:
+        handle.remove()
+    logits = torch.zeros(2, 3, 5)
+    select = torch.tensor([[True, False, True], [False, False, True]])
+    assert kv_prefix.selected_logits(logits, select).shape == (3, 5)
+    assert kv_prefix.selected_logits(torch.zeros(1, 3, 5), select).shape == (3, 5)
 
 
 def test_split_heldout_is_seeded_disjoint_and_ordered():

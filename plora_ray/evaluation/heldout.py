@@ -25,7 +25,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .kv_prefix import cache_argument, forward_logits
+from .kv_prefix import cache_argument, forward_logits, head_on, selected_logits
 from .sharding import LOCAL, Shard
 from .stats import mean_stderr
 
@@ -141,16 +141,18 @@ def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
         scored = (target != IGNORE).any(0).nonzero().flatten()
         lo = int(scored[0]) if len(scored) else 0
         keep = torch.arange(lo, width - 1)  # logits only where some row is scored: saves memory
-        logits = forward_logits(model, ids.to(device), keep.to(device), [examples[i]["input_ids"] for i in idx],
-                                arg).float().cpu()
         tgt = target[:, lo:]
-        # over contiguous (rows, vocab): the (B, V, T) transposed form is ~10x slower on CPU
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1).clamp(min=0),
-                              reduction="none").view_as(tgt)
         mask = tgt != IGNORE
+        # the vocabulary projection only where a row is scored (not on its prompt or padding)
+        with head_on(model, mask.to(device)):
+            logits = forward_logits(model, ids.to(device), keep.to(device),
+                                    [examples[i]["input_ids"] for i in idx], arg)
+        # over contiguous (tokens, vocab) rows: the (B, V, T) transposed form is ~10x slower on CPU
+        nll = F.cross_entropy(selected_logits(logits, mask.to(device)).float().cpu(), tgt[mask], reduction="none")
+        rows = mask.nonzero()[:, 0]
         for row, i in enumerate(idx):
             count = int(mask[row].sum())
-            total = float((nll[row] * mask[row]).sum())
+            total = float(nll[rows == row].sum())
             out[i] = (total / count if count else float("nan"), count)
     return out
 

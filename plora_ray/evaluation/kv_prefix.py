@@ -12,6 +12,7 @@ calls, and every rank has to make the same number.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 
@@ -62,8 +63,44 @@ def forward_logits(model, ids: torch.Tensor, keep: torch.Tensor, rows: list[list
         return logits_on_prefix(model, arg, ids, shared, keep - shared)
     try:
         logits = model(input_ids=ids, logits_to_keep=keep).logits
-        if logits.shape[1] != keep.numel():
+        if logits.shape[1] == ids.shape[1] != keep.numel():  # a model that ignores logits_to_keep
             logits = logits[:, keep]
     except TypeError:
         logits = model(input_ids=ids).logits[:, keep]
     return logits
+
+
+@contextmanager
+def head_on(model, select: torch.Tensor):
+    """While open, ``model``'s output head (the vocabulary projection) runs only on the
+    positions ``select`` marks: a bool ``(rows, kept positions)`` mask of the positions a
+    forward keeps logits for (``logits_to_keep``). Such a forward then returns logits of shape
+    ``(1, select.sum(), vocab)``, the marked positions in row-major order; a forward whose
+    hidden states have another shape (a cache prefix, a model without ``logits_to_keep``) is
+    left as it is. What a model does to its logits after the head (scaling, soft-capping) is
+    elementwise, so it is unchanged. A model without an output head: nothing changes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+
+    def gather(module, args):
+        hidden = args[0]
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(select.shape):
+            return (hidden[select].unsqueeze(0), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def selected_logits(logits: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """The ``(select.sum(), vocab)`` logits of the marked positions from a forward run under
+    :func:`head_on` (gathered already) or not (``(rows, kept positions, vocab)``)."""
+    if tuple(logits.shape[:2]) == tuple(select.shape):
+        return logits[select]
+    return logits[0]
