@@ -48,6 +48,7 @@ def placement_groups() -> list[dict]:
 
 
 NIL_ACTOR = "f" * 32  # the creator of a group a driver made
+NIL_PG = "f" * 36  # an actor outside any group
 
 
 def leaked(pg: dict, dead_jobs: set[str], actor_states: dict[str, str]) -> bool:
@@ -62,6 +63,24 @@ def leaked(pg: dict, dead_jobs: set[str], actor_states: dict[str, str]) -> bool:
     return job_dead and actor_dead
 
 
+def actors() -> dict[str, tuple[str, str]]:
+    """``{actor id: (state, placement group id or "")}`` for every actor GCS knows, read from
+    its actor table (no dashboard or state API needed: a local sweep runs Ray without one)."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    if not ray.is_initialized():
+        raise RuntimeError("not connected to a Ray cluster")
+    names = gcs_pb2.ActorTableData.ActorState.Name
+    out = {}
+    for raw in state._connect_and_get_accessor().get_actor_table(None, None):
+        a = gcs_pb2.ActorTableData.FromString(raw)
+        pg = a.placement_group_id.hex()
+        out[a.actor_id.hex()] = (names(a.state), "" if pg in ("", NIL_PG) else pg)
+    return out
+
+
 def release_orphaned_placement_groups() -> list[str]:
     """Remove every CREATED placement group whose actors are all dead, or that is
     :func:`leaked` (its job and creator gone); returns their ids."""
@@ -69,14 +88,12 @@ def release_orphaned_placement_groups() -> list[str]:
     from ray._private.state import state
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup
-    from ray.util.state import list_actors
 
-    address = ray.get_runtime_context().gcs_address  # this driver's cluster, not another on the host
     states, actor_states = defaultdict(list), {}
-    for actor in list_actors(address=address, detail=True, limit=10_000, raise_on_missing_output=False):
-        actor_states[actor.actor_id] = actor.state
-        if actor.placement_group_id:
-            states[actor.placement_group_id].append(actor.state)
+    for actor_id, (actor_state, pg_id) in actors().items():
+        actor_states[actor_id] = actor_state
+        if pg_id:
+            states[pg_id].append(actor_state)
     dead_jobs = {job["JobID"] for job in state.job_table() if job["IsDead"]}
     removed = []
     for pg in placement_groups():

@@ -23,7 +23,7 @@ def state(pg):
 
 @pytest.mark.timeout(300)
 def test_only_placement_groups_whose_actors_all_died_are_released():
-    ray.init(num_cpus=3, include_dashboard=True, log_to_driver=False)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # GCS tables only
     try:
         orphan, used, fresh = (placement_group([{"CPU": 1}]) for _ in range(3))
         ray.get([pg.ready() for pg in (orphan, used, fresh)])
@@ -86,7 +86,7 @@ def test_groups_of_live_jobs_detached_groups_and_groups_of_live_detached_actors_
     import subprocess
     import sys
 
-    ray.init(num_cpus=3, include_dashboard=True, log_to_driver=False)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # GCS tables only
     try:
         mine = placement_group([{"CPU": 1}])  # this (live) driver's
         kept = placement_group([{"CPU": 1}], lifetime="detached")
