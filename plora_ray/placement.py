@@ -107,7 +107,7 @@ def release_orphaned_placement_groups() -> list[str]:
 
 def release_leaked(when: str) -> list[str]:
     """:func:`release_orphaned_placement_groups`, saying on stderr what it freed (``when``: at
-    the start or the end of a sweep); a failure of the state API is a warning."""
+    the start or the end of a sweep); a failure to read GCS is a warning."""
     try:
         removed = release_orphaned_placement_groups()
     except Exception as exc:  # noqa: BLE001 - best effort: the callback retries while the sweep runs
@@ -121,7 +121,7 @@ def release_leaked(when: str) -> list[str]:
 
 class OrphanedPlacementGroups(Callback):
     """Tune callback: :func:`release_orphaned_placement_groups` every ``every_s`` seconds and
-    after every trial that ends (a failure of the state API only skips a round)."""
+    after every trial that ends (a failure to read GCS only skips a round)."""
 
     def __init__(self, every_s: float = 5.0):
         self.every_s = every_s
@@ -133,7 +133,7 @@ class OrphanedPlacementGroups(Callback):
         self._last = time.monotonic()
         try:
             self.removed += release_orphaned_placement_groups()
-        except Exception as exc:  # noqa: BLE001 - the state API is best effort; the next round retries
+        except Exception as exc:  # noqa: BLE001 - GCS reads are best effort; the next round retries
             if not self._warned:
                 print(f"warning: could not check for orphaned placement groups ({exc})", file=sys.stderr)
                 self._warned = True
