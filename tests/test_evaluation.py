@@ -3,6 +3,7 @@ and agreement with lm-evaluation-harness itself (skipped when lm-eval is not ins
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -206,6 +207,70 @@ def test_shared_context_on_kv_cache_equals_full_forwards(tiny, monkeypatch):
     assert len(calls) == 4  # two more in the peft run; none without a cache
     assert cached == pytest.approx(full, abs=1e-4)
     assert len(set(cached)) == len(cached)  # five different sums, not one number repeated
+
+
+def test_shared_context_head_runs_on_scored_positions_only(tiny, monkeypatch):
+    """ARC-style continuations on a context's KV cache: the vocabulary projection runs on the
+    context's last position and each continuation's scored positions, not on the padding after
+    the short ones; the sums are those of the head on every position."""
+    from plora_ray.evaluation import multiple_choice
+    from plora_ray.evaluation.multiple_choice import encode_pair
+
+    model, tok = tiny
+    ctx = "Question: Which is a mammal?\nAnswer:"
+    requests = [(ctx, " dog"), (ctx, " a very long answer text"), (ctx, " eagle")]
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        got = loglikelihoods(model, tok, requests, batch_size=3)
+        conts = [encode_pair(tok, c, x)[1] for c, x in requests]
+        assert sum(seen) == 1 + sum(len(c) - 1 for c in conts)  # the context's last position + the rest
+        monkeypatch.setattr(multiple_choice, "head_on", lambda model, select: contextlib.nullcontext())
+        seen.clear()
+        full = loglikelihoods(model, tok, requests, batch_size=3)
+        assert sum(seen) == 1 + len(conts) * (max(len(c) for c in conts) - 1)  # padding included
+    finally:
+        handle.remove()
+    assert got == pytest.approx(full, abs=1e-6)
+
+
+def test_dense_head_gives_the_head_row_major_input_and_the_same_logits(tiny):
+    """``kv_prefix.dense_head``: a ``logits_to_keep=1`` forward's sliced hidden states reach the
+    head with row-major strides (PyTorch's fast matmul path), the logits unchanged; the hook is
+    gone afterwards, and ``evaluate`` runs under it."""
+    from plora_ray.evaluation import kv_prefix, run
+
+    model, tok = tiny
+    head = model.get_output_embeddings()
+    strides = []
+    handle = head.register_forward_hook(lambda m, args, out: strides.append(args[0].stride()))
+    ids = torch.tensor([tok.encode("one two three four five six")] * 2)
+    try:
+        plain = model(input_ids=ids, logits_to_keep=1).logits
+        assert strides[-1][0] == ids.shape[1] * strides[-1][1]  # the sequence's row stride
+        with kv_prefix.dense_head(model):
+            dense = model(input_ids=ids, logits_to_keep=1).logits
+            assert len(head._forward_pre_hooks) == 1
+        assert strides[-1] == (strides[-1][1], strides[-1][1], 1)  # (B, 1, H) row-major
+        assert torch.allclose(plain, dense, rtol=1e-5, atol=1e-6) and not head._forward_pre_hooks
+        entered = []
+        real = run.dense_head
+
+        @contextlib.contextmanager
+        def spy(m):
+            entered.append(m)
+            with real(m):
+                yield
+
+        run.dense_head = spy
+        try:
+            run.evaluate(model, tok, ["arc_easy"], 2)
+        finally:
+            run.dense_head = real
+        assert entered == [model] and not head._forward_pre_hooks
+    finally:
+        handle.remove()
 
 
 def test_common_prefix_of_a_batch_runs_once_with_the_same_loglikelihoods(tiny, monkeypatch):

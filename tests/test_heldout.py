@@ -105,7 +105,7 @@ def test_head_runs_only_on_scored_positions_with_the_same_losses(tiny, examples,
             monkeypatch.setattr(kv_prefix, "MIN_SHARED_PREFIX", min_prefix)
             seen.clear()
             got = heldout_losses(model, tok, rows, batch_size=3)
-            assert sum(n for n in seen if n > 1) == scored  # the prefix's one position aside
+            assert sum(seen) == scored  # a cached prefix's forward runs the head on no position
             with monkeypatch.context() as m:  # the reference: the head on every kept position
                 m.setattr("plora_ray.evaluation.heldout.head_on", lambda model, select: contextlib.nullcontext())
                 full = heldout_losses(model, tok, rows, batch_size=3)
@@ -118,6 +118,24 @@ def test_head_runs_only_on_scored_positions_with_the_same_losses(tiny, examples,
     select = torch.tensor([[True, False, True], [False, False, True]])
     assert kv_prefix.selected_logits(logits, select).shape == (3, 5)
     assert kv_prefix.selected_logits(torch.zeros(1, 3, 5), select).shape == (3, 5)
+
+
+def test_cross_entropy_in_row_chunks_is_bitwise_the_one_pass(tiny, examples, monkeypatch):
+    """The held-out cross-entropy over chunks of rows (each cast to fp32 on its own) gives
+    bitwise the losses of one fp32 copy of all logits."""
+    from plora_ray.evaluation import heldout
+
+    model, tok = tiny
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(heldout, "ROW_CHUNK_BYTES", 3 * 4 * vocab)  # 3 rows a chunk
+    chunked = heldout_losses(model, tok, examples, batch_size=4)
+    monkeypatch.setattr(heldout, "ROW_CHUNK_BYTES", 2**62)  # one chunk: the plain form
+    assert chunked == heldout_losses(model, tok, examples, batch_size=4)
+    logits, targets = torch.randn(7, vocab), torch.randint(0, vocab, (7,))
+    monkeypatch.setattr(heldout, "ROW_CHUNK_BYTES", 2 * 4 * vocab)
+    assert torch.equal(heldout._row_losses(logits.bfloat16(), targets),
+                       F.cross_entropy(logits.bfloat16().float(), targets, reduction="none"))
+    assert heldout._row_losses(logits[:0], targets[:0]).shape == (0,)
 
 
 def test_split_heldout_is_seeded_disjoint_and_ordered():

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_prefix import cache_argument as _cache_argument
-from .kv_prefix import forward_logits
+from .kv_prefix import forward_logits, head_on, selected_logits
 from .sharding import LOCAL, Shard
 from .stats import with_stderr
 
@@ -170,20 +170,27 @@ def _shared_context_jobs(model, arg: str, device, ctx: list[int], members: list[
             finish(None)
 
     def finish(rest):
-        for row, (i, cont) in enumerate(members):
+        at = 0  # rest: the scored positions' log-softmax, row after row
+        for i, cont in members:
             total = state["first"][cont[0]]
             if len(cont) > 1:
-                total = total + rest[row, torch.arange(len(cont) - 1), torch.tensor(cont[1:])].sum()
+                n = len(cont) - 1
+                total = total + rest[torch.arange(at, at + n), torch.tensor(cont[1:])].sum()
+                at += n
             out[i] = float(total)
 
     def continuations():
         cache = state.pop("cache")
         cache.batch_repeat_interleave(len(members))
         batch = torch.zeros((len(members), width), dtype=torch.long)
+        scored = torch.zeros((len(members), width), dtype=torch.bool)
         for row, (_, cont) in enumerate(members):
             batch[row, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
-        logits = model(input_ids=batch.to(device), use_cache=True, **{arg: cache}).logits
-        finish(F.log_softmax(logits.float(), dim=-1).cpu())
+            scored[row, : len(cont) - 1] = True
+        scored = scored.to(device)
+        with head_on(model, scored):  # the head and the softmax skip the padding after short choices
+            logits = model(input_ids=batch.to(device), use_cache=True, **{arg: cache}).logits
+        finish(F.log_softmax(selected_logits(logits, scored).float(), dim=-1).cpu())
 
     width = max(len(cont) for _, cont in members) - 1
     return [prefix] if width == 0 else [prefix, continuations]

@@ -31,6 +31,7 @@ from typing import Any
 
 from .gsm8k import evaluate_gsm8k
 from .heldout import evaluate_heldout
+from .kv_prefix import dense_head
 from .multiple_choice import evaluate_arc, evaluate_mmlu
 from .records import items_record
 from .sharding import Shard
@@ -165,28 +166,29 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
     metrics: dict[str, float] = {}
     samples: dict[str, list[dict]] = {}
     try:
-        if heldout:
-            metrics_h, samples["heldout"] = evaluate_heldout(model, tokenizer, heldout, batch_size, shard)
-            metrics.update(metrics_h)
-        for task in tasks:
-            rows = with_ids(items[task] if task in items else default_items(task), task)
-            n = limit.get(task, limit.get("*")) if isinstance(limit, dict) else limit
-            rows = select(rows, n, limit_mode, seed, key="subject" if task == "mmlu" else None)
-            shots = None
-            if num_fewshot > 0:
-                shots = fewshot_items[task] if task in fewshot_items else default_fewshot(task)
-            common = dict(prompt_style=prompt_style, batch_size=batch_size, num_fewshot=num_fewshot,
-                          fewshot_items=shots, shard=shard)
-            if task == "gsm8k":
-                m, recs = evaluate_gsm8k(model, tokenizer, rows, max_new_tokens=max_new_tokens, **common)
-            elif task == "mmlu":
-                if categories is None:
-                    from ..benchmarks import MMLU_CATEGORIES as categories
-                m, recs = evaluate_mmlu(model, tokenizer, rows, categories=categories, **common)
-            else:
-                m, recs = evaluate_arc(model, tokenizer, rows, task=task, **common)
-            metrics.update(m)
-            samples[task] = recs
+        with dense_head(model):  # kv_prefix.dense_head: the head's fast matmul path
+            if heldout:
+                metrics_h, samples["heldout"] = evaluate_heldout(model, tokenizer, heldout, batch_size, shard)
+                metrics.update(metrics_h)
+            for task in tasks:
+                rows = with_ids(items[task] if task in items else default_items(task), task)
+                n = limit.get(task, limit.get("*")) if isinstance(limit, dict) else limit
+                rows = select(rows, n, limit_mode, seed, key="subject" if task == "mmlu" else None)
+                shots = None
+                if num_fewshot > 0:
+                    shots = fewshot_items[task] if task in fewshot_items else default_fewshot(task)
+                common = dict(prompt_style=prompt_style, batch_size=batch_size, num_fewshot=num_fewshot,
+                              fewshot_items=shots, shard=shard)
+                if task == "gsm8k":
+                    m, recs = evaluate_gsm8k(model, tokenizer, rows, max_new_tokens=max_new_tokens, **common)
+                elif task == "mmlu":
+                    if categories is None:
+                        from ..benchmarks import MMLU_CATEGORIES as categories
+                    m, recs = evaluate_mmlu(model, tokenizer, rows, categories=categories, **common)
+                else:
+                    m, recs = evaluate_arc(model, tokenizer, rows, task=task, **common)
+                metrics.update(m)
+                samples[task] = recs
     finally:
         model.train(was_training)
     return EvalResult(metrics, samples)
