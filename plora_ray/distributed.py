@@ -159,9 +159,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     user set ``RAY_AUTH_MODE`` (Ray would otherwise write ``~/.ray/auth_token``; its processes
     inherit the variable when they start, it is not left set in this process), and Ray
     Train's controller polling every 0.25 s instead of 2 s (each ``report`` waits one poll),
-    through this job's runtime environment; no dashboard (nothing here uses it: the placement
-    checks read GCS's tables). An existing cluster keeps its own settings: its authentication
-    is whatever its operator chose.
+    through this job's runtime environment. The dashboard stays on (loopback only): Ray Train's
+    placement-group cleaner asks its state API whether a controller is still alive. An existing
+    cluster keeps its own settings: its authentication is whatever its operator chose.
     """
     import ray
 
@@ -175,10 +175,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     auth = {} if "RAY_AUTH_MODE" in os.environ else {"RAY_AUTH_MODE": "disabled"}
     with _env(auth):
-        # no dashboard: its ten processes took ~2.5 s of CPU a minute from the trials on 2 cores
-        # (bench/RESULTS.md, sweep efficiency); for one, `ray start --head` and pass --address
         ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=1 << 30, log_to_driver=True,
-                 include_dashboard=False, runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}})
+                 dashboard_host="127.0.0.1",  # the Jobs API runs code: loopback only
+                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}})
 
 
 def run_distributed(cfg: RunConfig, out: Path, name: str, address: str | None = None, on_step=None) -> dict:
