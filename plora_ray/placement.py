@@ -65,7 +65,7 @@ def leaked(pg: dict, dead_jobs: set[str], actor_states: dict[str, str]) -> bool:
 
 def actors() -> dict[str, tuple[str, str]]:
     """``{actor id: (state, placement group id or "")}`` for every actor GCS knows, read from
-    its actor table (no dashboard or state API needed: a local sweep runs Ray without one)."""
+    its actor table (no dashboard or state API needed)."""
     import ray
     from ray._private.state import state
     from ray.core.generated import gcs_pb2

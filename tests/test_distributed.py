@@ -19,7 +19,7 @@ ENGINES = {
 }
 
 
-SETTINGS = ("RAY_AUTH_MODE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+SETTINGS = ("RAY_AUTH_MODE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,10 @@ def test_starting_a_local_cluster_leaves_the_environment_as_it_was(ray_cluster):
     def seen():
         return {k: os.environ.get(k) for k in SETTINGS}
 
-    # ...while the cluster's own processes run without token auth and poll fast
-    assert ray.get(seen.remote()) == {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+    # ...while the cluster's own processes run without token auth, poll fast and watch for no
+    # preemption (one node: this machine)
+    assert ray.get(seen.remote()) == {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+                                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def run_config(workers=2, **sections):
@@ -147,6 +149,13 @@ def test_ray_run_writes_the_run_directory_a_one_process_run_writes(ray_cluster, 
     cfg = run_config(data={"max_steps": 2})
     summary = run_distributed(cfg, tmp_path / "ray_run", "cli-layout")
     assert summary["steps"] == 2 and summary["replicas_identical"] is True and summary["workers"] == 2
+    # Ray Train's actors on the local cluster: no preemption watcher (ensure_ray's settings)
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    classes = {gcs_pb2.ActorTableData.FromString(raw).class_name
+               for raw in state._connect_and_get_accessor().get_actor_table(None, None)}
+    assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
     # a sweep's "best": a checkpoint directory (Ray also writes checkpoint_manager_snapshot.json there)
     ray_ckpt = next(p for p in (tmp_path / "ray_run" / "ray" / "cli-layout").glob("checkpoint_*") if p.is_dir())
     # the same global batch in one process (2 micro-batches a step): the same unloads, so the same files
