@@ -20,7 +20,6 @@ last, the reference's total over the new total.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from heldout_cost import cpu_model  # noqa: E402
+from heldout_cost import cpu_model, sweep_model  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -49,24 +48,12 @@ def reference_form():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", nargs="?", default=str(ROOT / "search_spaces" / "unload.yaml"))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-
     import torch
 
-    from plora_ray.evaluation import heldout, run
-    from plora_ray.models import build_model
-    from plora_ray.search_space import load_sweep, trial_run_config
+    from plora_ray.evaluation import run
 
-    torch.set_num_threads(args.threads)
-    cfg = trial_run_config(load_sweep(args.sweep), {})
-    model, tok = build_model(cfg)
-    model.eval()
+    args, cfg, model, tok, examples = sweep_model(__doc__, rounds=3)
     ev = cfg.eval
-    examples = heldout.prepare_heldout(cfg, tok, [])[1]
     limit = {"*": ev.limit, **ev.task_limits} if ev.task_limits else ev.limit
     jobs = (["heldout"] if examples else []) + list(ev.tasks)
 

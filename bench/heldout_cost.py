@@ -35,10 +35,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sweep_model(doc: str, rounds: int):
+    """The command line of a sweep-evaluation bench (``[SWEEP.yaml] [--rounds] [--threads]``)
+    and what it times: (args, the sweep base's run config, its model in eval mode, tokenizer,
+    held-out examples), ``--threads`` set."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("sweep", nargs="?", default=str(ROOT / "search_spaces" / "unload.yaml"))
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
@@ -49,11 +52,18 @@ def main() -> None:
     from plora_ray.search_space import load_sweep, trial_run_config
 
     torch.set_num_threads(args.threads)
-    spec = load_sweep(args.sweep)
-    cfg = trial_run_config(spec, {})
+    cfg = trial_run_config(load_sweep(args.sweep), {})
     model, tok = build_model(cfg)
     model.eval()
-    examples = heldout.prepare_heldout(cfg, tok, [])[1]
+    return args, cfg, model, tok, heldout.prepare_heldout(cfg, tok, [])[1]
+
+
+def main() -> None:
+    import torch
+
+    from plora_ray.evaluation import heldout
+
+    args, cfg, model, tok, examples = sweep_model(__doc__, rounds=2)
     batch = cfg.eval.batch_size
     kept = sum(len(e["input_ids"]) for e in examples)
     scored = sum(sum(x != -100 for x in e["labels"][1:]) for e in examples)

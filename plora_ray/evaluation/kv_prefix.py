@@ -78,6 +78,21 @@ def _output_head(model):
 
 
 @contextmanager
+def _head_input(model, hook):
+    """While open, ``hook`` (a forward pre-hook) rewrites the input of ``model``'s output head;
+    a model without one: nothing changes."""
+    head = _output_head(model)
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def dense_head(model):
     """While open, ``model``'s output head gets its input with standard (row-major) strides.
 
@@ -86,22 +101,14 @@ def dense_head(model):
     then runs the vocabulary projection as a batched matmul on a B-fold copy of the head's
     weight: 90 ms instead of 6 ms for one SmolLM2 row, 1.9 s of a 4-row GSM8K prefill. A copy of
     the few kept rows gives the same logits through the plain matmul, to float rounding."""
-    head = _output_head(model)
-    if head is None:
-        yield
-        return
-
     def densify(module, args):
         hidden = args[0]
         if hidden.dim() == 3 and hidden.stride() != _row_major(hidden.shape):
             return (hidden.clone(memory_format=torch.contiguous_format), *args[1:])
         return None
 
-    handle = head.register_forward_pre_hook(densify)
-    try:
+    with _head_input(model, densify):
         yield
-    finally:
-        handle.remove()
 
 
 def _row_major(shape) -> tuple[int, ...]:
@@ -121,22 +128,14 @@ def head_on(model, select: torch.Tensor):
     hidden states have another shape (a cache prefix, a model without ``logits_to_keep``) is
     left as it is. What a model does to its logits after the head (scaling, soft-capping) is
     elementwise, so it is unchanged. A model without an output head: nothing changes."""
-    head = _output_head(model)
-    if head is None:
-        yield
-        return
-
     def gather(module, args):
         hidden = args[0]
         if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(select.shape):
             return (hidden[select].unsqueeze(0), *args[1:])
         return None
 
-    handle = head.register_forward_pre_hook(gather)
-    try:
+    with _head_input(model, gather):
         yield
-    finally:
-        handle.remove()
 
 
 def selected_logits(logits: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
