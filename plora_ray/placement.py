@@ -63,19 +63,26 @@ def leaked(pg: dict, dead_jobs: set[str], actor_states: dict[str, str]) -> bool:
     return job_dead and actor_dead
 
 
-def actors() -> dict[str, tuple[str, str]]:
-    """``{actor id: (state, placement group id or "")}`` for every actor GCS knows, read from
-    its actor table (no dashboard or state API needed)."""
+def actor_table() -> list:
+    """Every actor GCS knows, as its ``ActorTableData`` records, read from its actor table (no
+    dashboard or state API needed)."""
     import ray
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
 
     if not ray.is_initialized():
         raise RuntimeError("not connected to a Ray cluster")
+    return [gcs_pb2.ActorTableData.FromString(raw)
+            for raw in state._connect_and_get_accessor().get_actor_table(None, None)]
+
+
+def actors() -> dict[str, tuple[str, str]]:
+    """``{actor id: (state, placement group id or "")}`` for every actor GCS knows."""
+    from ray.core.generated import gcs_pb2
+
     names = gcs_pb2.ActorTableData.ActorState.Name
     out = {}
-    for raw in state._connect_and_get_accessor().get_actor_table(None, None):
-        a = gcs_pb2.ActorTableData.FromString(raw)
+    for a in actor_table():
         pg = a.placement_group_id.hex()
         out[a.actor_id.hex()] = (names(a.state), "" if pg in ("", NIL_PG) else pg)
     return out

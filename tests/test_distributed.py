@@ -150,11 +150,9 @@ def test_ray_run_writes_the_run_directory_a_one_process_run_writes(ray_cluster, 
     summary = run_distributed(cfg, tmp_path / "ray_run", "cli-layout")
     assert summary["steps"] == 2 and summary["replicas_identical"] is True and summary["workers"] == 2
     # Ray Train's actors on the local cluster: no preemption watcher (ensure_ray's settings)
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
+    from plora_ray.placement import actor_table
 
-    classes = {gcs_pb2.ActorTableData.FromString(raw).class_name
-               for raw in state._connect_and_get_accessor().get_actor_table(None, None)}
+    classes = {a.class_name for a in actor_table()}
     assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
     # a sweep's "best": a checkpoint directory (Ray also writes checkpoint_manager_snapshot.json there)
     ray_ckpt = next(p for p in (tmp_path / "ray_run" / "ray" / "cli-layout").glob("checkpoint_*") if p.is_dir())
