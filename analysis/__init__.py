@@ -11,6 +11,6 @@ configurations, table cells and ties), `learning` (PLoRA vs LoRA learning abilit
 `importance` (fANOVA / PED-ANOVA), `figures`, `report` (`write_report`), `compare`.
 """
 
-from .report import write_report  # noqa: E402  (light: matplotlib, mlflow, optuna load lazily)
+from analysis.report import write_report  # noqa: E402  (light: matplotlib, mlflow, optuna load lazily)
 
 __all__ = ["write_report"]

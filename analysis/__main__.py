@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .store import AnalysisError
+from analysis.store import AnalysisError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -38,13 +38,13 @@ def main(argv=None) -> int:
                 if getattr(args, name) < 1:
                     raise AnalysisError(f"--{name.replace('_', '-')} must be at least 1 "
                                         f"(got {getattr(args, name)})")
-            from .report import write_report
+            from analysis.report import write_report
 
             path = write_report(args.tracking_uri, args.experiment, args.sweep, args.out,
                                 args.loss_window, args.eval_window, not args.no_log)
             print(f"report: {path}")
         else:
-            from .compare import compare_runs, format_comparison
+            from analysis.compare import compare_runs, format_comparison
 
             print(format_comparison(compare_runs(args.tracking_uri, args.run_a, args.run_b,
                                                  args.checkpoint)), end="")

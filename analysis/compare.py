@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 
-from . import stats
-from .results import LEVEL, checkpoint_step, eval_metric_keys, paired_items
-from .store import Trial, client_for, load_run, lower_is_better
+from analysis import stats
+from analysis.results import LEVEL, checkpoint_step, eval_metric_keys, paired_items
+from analysis.store import Trial, client_for, load_run, lower_is_better
 
 
 def _selection(trial: Trial, keys: list[str]) -> tuple[str | None, bool]:

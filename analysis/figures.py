@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import stats
-from .results import LEVEL
-from .store import Sweep, Trial
+from analysis import stats
+from analysis.results import LEVEL
+from analysis.store import Sweep, Trial
 
 FIGSIZE = (8, 4.5)
 DPI = 100

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import warnings
 
-from .results import checkpoint_step, selection_metric
-from .store import SEED_KEYS, Sweep
+from analysis.results import checkpoint_step, selection_metric
+from analysis.store import SEED_KEYS, Sweep
 
 MIN_TRIALS = 10   # below this the importances are noise: the report says so
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import stats
-from .results import LEVEL, Config, eval_metric_keys, group_configs, selection_metric
-from .store import Sweep, Trial, lower_is_better
+from analysis import stats
+from analysis.results import LEVEL, Config, eval_metric_keys, group_configs, selection_metric
+from analysis.store import Sweep, Trial, lower_is_better
 
 DEFINITION = __doc__.split("\n", 2)[2].strip()
 

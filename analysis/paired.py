@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import stats
-from .learning import _method, _reference
-from .results import LEVEL, Config, checkpoint_step, eval_metric_keys, group_configs, item_scores
-from .store import Sweep, lower_is_better
+from analysis import stats
+from analysis.learning import _method, _reference
+from analysis.results import LEVEL, Config, checkpoint_step, eval_metric_keys, group_configs, item_scores
+from analysis.store import Sweep, lower_is_better
 
 DEFINITION = __doc__.split("\n", 2)[2].strip()
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import figures
-from .importance import MIN_TRIALS, param_importances
-from .learning import DEFINITION, learning_ability
-from .paired import DEFINITION as PAIRED_DEFINITION
-from .paired import method_differences
-from .results import LEVEL, build_table, checkpoint_step, eval_metric_keys, selection_metric, show
-from .store import Sweep, load_sweep
+from analysis import figures
+from analysis.importance import MIN_TRIALS, param_importances
+from analysis.learning import DEFINITION, learning_ability
+from analysis.paired import DEFINITION as PAIRED_DEFINITION
+from analysis.paired import method_differences
+from analysis.results import LEVEL, build_table, checkpoint_step, eval_metric_keys, selection_metric, show
+from analysis.store import Sweep, load_sweep
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import stats
-from .store import SEED_KEYS, Sweep, Trial, lower_is_better
+from analysis import stats
+from analysis.store import SEED_KEYS, Sweep, Trial, lower_is_better
 
 LEVEL = 0.95
 # column order of the paper's tables; anything else follows alphabetically

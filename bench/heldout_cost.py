@@ -48,8 +48,8 @@ def sweep_model(doc: str, rounds: int):
     import torch
 
     from plora_ray.evaluation import heldout
-    from plora_ray.models import build_model
-    from plora_ray.search_space import load_sweep, trial_run_config
+    from plora_ray.run.models import build_model
+    from plora_ray.config.sweep import load_sweep, trial_run_config
 
     torch.set_num_threads(args.threads)
     cfg = trial_run_config(load_sweep(args.sweep), {})

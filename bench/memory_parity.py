@@ -34,7 +34,7 @@ SHAPES = {
 
 
 def config(method: str, args):
-    from plora_ray.config import build_run_config
+    from plora_ray.config.schema import build_run_config
 
     return build_run_config({
         "name": f"mem-{method}", "method": method, "seed": 0,
@@ -51,7 +51,7 @@ def config(method: str, args):
 def child(method: str, args) -> dict:
     import torch
 
-    from plora_ray.loop import setup, train_step
+    from plora_ray.run.loop import setup, train_step
 
     cfg = config(method, args)
     device = torch.device(args.device)
@@ -90,7 +90,7 @@ def paired(args) -> dict:
     LoRA step time / PLoRA step time, for PLoRA steps without an unload after them."""
     import torch
 
-    from plora_ray.loop import setup, train_step
+    from plora_ray.run.loop import setup, train_step
 
     device = torch.device(args.device)
     runs = {m: setup(config(m, args), device=device) for m in ("lora", "plora")}

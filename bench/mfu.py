@@ -86,8 +86,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import torch
 
-    from plora_ray.assets import model_path
-    from plora_ray.loop import setup, train_step
+    from plora_ray.assets.fetch import model_path
+    from plora_ray.run.loop import setup, train_step
 
     model_path(MODEL)
     data = make_rows(args.rows, (args.steps + args.warmup + 1) * MICRO if args.rows == "full" else 200,

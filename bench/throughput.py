@@ -44,7 +44,7 @@ SEQ, MICRO, LR = 256, 4, 1e-4
 
 def make_rows(kind: str, n: int, path: str) -> str:
     """A jsonl file of ``n`` dialogues (see the module docstring)."""
-    from plora_ray.embedded_mix import build_embedded_mix
+    from plora_ray.assets.mix import build_embedded_mix
 
     mix = [{"messages": r["messages"]} for r in build_embedded_mix("embedded-mix-small")]
     if kind == "mix":
@@ -57,7 +57,7 @@ def make_rows(kind: str, n: int, path: str) -> str:
 
 
 def plora_config(data_file: str, dtype: str, steps: int, group: bool):
-    from plora_ray.config import build_run_config
+    from plora_ray.config.schema import build_run_config
 
     return build_run_config({
         "name": "bench-throughput", "method": "lora", "seed": 0,
@@ -81,13 +81,13 @@ class PloraSide:
     """A plora_ray run stepped on demand; its steps after ``warmup`` are timed."""
 
     def __init__(self, data_file: str, dtype: str, steps: int, warmup: int, group: bool = False):
-        from plora_ray.loop import setup
+        from plora_ray.run.loop import setup
 
         self.run = setup(plora_config(data_file, dtype, steps, group))
         self.warmup, self.index, self.times, self.tokens = warmup, 0, [], []
 
     def step(self) -> None:
-        from plora_ray.loop import train_step
+        from plora_ray.run.loop import train_step
 
         if self.index >= len(self.run.steps):
             return
@@ -111,8 +111,8 @@ def time_trainer(data_file: str, dtype: str, autocast: bool, steps: int, warmup:
 
     from transformers import AutoTokenizer
 
-    from plora_ray.assets import model_path
-    from plora_ray.data import collate, load_examples
+    from plora_ray.assets.fetch import model_path
+    from plora_ray.run.data import collate, load_examples
 
     path = str(model_path(MODEL))
     tok = AutoTokenizer.from_pretrained(path)
@@ -172,7 +172,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import torch
 
-    from plora_ray.assets import model_path
+    from plora_ray.assets.fetch import model_path
 
     model_path(MODEL)  # fetched and converted once, before any timing
     tmp = tempfile.mkdtemp()

@@ -34,9 +34,9 @@ import time
 
 import torch
 
-from plora_ray.config import auto_dtype, build_run_config
-from plora_ray.models import DTYPES
-from plora_ray.train import setup, train_step
+from plora_ray.config.schema import auto_dtype, build_run_config
+from plora_ray.run.models import DTYPES
+from plora_ray.cli.train import setup, train_step
 
 
 def timed(fn, n):
@@ -113,7 +113,7 @@ def llama7b_step(model, opt, batch, seq, dtype, repeats=1):
 def llama7b_unloads(args):
     from peft import LoraConfig, get_peft_model
 
-    from plora_ray.plora import PeriodicUnloader, lora_parameters
+    from plora_ray.core.unloader import PeriodicUnloader, lora_parameters
 
     with torch.device("cpu"):
         model = torch.nn.Sequential(*[Block(DTYPES[args.dtype]) for _ in range(args.blocks)])
@@ -162,7 +162,7 @@ def main_llama7b(args):
           f"backbone, torch threads {torch.get_num_threads()}; seconds")
     print("   T     total  " + "  ".join(f"{k:>8}" for k in PARTS) +
           "  rank (bg)  max rank  RAM/model  disk GB")
-    from plora_ray.merge_kernel import kernel
+    from plora_ray.kernels.merge_bf16 import kernel
 
     fused = kernel(args.rank) is not None
     rows, floor, model_bytes, step = llama7b_unloads(args)
@@ -201,7 +201,7 @@ def engine_worker(rank, world, port, engine, args, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from plora_ray.distributed import extensions_dir
+    from plora_ray.ray.worker import extensions_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     dist.init_process_group("gloo", rank=rank, world_size=world)

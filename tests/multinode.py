@@ -172,7 +172,7 @@ class LocalCluster:
         job's, a killed driver's) are torn down asynchronously. A placement group a killed
         driver leaked (Ray has left one CREATED with its job dead) is still reserved after
         ``release_after`` seconds: it is then released as the next sweep's driver would release
-        it when it starts (plora_ray.placement.release_leaked), which must free it."""
+        it when it starts (plora_ray.ray.placement.release_leaked), which must free it."""
         start = time.time()
         released = False
         while time.time() < start + timeout:
@@ -180,7 +180,7 @@ class LocalCluster:
                 return
             if not released and time.time() > start + release_after:
                 print(f"cluster not idle after {release_after} s:\n{self.diagnose()}", file=sys.stderr)
-                print("released:", self._ask("from plora_ray.placement import release_leaked; "
+                print("released:", self._ask("from plora_ray.ray.placement import release_leaked; "
                                              "print(json.dumps(release_leaked('test: before the next sweep')))"),
                       file=sys.stderr)
                 released = True
@@ -195,7 +195,7 @@ class LocalCluster:
             "for a in list_actors(filters=[('state', '=', 'ALIVE')], limit=200)]))")
         resources = self._ask("print(json.dumps({'available': ray.available_resources(), "
                               "'total': ray.cluster_resources()}))")
-        groups = self._ask("from plora_ray.placement import placement_groups; "
+        groups = self._ask("from plora_ray.ray.placement import placement_groups; "
                            "print(json.dumps([g for g in placement_groups() if g['state'] != 'REMOVED']))")
         jobs = self._ask("print(json.dumps([(j['JobID'], j['IsDead'], j.get('DriverPid')) for j in ray.state.jobs()]))")
         log = self.tmp / "steps.log"

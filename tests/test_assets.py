@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from plora_ray import assets, benchmarks, embedded_mix
-from plora_ray.assets import AssetError
+from plora_ray.assets import fetch as assets
+from plora_ray.assets import benchmarks
+from plora_ray.assets import mix as embedded_mix
+from plora_ray.assets.fetch import AssetError
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plora_ray.checkpoint import CheckpointMismatch, load_checkpoint, read_backbone, save_checkpoint
-from plora_ray.train import fit, setup
+from plora_ray.run.checkpoint import CheckpointMismatch, load_checkpoint, read_backbone, save_checkpoint
+from plora_ray.cli.train import fit, setup
 
 
 def resume_at(cfg, step, directory):
@@ -62,7 +62,7 @@ def test_ledger_only_checkpoint_resumes_bit_exactly_with_a_bf16_backbone(tiny_cf
 
 @pytest.mark.parametrize("momentum,fused", [(0.0, False), (0.1, False), (0.1, True)])  # 0: A re-initialised in place
 def test_replayed_backbone_equals_the_trained_one_bitwise(tiny_cfg, tmp_path, momentum, fused, monkeypatch):
-    from plora_ray import merge_kernel
+    from plora_ray.kernels import merge_bf16 as merge_kernel
 
     # fused: the tiny layers go through the fused bf16 kernel too (unloads and replay alike)
     monkeypatch.setattr(merge_kernel, "MIN_ELEMENTS", 1 if fused else 1 << 62)
@@ -106,7 +106,7 @@ def test_scheduler_state_is_restored_through_state_dict(tiny_cfg, tmp_path):
                    optim={"scheduler": "cosine", "warmup_steps": 1}, data={"max_steps": 8})
     reference = setup(cfg)
     for mb in reference.steps[:5]:
-        from plora_ray.train import train_step
+        from plora_ray.cli.train import train_step
 
         out = train_step(reference, mb)
         reference.unloader.after_step(out["samples"])

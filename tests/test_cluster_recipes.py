@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from plora_ray.batch import load_batch
-from plora_ray.batch import main as batch_main
+from plora_ray.sweep.batch import load_batch
+from plora_ray.sweep.batch import main as batch_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -82,8 +82,8 @@ def test_kuberay_rayjob_targets_the_raycluster_and_runs_a_valid_sweep(capsys):
     yaml.safe_load(spec["runtimeEnvYAML"])
     argv = spec["entrypoint"].split()
     assert argv[:3] == ["python", "-m", "plora_ray.tune"]
-    from plora_ray.config import ConfigError
-    from plora_ray.search_space import load_sweep
+    from plora_ray.config.schema import ConfigError
+    from plora_ray.config.sweep import load_sweep
 
     space = ROOT / argv[3]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
@@ -107,7 +107,7 @@ def test_slurm_script_parses_and_starts_ray_mlflow_and_the_batch():
     assert "python -m plora_ray.batch status \"$BATCH\"" in code and "--wait" in code
     assert "ray stop" not in code  # the allocation's end stops the nodes
     # the batch CLI accepts every call the script makes
-    from plora_ray.batch import build_parser
+    from plora_ray.sweep.batch import build_parser
 
     calls = re.findall(r"python -m plora_ray\.batch (.*?)(?:\n(?!\s)|$)", code.replace("\\\n", " "))
     assert len(calls) == 2

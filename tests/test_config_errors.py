@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from plora_ray.train import main
+from plora_ray.cli.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = "plora: {unload_every_steps: 2}\ndata: {max_steps: 1, max_length: 64}\n"
@@ -99,7 +99,7 @@ def test_existing_run_is_never_overwritten(tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------- preflight
-# Inputs the schema alone cannot see: checked by plora_ray.preflight before any work starts.
+# Inputs the schema alone cannot see: checked by plora_ray.sweep.preflight before any work starts.
 CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
 RUN = "plora: {unload_every_steps: 2}\ndata: {max_steps: 1, max_length: 64, train_files: [d.jsonl]}\n"
 PREFLIGHT = [

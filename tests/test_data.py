@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from plora_ray.data import IGNORE, StepPlan, load_examples, read_rows, to_messages, tokenize_dialogue
-from plora_ray.models import tiny_tokenizer
+from plora_ray.run.data import IGNORE, StepPlan, load_examples, read_rows, to_messages, tokenize_dialogue
+from plora_ray.run.models import tiny_tokenizer
 
 DIALOGUE = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "What is 2 + 2?"},
@@ -51,7 +51,7 @@ def test_truncation_drops_examples_without_assistant_tokens(tmp_path):
 
 
 def test_bundled_dialogues_load():
-    rows = read_rows(__import__("plora_ray.data", fromlist=["bundled_path"]).bundled_path("tiny-dialogues"))
+    rows = read_rows(__import__("plora_ray.run.data", fromlist=["bundled_path"]).bundled_path("tiny-dialogues"))
     assert len(rows) == 480
     assert len(load_examples(["tiny-dialogues"], tiny_tokenizer(), 128)) == 480
 
@@ -90,7 +90,7 @@ def test_length_grouped_plan_covers_each_example_once_and_groups_lengths(n, micr
 
 
 def test_datasets_cache_gives_the_same_examples_and_is_read_back(tmp_path, monkeypatch):
-    import plora_ray.data as data
+    import plora_ray.run.data as data
 
     tok = tiny_tokenizer()
     alpaca = {"instruction": "What is 2 + 2?", "input": "", "output": "4."}
@@ -111,7 +111,7 @@ def test_datasets_cache_gives_the_same_examples_and_is_read_back(tmp_path, monke
 
 
 def test_a_broken_file_still_names_its_line_with_the_cache_on(tmp_path):
-    from plora_ray.data import DataError
+    from plora_ray.run.data import DataError
 
     (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": DIALOGUE}) + "\n{not json\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plora_ray.checkpoint import read_backbone, save_checkpoint
-from plora_ray.config import build_run_config
-from plora_ray.distributed import ensure_ray, run_distributed, trainer_for
-from plora_ray.loop import fit, setup
+from plora_ray.run.checkpoint import read_backbone, save_checkpoint
+from plora_ray.config.schema import build_run_config
+from plora_ray.ray.worker import ensure_ray, run_distributed, trainer_for
+from plora_ray.run.loop import fit, setup
 
 ENGINES = {
     "ddp": {"engine": "ddp"},
@@ -143,14 +143,14 @@ def test_zero_master_copy_does_not_undo_the_reinit(ray_cluster, tmp_path, engine
 
 
 def test_ray_run_writes_the_run_directory_a_one_process_run_writes(ray_cluster, tmp_path):
-    from plora_ray.evaluate import load_model
-    from plora_ray.rundir import save_run_checkpoint, write_run_dir
+    from plora_ray.cli.evaluate import load_model
+    from plora_ray.run.rundir import save_run_checkpoint, write_run_dir
 
     cfg = run_config(data={"max_steps": 2})
     summary = run_distributed(cfg, tmp_path / "ray_run", "cli-layout")
     assert summary["steps"] == 2 and summary["replicas_identical"] is True and summary["workers"] == 2
     # Ray Train's actors on the local cluster: no preemption watcher (ensure_ray's settings)
-    from plora_ray.placement import actor_table
+    from plora_ray.ray.placement import actor_table
 
     classes = {a.class_name for a in actor_table()}
     assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes

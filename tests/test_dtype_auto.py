@@ -2,8 +2,8 @@
 
 import pytest
 
-import plora_ray.config as config
-from plora_ray.config import build_run_config
+import plora_ray.config.schema as config
+from plora_ray.config.schema import build_run_config
 
 
 @pytest.mark.parametrize("fast,use_gpu,expect", [(True, False, "bfloat16"), (False, False, "float32"),
@@ -25,7 +25,7 @@ def test_this_cpus_answer_matches_its_bf16_path():
 
 
 def test_bf16_on_a_slow_bf16_cpu_warns_in_one_line(monkeypatch, tiny_cfg, capsys):
-    from plora_ray.loop import setup
+    from plora_ray.run.loop import setup
 
     monkeypatch.setattr(config, "fast_bf16_cpu", lambda: False)
     setup(tiny_cfg(model={"dtype": "bfloat16"}, data={"max_steps": 1}))

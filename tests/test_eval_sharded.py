@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from plora_ray.config import ModelConfig
+from plora_ray.config.schema import ModelConfig
 
 # uneven shares on 2 ranks (ARC 2/1 items with 4+4 vs 3 choices, GSM8K 2/1 generate calls at
 # batch size 1, held-out 3/2 batches) so the lockstep padding is exercised
@@ -38,7 +38,7 @@ KW = dict(items={"mmlu": MMLU, "arc_easy": ARC, "gsm8k": GSM}, batch_size=2, max
 
 def _setup():
     from plora_ray.evaluation import load_heldout
-    from plora_ray.models import load_base
+    from plora_ray.run.models import load_base
 
     torch.set_num_threads(1)
     model, tok = load_base(ModelConfig())

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plora_ray.config import ModelConfig
+from plora_ray.config.schema import ModelConfig
 from plora_ray.evaluation import evaluate, select
 from plora_ray.evaluation.gsm8k import (
     exact_match,
@@ -31,7 +31,7 @@ from plora_ray.evaluation.multiple_choice import (
     loglikelihoods,
     score_choices,
 )
-from plora_ray.models import load_base
+from plora_ray.run.models import load_base
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -407,7 +407,7 @@ def test_cli_bad_input_exits_2_with_one_line(args, message):
 
 
 def test_cli_writes_table_and_json(tmp_path, monkeypatch, capsys):
-    from plora_ray import evaluate as cli
+    from plora_ray.cli import evaluate as cli
     from plora_ray.evaluation import run
 
     monkeypatch.setattr(run, "default_items", lambda task: {"arc_easy": ARC, "mmlu": MMLU}[task])
@@ -424,8 +424,8 @@ def test_cli_loads_a_train_output_dir(tmp_path):
     """A ``python -m plora_ray.train`` output dir: base from config.yaml + merged weights."""
     from safetensors.torch import save_model
 
-    from plora_ray.evaluate import load_model
-    from plora_ray.models import tiny_model, tiny_tokenizer
+    from plora_ray.cli.evaluate import load_model
+    from plora_ray.run.models import tiny_model, tiny_tokenizer
 
     trained = tiny_model(ModelConfig(), len(tiny_tokenizer()), seed=5)
     save_model(trained, str(tmp_path / "merged.safetensors"))

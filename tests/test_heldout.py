@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plora_ray.config import ConfigError, EvalConfig, ModelConfig
-from plora_ray.data import IGNORE, load_examples
+from plora_ray.config.schema import ConfigError, EvalConfig, ModelConfig
+from plora_ray.run.data import IGNORE, load_examples
 from plora_ray.evaluation import (
     evaluate_checkpoint,
     evaluate_heldout,
@@ -21,7 +21,7 @@ from plora_ray.evaluation import (
     split_heldout,
 )
 from plora_ray.evaluation import run as run_mod
-from plora_ray.models import load_base
+from plora_ray.run.models import load_base
 
 ARC = [dict(id=f"arc-{i}", question=f"Q{i}?", choices=["yes", "no", "maybe"], labels=list("ABC"), gold=i % 3)
        for i in range(3)]
@@ -153,7 +153,7 @@ def test_split_heldout_is_seeded_disjoint_and_ordered():
 
 
 def test_embedded_mix_holds_out_the_gsm8k_problems_it_never_trains_on(tiny, tiny_cfg):
-    from plora_ray.embedded_mix import gsm8k_heldout
+    from plora_ray.assets.mix import gsm8k_heldout
 
     _, tok = tiny
     cfg = tiny_cfg(data={"train_files": ["embedded-mix-small"], "max_length": 1024})

@@ -9,8 +9,8 @@ import uuid
 import pytest
 from safetensors.torch import load_file
 
-from plora_ray.config import build_run_config
-from plora_ray.distributed import ensure_ray, trainer_for
+from plora_ray.config.schema import build_run_config
+from plora_ray.ray.worker import ensure_ray, trainer_for
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ QR-based ``numerical_rank`` on the same factors, full-rank and rank-deficient al
 import pytest
 import torch
 
-from plora_ray.plora import RankMeter, UnloadLedger, numerical_rank
+from plora_ray.core.unloader import RankMeter, UnloadLedger, numerical_rank
 
 
 def stages(d, k, r, t, gen):
@@ -110,7 +110,7 @@ def test_deferred_meter_measures_nothing_until_asked_then_the_same_ranks(tmp_pat
 
 
 def test_auto_rank_measurement_waits_for_the_checkpoint_on_cpu():
-    from plora_ray.plora import rank_in_background
+    from plora_ray.core.unloader import rank_in_background
 
     cpu = torch.nn.Linear(2, 2)
     assert not rank_in_background("auto", cpu) and not rank_in_background("checkpoint", cpu)
@@ -130,7 +130,7 @@ def test_temporary_ledgers_of_dead_processes_are_removed():
     import subprocess
     import sys
 
-    code = ("import os; from plora_ray.plora import UnloadLedger; l = UnloadLedger.temporary(); "
+    code = ("import os; from plora_ray.core.unloader import UnloadLedger; l = UnloadLedger.temporary(); "
             "l.add_stage({'w': (__import__('torch').ones(2, 1), __import__('torch').ones(1, 3))}); "
             "print(l.directory, flush=True); os._exit(0)")  # exits without cleaning up (like SIGKILL)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plora_ray.config import build_run_config
-from plora_ray.data import collate, load_examples
-from plora_ray.loss import IGNORE, accepts_logits_to_keep, cross_entropy_sum, loss_positions, loss_sum
-from plora_ray.models import build_model
+from plora_ray.config.schema import build_run_config
+from plora_ray.run.data import collate, load_examples
+from plora_ray.run.loss import IGNORE, accepts_logits_to_keep, cross_entropy_sum, loss_positions, loss_sum
+from plora_ray.run.models import build_model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from plora_ray import merge_kernel
-from plora_ray.plora import merge_into_
+from plora_ray.kernels import merge_bf16 as merge_kernel
+from plora_ray.core.unloader import merge_into_
 
 needs_kernel = pytest.mark.skipif(merge_kernel.kernel(8) is None,
                                   reason="the fused merge kernel cannot be built here (no C compiler or no AVX2)")

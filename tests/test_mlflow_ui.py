@@ -1,6 +1,6 @@
 """The MLflow UI really compares a sweep's trials.
 
-A store is built the way a sweep writes it (plora_ray.tracking: a parent run and three nested
+A store is built the way a sweep writes it (plora_ray.tracking.lifecycle: a parent run and three nested
 trial runs with loss curves, unloads and eval metrics), a real ``mlflow server`` is started on it
 (loopback only), its REST API is asked for the runs and curves, and headless Chromium renders the
 compare-runs view and the loss-curve view of the three trials. Screenshots are saved under the
@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import pytest
 
-from plora_ray import tracking
+from plora_ray.tracking import lifecycle as tracking
 
 requests = pytest.importorskip("requests")
 

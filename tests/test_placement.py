@@ -8,7 +8,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from plora_ray.placement import release_orphaned_placement_groups
+from plora_ray.ray.placement import release_orphaned_placement_groups
 
 
 @ray.remote(num_cpus=1)
@@ -47,7 +47,7 @@ def test_only_placement_groups_whose_actors_all_died_are_released():
 
 
 def test_the_lifetime_rule_frees_only_groups_whose_job_and_creator_have_died():
-    from plora_ray.placement import NIL_ACTOR, leaked
+    from plora_ray.ray.placement import NIL_ACTOR, leaked
 
     def pg(**kw):
         return {"state": "CREATED", "detached": False, "job_dead": False, "actor_dead": False,
@@ -99,7 +99,7 @@ def test_groups_of_live_jobs_detached_groups_and_groups_of_live_detached_actors_
                               capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-2000:]
         owned = done.stdout.split()[-1]
-        from plora_ray.placement import placement_groups
+        from plora_ray.ray.placement import placement_groups
 
         [group] = [g for g in placement_groups() if g["id"] == owned]
         assert group["state"] == "CREATED" and not group["detached"]

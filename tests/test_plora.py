@@ -7,10 +7,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from plora_ray.data import collate
-from plora_ray.plora import (LocalAccess, PeriodicUnloader, StageLR, UnloadClock, UnloadLedger, lora_layers,
+from plora_ray.run.data import collate
+from plora_ray.core.unloader import (LocalAccess, PeriodicUnloader, StageLR, UnloadClock, UnloadLedger, lora_layers,
                              lora_parameters, make_scheduler, numerical_rank)
-from plora_ray.train import setup, train_step
+from plora_ray.cli.train import setup, train_step
 
 
 def train_steps(run, n):
@@ -268,7 +268,7 @@ def test_linear_schedule_restart_decays_within_stage():
         sched.step()
         if step == 3:
             sched.lr_lambdas[0].mark_unload(sched.last_epoch)
-            from plora_ray.plora import refresh_lr
+            from plora_ray.core.unloader import refresh_lr
             refresh_lr(sched)
     assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25] * 2)
 
@@ -305,7 +305,7 @@ def test_clock_by_steps_and_never():
 
 
 def test_lora_never_unloads_and_full_trains_all_weights(tiny_cfg):
-    from plora_ray.train import fit
+    from plora_ray.cli.train import fit
 
     lora = fit(setup(tiny_cfg(method="lora", plora={"unload_every_steps": None}, data={"max_steps": 6})),
                progress=False)

@@ -6,9 +6,9 @@ trial failed is reported as a failure. The one-line refusals are tabled in test_
 import pytest
 import yaml
 
-from plora_ray.config import ConfigError, ModelConfig
-from plora_ray.models import build_model, check_target_modules, model_skeleton
-from plora_ray.preflight import SweepFailed, check_model, check_run, check_sweep, raise_if_every_trial_failed
+from plora_ray.config.schema import ConfigError, ModelConfig
+from plora_ray.run.models import build_model, check_target_modules, model_skeleton
+from plora_ray.sweep.preflight import SweepFailed, check_model, check_run, check_sweep, raise_if_every_trial_failed
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -25,7 +25,7 @@ def test_smollm2_skeleton_is_built_from_its_known_config_without_fetching(tmp_pa
 
 
 def test_smollm2_known_config_gives_the_converted_asset_s_shapes_when_cached():
-    from plora_ray.assets import cache_dir
+    from plora_ray.assets.fetch import cache_dir
 
     local = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (local / "config.json").exists():
@@ -79,8 +79,8 @@ def test_resume_accepts_a_directory_that_holds_a_run(tiny_cfg, tmp_path):
 
 def test_sweep_checks_each_distinct_model_once(tmp_path, monkeypatch):
     """Twelve trials over two target lists and momentum: two skeletons built, not twelve."""
-    import plora_ray.preflight as preflight
-    from plora_ray.search_space import load_sweep
+    import plora_ray.sweep.preflight as preflight
+    from plora_ray.config.sweep import load_sweep
 
     spec = {"metric": "train/loss", "base": {"plora": {"unload_every_steps": 2}},
             "space": {"lora.target_modules": {"choice": [["q_proj"], ALL7]},
@@ -121,7 +121,7 @@ def test_sweep_whose_every_trial_failed_raises_sweep_failed(tmp_path):
 def test_yaml_anchors_and_merge_keys_are_not_duplicates(tmp_path):
     """Only a key written twice in one mapping is refused; '<<: *base' then an override is YAML's
     own way to reuse a section."""
-    from plora_ray.config import read_yaml
+    from plora_ray.config.schema import read_yaml
 
     (tmp_path / "r.yaml").write_text("defaults: &d {lr: 1.0e-3, eps: 1.0e-8}\noptim:\n  <<: *d\n  lr: 2.0e-3\n")
     assert read_yaml(tmp_path / "r.yaml")["optim"] == {"lr": 2e-3, "eps": 1e-8}

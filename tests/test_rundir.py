@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from plora_ray.loop import fit, setup
-from plora_ray.rundir import restore_run, write_run_dir
-from plora_ray.train import main
+from plora_ray.run.loop import fit, setup
+from plora_ray.run.rundir import restore_run, write_run_dir
+from plora_ray.cli.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # (context, continuation) as lm-eval scores them: contexts end without whitespace (lm-eval
@@ -53,7 +53,7 @@ def test_resume_without_a_checkpoint_is_one_line_exit_2(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished run's directory, and log-likelihoods the in-memory (unmerged) model gives."""
-    from plora_ray.config import load_run_config
+    from plora_ray.config.schema import load_run_config
 
     tmp = tmp_path_factory.mktemp("run")
     run = fit(setup(load_run_config(write_config(tmp))), progress=False)
@@ -94,7 +94,7 @@ def test_checkpoint_alone_rebuilds_the_merged_model(tmp_path):
     """evaluate's path for a checkpoint (a sweep's best, or a run without merged/)."""
     from safetensors.torch import load_file
 
-    from plora_ray.rundir import merged_model
+    from plora_ray.run.rundir import merged_model
 
     assert main([str(write_config(tmp_path)), "--output", str(tmp_path / "r")]) == 0
     saved = load_file(str(tmp_path / "r" / "merged" / "model.safetensors"))

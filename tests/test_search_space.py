@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from plora_ray.config import ConfigError, RunConfig
-from plora_ray.search_space import (TRIAL_INDEX, describe, load_sweep, trial_count,
+from plora_ray.config.schema import ConfigError, RunConfig
+from plora_ray.config.sweep import (TRIAL_INDEX, describe, load_sweep, trial_count,
                                     trial_run_config, trial_values, tune_param_space)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +217,7 @@ def test_yaml_text_bounds_like_1e_4_are_numbers(tmp_path):
 
 
 def test_loading_a_sweep_does_not_import_ray():
-    code = ("import sys; from plora_ray.search_space import load_sweep; "
+    code = ("import sys; from plora_ray.config.sweep import load_sweep; "
             "load_sweep('search_spaces/joint.yaml'); assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
@@ -251,7 +251,7 @@ def test_trial_values_split_joint_keys_into_mlflow_param_names():
 @pytest.mark.parametrize("name", ["unload", "joint"])
 def test_spec_survives_a_json_round_trip_into_a_trial(name):
     """tune.py ships the spec to trials as JSON and rebuilds it there."""
-    from plora_ray.search_space import SweepSpec
+    from plora_ray.config.sweep import SweepSpec
 
     spec = load_sweep(ROOT / "search_spaces" / f"{name}.yaml")
     again = SweepSpec.model_validate(json.loads(json.dumps(spec.model_dump(mode="json"))))
@@ -261,7 +261,7 @@ def test_spec_survives_a_json_round_trip_into_a_trial(name):
 
 
 # ---------------------------------------------------------------------------- preflight
-# What the schema cannot see alone, checked by plora_ray.preflight before Ray starts (and by
+# What the schema cannot see alone, checked by plora_ray.sweep.preflight before Ray starts (and by
 # --dry-run): files that are not YAML text, repeated keys, out-of-range seeds, the model and
 # target modules of every trial, the data files, the storage and --resume.
 CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
@@ -340,7 +340,7 @@ def test_preflight_refuses_a_sweep_with_one_line_before_ray(tmp_path, capsys, mo
     no storage created, no file changed."""
     import huggingface_hub.constants
 
-    from plora_ray.tune import main
+    from plora_ray.sweep.tune import main
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
@@ -358,7 +358,7 @@ def test_preflight_refuses_a_sweep_with_one_line_before_ray(tmp_path, capsys, mo
 def test_sweep_cli_fails_before_ray_in_seconds(tmp_path):
     """Without --dry-run: exit 2, one line, no traceback, no storage, and Ray never started."""
     (tmp_path / "sweep.yaml").write_text(with_base(lora={"target_modules": ["q_proj", "nonexistent_proj"]}))
-    code = ("import sys; from plora_ray.tune import main; rc = main(['sweep.yaml']); "
+    code = ("import sys; from plora_ray.sweep.tune import main; rc = main(['sweep.yaml']); "
             "assert 'ray' not in sys.modules, 'Ray was imported'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

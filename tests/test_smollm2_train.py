@@ -2,8 +2,8 @@
 
 import torch
 
-from plora_ray.config import build_run_config
-from plora_ray.train import fit, setup
+from plora_ray.config.schema import build_run_config
+from plora_ray.cli.train import fit, setup
 
 
 def test_smollm2_plora_on_embedded_mix_small_trains_and_unloads():

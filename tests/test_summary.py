@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from plora_ray import summary, tracking
+from analysis import summary
+from plora_ray.tracking import lifecycle as tracking
 
 mlflow = pytest.importorskip("mlflow")
 N_ITEMS = 200

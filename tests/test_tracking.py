@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plora_ray import tracking
+from plora_ray.tracking import lifecycle as tracking
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -132,7 +132,7 @@ def test_run_names_come_from_searched_values_and_stay_distinct_when_cut():
 
 
 def test_only_the_active_configuration_becomes_params():
-    from plora_ray.config import RunConfig
+    from plora_ray.config.schema import RunConfig
 
     smol = RunConfig(method="lora", model={"name_or_path": "some/model"}, output_dir="x").model_dump(mode="json")
     params = tracking.flatten_params(tracking.active_params(smol))
@@ -317,7 +317,7 @@ def test_trial_tracker_logs_an_unload_once_its_background_ranks_are_measured(swe
     first step after its ranks are there, or at the next checkpoint/flush (waiting)."""
     from concurrent.futures import Future
 
-    from plora_ray.plora import UnloadEvent
+    from plora_ray.core.unloader import UnloadEvent
 
     uri, exp, client, parent = sweep
     run_id = tracking.trial_run(uri, exp, parent, "late", "late", {})

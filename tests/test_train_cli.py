@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from plora_ray.config import load_run_config
-from plora_ray.models import tiny_model, tiny_tokenizer
-from plora_ray.plora import UnloadLedger
+from plora_ray.config.schema import load_run_config
+from plora_ray.run.models import tiny_model, tiny_tokenizer
+from plora_ray.core.unloader import UnloadLedger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_example_run_unloads_with_growing_rank_and_outputs_rebuild_weights(tmp_p
 
 
 def test_local_model_directory_trains(tmp_path, tiny_cfg):
-    from plora_ray.loop import fit, setup
+    from plora_ray.run.loop import fit, setup
 
     cfg = tiny_cfg()
     model_dir = tmp_path / "model"
@@ -61,7 +61,7 @@ def test_local_model_directory_trains(tmp_path, tiny_cfg):
 
 
 def test_run_times_its_phases(tiny_cfg):
-    from plora_ray.loop import fit, setup
+    from plora_ray.run.loop import fit, setup
 
     """bench/sweep_efficiency.py reads these (as MLflow ``phase/*_s``): every phase a run went
     through has a positive wall time, and the steps are timed apart from evaluation."""

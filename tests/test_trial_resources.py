@@ -4,9 +4,9 @@ runs: the Ray objects a trial is built with, and the one-line refusals. (Seconds
 import pytest
 import yaml
 
-from plora_ray.cluster import check_tracking_for_cluster, read_text, storage_join, storage_root, write_text
-from plora_ray.config import ConfigError, build_run_config
-from plora_ray.search_space import load_sweep, trial_run_config
+from plora_ray.ray.cluster import check_tracking_for_cluster, read_text, storage_join, storage_root, write_text
+from plora_ray.config.schema import ConfigError, build_run_config
+from plora_ray.config.sweep import load_sweep, trial_run_config
 from test_tune import base
 
 
@@ -20,7 +20,7 @@ def sweep_file(tmp_path, **fields):
 
 
 def trial_trainer(spec, tmp_path):
-    from plora_ray.distributed import trainer_for
+    from plora_ray.ray.worker import trainer_for
 
     return trainer_for(trial_run_config(spec, {"optim.lr": 1e-3}), str(tmp_path / "ray"), "x")
 
@@ -37,7 +37,7 @@ def test_fractional_gpus_per_worker_reach_ray_train_as_given(tmp_path):
 
 def test_a_run_config_takes_fractional_gpus_and_refuses_what_ray_cannot_place():
     cfg = build_run_config({"method": "lora", "distributed": {"use_gpu": True, "gpus_per_worker": 0.25}})
-    from plora_ray.distributed import worker_resources
+    from plora_ray.ray.worker import worker_resources
 
     assert worker_resources(cfg) == {"CPU": 1.0, "GPU": 0.25}
     assert worker_resources(build_run_config({"method": "lora", "distributed": {"use_gpu": True}}))["GPU"] == 1.0
@@ -60,7 +60,7 @@ def test_sweep_resources_refuse_gpus_ray_cannot_place_and_distributed_paths_they
 
 
 def test_failures_default_to_one_restart_and_one_retry_and_reach_train_and_tune(tmp_path):
-    from plora_ray.tune import build_tuner
+    from plora_ray.sweep.tune import build_tuner
 
     spec = load_sweep(sweep_file(tmp_path))
     assert (spec.failures.worker_restarts, spec.failures.trial_retries) == (1, 1)
@@ -98,7 +98,7 @@ def test_storage_uris_are_passed_through_and_local_paths_made_absolute(tmp_path,
 
 
 def test_a_storage_uri_needs_a_tracking_server_and_a_scheme_ray_writes(tmp_path, capsys):
-    from plora_ray.tune import main
+    from plora_ray.sweep.tune import main
 
     space = sweep_file(tmp_path)
     cases = [(["--storage", "s3://bucket/sweeps"], "give --tracking-uri"),

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from plora_ray.tracking import default_tracking_uri, sweep_trials
-from plora_ray.tune import main
+from plora_ray.tracking.lifecycle import default_tracking_uri, sweep_trials
+from plora_ray.sweep.tune import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_repeats_run_every_configuration_with_distinct_seeds_and_the_summary_agg
 
 
 def test_trial_that_fails_for_good_ends_failed_not_running(tmp_path, monkeypatch, capsys):
-    import plora_ray.tune as tune_cli
+    import plora_ray.sweep.tune as tune_cli
 
     data = tmp_path / "train.jsonl"
     data.write_text((ROOT / "plora_ray" / "resources" / "tiny_dialogues.jsonl").read_text())

@@ -8,11 +8,11 @@ import uuid
 import pytest
 from safetensors.torch import load_file
 
-from plora_ray.checkpoint import read_backbone, save_checkpoint
-from plora_ray.config import build_run_config
-from plora_ray.data import bundled_path
-from plora_ray.distributed import ensure_ray, trainer_for
-from plora_ray.loop import fit, rank_share, setup
+from plora_ray.run.checkpoint import read_backbone, save_checkpoint
+from plora_ray.config.schema import build_run_config
+from plora_ray.run.data import bundled_path
+from plora_ray.ray.worker import ensure_ray, trainer_for
+from plora_ray.run.loop import fit, rank_share, setup
 
 ENGINES = {
     "ddp": {"engine": "ddp"},

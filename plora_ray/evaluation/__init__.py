@@ -4,13 +4,13 @@ distributed run, plus the held-out loss and lm-eval standard errors. Entry point
 :func:`evaluate`; in a training run :func:`evaluate_checkpoint` (metrics for MLflow and
 per-item results)."""
 
-from .gsm8k import evaluate_gsm8k, exact_match, extract_flexible, extract_strict, generate_until
-from .heldout import evaluate_heldout, heldout_losses, load_heldout, prepare_heldout, split_heldout
-from .multiple_choice import evaluate_arc, evaluate_mmlu, loglikelihoods, score_choices
-from .records import items_record
-from .run import TASKS, EvalResult, evaluate, evaluate_checkpoint, select
-from .sharding import Shard
-from .stats import mean_stderr
+from plora_ray.evaluation.gsm8k import evaluate_gsm8k, exact_match, extract_flexible, extract_strict, generate_until
+from plora_ray.evaluation.heldout import evaluate_heldout, heldout_losses, load_heldout, prepare_heldout, split_heldout
+from plora_ray.evaluation.multiple_choice import evaluate_arc, evaluate_mmlu, loglikelihoods, score_choices
+from plora_ray.evaluation.records import items_record
+from plora_ray.evaluation.run import TASKS, EvalResult, evaluate, evaluate_checkpoint, select
+from plora_ray.evaluation.sharding import Shard
+from plora_ray.evaluation.stats import mean_stderr
 
 __all__ = [
     "TASKS",

@@ -21,7 +21,7 @@ padded to the largest over ranks with one-token dummy calls.
 
 Prompts. ``plain``: lm-eval's ``Question: {q}\\nAnswer:`` with few-shot examples
 ``Question: {q}\\nAnswer: {full solution}\\n\\n`` before it. ``chat`` (default): the training
-format of the embedded mix (``plora_ray.embedded_mix``): the user turn is the bare question and
+format of the embedded mix (``plora_ray.assets.mix``): the user turn is the bare question and
 the model answers after the assistant generation prompt; few-shot examples are earlier
 user/assistant turns with the calculator annotations removed, as in training.
 """
@@ -33,9 +33,9 @@ import re
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .multiple_choice import build_context, fewshot_block, max_length, render_chat, tok_encode
-from .sharding import LOCAL, Shard
-from .stats import with_stderr
+from plora_ray.evaluation.multiple_choice import build_context, fewshot_block, max_length, render_chat, tok_encode
+from plora_ray.evaluation.sharding import LOCAL, Shard
+from plora_ray.evaluation.stats import with_stderr
 
 __all__ = [
     "FLEXIBLE_PATTERN",

@@ -4,7 +4,7 @@ Why: benchmark accuracy on a few hundred items moves in coarse steps; the loss o
 dialogues of the training distribution is smooth, cheap (forward passes only) and can be
 measured at every checkpoint.
 
-Examples are tokenised exactly as training tokenises them (``plora_ray.data``: chat template,
+Examples are tokenised exactly as training tokenises them (``plora_ray.run.data``: chat template,
 loss on assistant tokens only, ``data.max_length``). For example i with labelled positions
 L_i, ``loss_i = mean over p in L_i of -log p(x_p | x_<p)`` and ``tokens_i = |L_i|``. The task
 metric ``heldout/loss`` is the token-weighted mean ``sum_i loss_i * tokens_i / sum_i
@@ -25,9 +25,9 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .kv_prefix import cache_argument, forward_logits, head_on, selected_logits
-from .sharding import LOCAL, Shard
-from .stats import mean_stderr
+from plora_ray.evaluation.kv_prefix import cache_argument, forward_logits, head_on, selected_logits
+from plora_ray.evaluation.sharding import LOCAL, Shard
+from plora_ray.evaluation.stats import mean_stderr
 
 __all__ = ["gsm8k_heldout_rows", "heldout_losses", "heldout_metrics", "load_heldout",
            "prepare_heldout", "split_heldout"]
@@ -57,7 +57,7 @@ def split_heldout(examples: list, fraction: float, seed: int = 0) -> tuple[list,
 
 def gsm8k_heldout_rows() -> list[tuple[str, dict]]:
     """(id, dialogue row) for the embedded mix's 319 held-out GSM8K problems."""
-    from ..embedded_mix import gsm8k_heldout
+    from plora_ray.assets.mix import gsm8k_heldout
 
     return [(f"gsm8k-heldout-{i}", {"messages": [
         {"role": "user", "content": r["question"]},
@@ -66,7 +66,7 @@ def gsm8k_heldout_rows() -> list[tuple[str, dict]]:
 
 
 def _rows(name: str) -> list[tuple[str, object]]:
-    from ..data import named_rows, read_rows
+    from plora_ray.run.data import named_rows, read_rows
 
     if name == "gsm8k-heldout":
         return gsm8k_heldout_rows()
@@ -77,7 +77,7 @@ def _rows(name: str) -> list[tuple[str, object]]:
 def load_heldout(files: list[str], tokenizer, max_length: int) -> list[dict]:
     """Tokenised held-out examples ``{id, input_ids, labels}`` from ``files`` (examples without
     an assistant token inside ``max_length`` are skipped, as training skips them)."""
-    from ..data import IGNORE, to_messages, tokenize_dialogue
+    from plora_ray.run.data import IGNORE, to_messages, tokenize_dialogue
 
     out = []
     for f in files:
@@ -93,7 +93,7 @@ def prepare_heldout(run_cfg, tokenizer, train_examples: list[dict]) -> tuple[lis
     GSM8K held-out problems when training on an embedded mix) plus the seeded fraction of
     ``train_examples``; ``eval.heldout.limit`` keeps the first N. Call once, before planning
     the training steps, and train on the first element."""
-    from ..config import EMBEDDED_MIXES
+    from plora_ray.config.schema import EMBEDDED_MIXES
 
     h = run_cfg.eval.heldout
     files = h.files
@@ -116,9 +116,9 @@ def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
     rounding). Under a lockstep ``shard`` the forward calls are padded to the largest count
     over ranks, and every batch is one forward.
     """
-    from ..data import IGNORE
+    from plora_ray.run.data import IGNORE
 
-    from .multiple_choice import dummy_forward
+    from plora_ray.evaluation.multiple_choice import dummy_forward
 
     device = next(model.parameters()).device
     arg = None if shard.lockstep and shard.distributed else cache_argument(model)

@@ -36,10 +36,10 @@ import jinja2
 import torch
 import torch.nn.functional as F
 
-from .kv_prefix import cache_argument as _cache_argument
-from .kv_prefix import forward_logits, head_on, selected_logits
-from .sharding import LOCAL, Shard
-from .stats import with_stderr
+from plora_ray.evaluation.kv_prefix import cache_argument as _cache_argument
+from plora_ray.evaluation.kv_prefix import forward_logits, head_on, selected_logits
+from plora_ray.evaluation.sharding import LOCAL, Shard
+from plora_ray.evaluation.stats import with_stderr
 
 __all__ = [
     "MMLU_GROUPS",

@@ -4,8 +4,8 @@ Why one function: the trainer calls it on every checkpoint (in-memory model, pos
 wrapped) and the CLI calls it on a saved model; both get the same flat metric names, ready for
 MLflow, and the per-item records for JSON output and the lm-eval agreement test.
 
-Items: by default from ``plora_ray.benchmarks`` (MMLU test, ARC test, GSM8K test, or GSM8K's
-319 held-out problems when ``plora_ray.embedded_mix.gsm8k_heldout`` exists, so a model trained
+Items: by default from ``plora_ray.assets.benchmarks`` (MMLU test, ARC test, GSM8K test, or GSM8K's
+319 held-out problems when ``plora_ray.assets.mix.gsm8k_heldout`` exists, so a model trained
 on the embedded mix is never scored on problems it trained on). ``items={"mmlu": [...], ...}``
 overrides per task (tests pass hand-made rows).
 
@@ -29,16 +29,16 @@ import math
 import random
 from typing import Any
 
-from .gsm8k import evaluate_gsm8k
-from .heldout import evaluate_heldout
-from .kv_prefix import dense_head
-from .multiple_choice import evaluate_arc, evaluate_mmlu
-from .records import items_record
-from .sharding import Shard
+from plora_ray.evaluation.gsm8k import evaluate_gsm8k
+from plora_ray.evaluation.heldout import evaluate_heldout
+from plora_ray.evaluation.kv_prefix import dense_head
+from plora_ray.evaluation.multiple_choice import evaluate_arc, evaluate_mmlu
+from plora_ray.evaluation.records import items_record
+from plora_ray.evaluation.sharding import Shard
 
 __all__ = ["TASKS", "EvalResult", "default_items", "evaluate", "evaluate_checkpoint", "select"]
 
-from ..names import TASKS
+from plora_ray.config.names import TASKS
 PROMPT_STYLES = ("chat", "plain")
 LIMIT_MODES = ("first", "sample")
 
@@ -98,14 +98,14 @@ def _pick(indices: list[int], limit: int, mode: str, seed: int) -> list[int]:
 
 def default_items(task: str) -> list[dict]:
     """Evaluation rows of ``task`` from the offline benchmark loaders."""
-    from .. import benchmarks
+    from plora_ray.assets import benchmarks
 
     if task == "mmlu":
         return benchmarks.load_mmlu("test")
     if task in ("arc_easy", "arc_challenge"):
         return benchmarks.load_arc(task.split("_")[1], "test")
     try:
-        from ..embedded_mix import gsm8k_heldout
+        from plora_ray.assets.mix import gsm8k_heldout
     except ImportError:
         return with_ids(benchmarks.load_gsm8k("test"), "gsm8k-test")
     return with_ids(gsm8k_heldout(), "gsm8k-heldout")
@@ -119,7 +119,7 @@ def with_ids(rows: list[dict], prefix: str) -> list[dict]:
 def default_fewshot(task: str) -> list[dict]:
     """Few-shot pools: MMLU dev (lm-eval's own); ARC validation and GSM8K's training part of
     the embedded mix split (lm-eval uses the train splits, which are not offline)."""
-    from .. import benchmarks
+    from plora_ray.assets import benchmarks
 
     if task == "mmlu":
         return benchmarks.load_mmlu("dev")
@@ -128,7 +128,7 @@ def default_fewshot(task: str) -> list[dict]:
         return random.Random(1234).sample(rows, len(rows))
     rows = benchmarks.load_gsm8k("test")
     try:
-        from ..embedded_mix import gsm8k_split
+        from plora_ray.assets.mix import gsm8k_split
     except ImportError:
         raise ValueError("gsm8k few-shot needs fewshot_items= (no offline GSM8K train split)") from None
     return [rows[i] for i in gsm8k_split()[0]]
@@ -183,7 +183,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
                     m, recs = evaluate_gsm8k(model, tokenizer, rows, max_new_tokens=max_new_tokens, **common)
                 elif task == "mmlu":
                     if categories is None:
-                        from ..benchmarks import MMLU_CATEGORIES as categories
+                        from plora_ray.assets.benchmarks import MMLU_CATEGORIES as categories
                     m, recs = evaluate_mmlu(model, tokenizer, rows, categories=categories, **common)
                 else:
                     m, recs = evaluate_arc(model, tokenizer, rows, task=task, **common)

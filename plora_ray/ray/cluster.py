@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import ConfigError
+from plora_ray.config.schema import ConfigError
 
 LOCAL_TRACKING_SCHEMES = ("sqlite", "file")  # a store on one machine's disk
 

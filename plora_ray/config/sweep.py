@@ -36,10 +36,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .config import (ConfigError, RunConfig, apply_override, build_run_config, format_validation_error,
+from plora_ray.config.schema import (ConfigError, RunConfig, apply_override, build_run_config, format_validation_error,
                      nearest_key, parse_override, read_yaml)
 
-from .names import EMBEDDED_MIXES, METRICS  # noqa: E402
+from plora_ray.config.names import EMBEDDED_MIXES, METRICS  # noqa: E402
 Kind = Literal["choice", "grid", "uniform", "loguniform", "int"]
 KINDS = typing.get_args(Kind)
 # trial resources are set once, under `resources`, so Ray's reservation and the run agree

@@ -1,7 +1,7 @@
 """The Ray Train ``TorchTrainer`` of a run, built without importing the training stack.
 
 A Tune trial's actor and Train's controller only build and drive the trainer; importing
-:mod:`plora_ray.distributed` (torch's training loop, transformers, peft: ~5 s of CPU a process)
+:mod:`plora_ray.ray.worker` (torch's training loop, transformers, peft: ~5 s of CPU a process)
 there would be start-up paid twice per trial. The workers import it when they run
 :func:`train_loop`.
 """
@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from .config import RunConfig
+from plora_ray.config.schema import RunConfig
 
 
 def extensions_dir() -> str:
@@ -33,9 +33,9 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
 
 
 def train_loop(config: dict) -> None:
-    """Each worker's entry point: :func:`plora_ray.distributed.train_loop_per_worker`, imported
+    """Each worker's entry point: :func:`plora_ray.ray.worker.train_loop_per_worker`, imported
     in the worker only."""
-    from .distributed import train_loop_per_worker
+    from plora_ray.ray.worker import train_loop_per_worker
 
     train_loop_per_worker(config)
 

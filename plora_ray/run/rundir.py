@@ -12,7 +12,7 @@
                                model.safetensors, tokenizer, generation_config.json), unless
                                ``save_merged: false``: what transformers, lm-eval and vLLM load
 
-Checkpoints are read and written through :mod:`plora_ray.checkpoint`; this module adds the
+Checkpoints are read and written through :mod:`plora_ray.run.checkpoint`; this module adds the
 files that make a checkpoint self-describing, and rebuilds a model from any of them.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ConfigError, RunConfig, build_run_config
-from .loop import Run, event_record, setup
+from plora_ray.run.checkpoint import load_checkpoint, save_checkpoint
+from plora_ray.config.schema import ConfigError, RunConfig, build_run_config
+from plora_ray.run.loop import Run, event_record, setup
 
 CHECKPOINT = "checkpoint"
 MERGED = "merged"
@@ -162,8 +162,8 @@ def write_run_dir(run: Run, out: str | Path, **extra) -> dict:
 def load_trained(path: str | Path, dtype: str | None = None):
     """(model, tokenizer) of a trained run: its merged/ directory if written, else rebuilt
     from its checkpoint (a run directory or a bare checkpoint, e.g. a sweep's best)."""
-    from .config import ModelConfig
-    from .models import DTYPES, load_base
+    from plora_ray.config.schema import ModelConfig
+    from plora_ray.run.models import DTYPES, load_base
 
     p = Path(path).expanduser()
     if (p / MERGED / "config.json").is_file():

@@ -3,7 +3,7 @@
 ``tiny`` is a random-init Llama with a byte-level tokenizer built in code: it needs no
 download, so tests and the quick example run anywhere in milliseconds per step. Any
 other name is a local directory or hub id that transformers loads; names of embedded
-assets (``plora_ray.assets``) resolve to their cached directory.
+assets (``plora_ray.assets.fetch``) resolve to their cached directory.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers import PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
-from .config import ConfigError, ModelConfig, RunConfig
+from plora_ray.config.schema import ConfigError, ModelConfig, RunConfig
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -90,7 +90,7 @@ def tiny_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, eos_token_id: i
 def resolve_model_path(name: str) -> str:
     """Embedded asset names map to their cached directory; anything else is passed on."""
     try:
-        from . import assets
+        from plora_ray.assets import fetch as assets
     except ImportError:  # assets module not available
         return name
     if name in getattr(assets, "KNOWN_MODELS", {}):

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig
-from .loop import fit, setup
-from .replicas import replicas_identical
-from .tracking import TrialTracker, add_trial_node
-from .rundir import CHECKPOINT, load_run_checkpoint, restore_run, save_run_checkpoint, write_run_dir
-from .ray_trainer import extensions_dir, trainer_for, worker_env, worker_resources  # noqa: F401 (re-exported)
+from plora_ray.config.schema import RunConfig
+from plora_ray.run.loop import fit, setup
+from plora_ray.run.replicas import replicas_identical
+from plora_ray.tracking.lifecycle import TrialTracker, add_trial_node
+from plora_ray.run.rundir import CHECKPOINT, load_run_checkpoint, restore_run, save_run_checkpoint, write_run_dir
+from plora_ray.ray.trainer import extensions_dir, trainer_for, worker_env, worker_resources  # noqa: F401 (re-exported)
 
 
 class DistributedError(Exception):
@@ -171,7 +171,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     import ray
 
-    from .cluster import cluster_address
+    from plora_ray.ray.cluster import cluster_address
 
     if ray.is_initialized():
         return

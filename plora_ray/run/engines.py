@@ -21,8 +21,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig
-from .plora import LocalAccess, prune_by_magnitude
+from plora_ray.config.schema import RunConfig
+from plora_ray.core.unloader import LocalAccess, prune_by_magnitude
 
 
 def dist_ready() -> bool:

@@ -21,8 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
-from .data import DataError, check_files
+from plora_ray.config.schema import ConfigError, RunConfig
+from plora_ray.run.data import DataError, check_files
 
 # what a run directory holds once it has started (train.py writes them before the first step)
 RUN_MARKERS = ("ray_run_name", "config.yaml")
@@ -53,7 +53,7 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
 def check_model(cfg: RunConfig) -> None:
     """The base model exists and every ``lora.target_modules`` name matches a layer LoRA can
     wrap: checked on a meta-device skeleton, so even a 7B model costs a fraction of a second."""
-    from .models import check_target_modules, model_skeleton  # torch / transformers: only here
+    from plora_ray.run.models import check_target_modules, model_skeleton  # torch / transformers: only here
 
     skeleton = model_skeleton(cfg.model)
     if cfg.method != "full":
@@ -80,8 +80,8 @@ def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
                 tracking_uri: str | None = None) -> None:
     """Everything a sweep needs, before Ray starts: the storage, ``--resume``, and the model and
     data of every trial (each distinct value once); raises ConfigError / DataError."""
-    from .cluster import is_uri
-    from .search_space import trial_points, trial_run_config
+    from plora_ray.ray.cluster import is_uri
+    from plora_ray.config.sweep import trial_points, trial_run_config
 
     if is_uri(storage_dir):  # s3://, gs://...: Ray writes it; only a local path is probed here
         if not tracking_uri:

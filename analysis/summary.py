@@ -23,7 +23,7 @@ from typing import Any
 
 from analysis.stats import distinguishable, mean_stderr, normal_interval, paired_bootstrap, seed_difference, t_quantile
 
-from .tracking import _client, _retry, config_label, sweep_trials
+from plora_ray.tracking.lifecycle import _client, _retry, config_label, sweep_trials
 
 LEVEL = 0.95
 N_BOOT = 2000

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from .config import RunConfig
-from .data import IGNORE, StepPlan, collate, load_examples
-from .engines import make_engine
-from .loss import loss_positions, loss_sum
-from .models import build_model
-from .plora import PeriodicUnloader, StageLR, UnloadClock, UnloadEvent, make_scheduler
+from plora_ray.config.schema import RunConfig
+from plora_ray.run.data import IGNORE, StepPlan, collate, load_examples
+from plora_ray.run.engines import make_engine
+from plora_ray.run.loss import loss_positions, loss_sum
+from plora_ray.run.models import build_model
+from plora_ray.core.unloader import PeriodicUnloader, StageLR, UnloadClock, UnloadEvent, make_scheduler
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Run:
 
 def warn_slow_bf16(cfg: RunConfig, device: torch.device, rank: int = 0) -> None:
     """One line on stderr when a bf16 backbone will train on a CPU without fast bf16 matmuls."""
-    from .config import fast_bf16_cpu
+    from plora_ray.config.schema import fast_bf16_cpu
 
     if cfg.model.dtype == "bfloat16" and device.type == "cpu" and rank == 0 and not fast_bf16_cpu():
         print("warning: field 'model.dtype' bfloat16 on a CPU without fast bf16 matmuls (no AVX-512 "
@@ -82,7 +82,7 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
                              cfg.data.tokenize_cache) if data else []
     heldout = []
     if data:  # rows kept out of training are chosen before the plan, identically on every rank
-        from .evaluation.heldout import prepare_heldout
+        from plora_ray.evaluation.heldout import prepare_heldout
 
         examples, heldout = prepare_heldout(cfg, tokenizer, examples)
     t2 = time.perf_counter()
@@ -194,7 +194,7 @@ def evaluate_run(run: Run, final: bool = False) -> dict[str, float]:
     lockstep, since each one gathers the partitioned weights). Returns
     ``eval/<task>/<metric>`` and ``..._stderr``; the per-item results go to ``run.items``.
     """
-    from .evaluation import evaluate_checkpoint
+    from plora_ray.evaluation import evaluate_checkpoint
 
     d = run.cfg.distributed
     zero3 = d.engine == "deepspeed" and d.zero_stage == 3

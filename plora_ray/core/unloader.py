@@ -206,12 +206,12 @@ def merge_into_(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, fan_in_fan_ou
     Each element is summed in fp32 and cast once to W's dtype, so the result equals
     ``(w.float() + b @ a).to(w.dtype)`` (up to the order of the r products' fp32 sum) while the
     only temporary is one block (no d x k fp32 copies: the merge is one pass over W). A bf16
-    weight on the CPU goes through the fused kernel of :mod:`plora_ray.merge_kernel` where it
+    weight on the CPU goes through the fused kernel of :mod:`plora_ray.kernels.merge_bf16` where it
     can be built (one read and one write of W); otherwise, and on GPUs, PyTorch ops. The
     unload and the ledger's replay both call this on the same device, so a backbone rebuilt
     from W_0 and the ledger is bit-identical to the one training produced.
     """
-    from .merge_kernel import merge_bf16_
+    from plora_ray.kernels.merge_bf16 import merge_bf16_
 
     left, right = (a.T, b.T) if fan_in_fan_out else (b, a)  # W (rows x cols) += left @ right
     left = left.to(device=w.device, dtype=torch.float32)

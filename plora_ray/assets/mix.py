@@ -32,7 +32,7 @@ import string
 from pathlib import Path
 from typing import Any, Iterable
 
-from .benchmarks import load_arc, load_gsm8k, load_mmlu
+from plora_ray.assets.benchmarks import load_arc, load_gsm8k, load_mmlu
 
 __all__ = [
     "MIX_NAMES",
@@ -48,7 +48,7 @@ __all__ = [
 SEED = 20240226  # PLoRA's arXiv date; changing it changes every split below
 GSM8K_TRAIN_SIZE = 1000
 SMALL_PER_SOURCE = 100  # embedded-mix-small: 100 GSM8K + 100 ARC + 100 MMLU = 300 rows
-from .names import EMBEDDED_MIXES as MIX_NAMES
+from plora_ray.config.names import EMBEDDED_MIXES as MIX_NAMES
 
 _LETTERS = string.ascii_uppercase
 _CALC = re.compile(r"<<[^<>]*>>")

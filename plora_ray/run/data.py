@@ -150,10 +150,10 @@ def tokenize_dialogue(tokenizer, messages: list[dict], max_length: int) -> dict:
 
 def named_rows(name: str) -> list[tuple[str, object]] | None:
     """Rows of a bundled or embedded dataset name, with a location for messages; else None."""
-    from .config import EMBEDDED_MIXES
+    from plora_ray.config.schema import EMBEDDED_MIXES
 
     if name in EMBEDDED_MIXES:
-        from .embedded_mix import build_embedded_mix
+        from plora_ray.assets.mix import build_embedded_mix
 
         return [(f"{name}[{i}]", row) for i, row in enumerate(build_embedded_mix(name))]
     path = bundled_path(name)
@@ -177,7 +177,7 @@ def check_files(files: list[str]) -> None:
     """Read and normalise every row, as training will, without a tokenizer: a broken, binary,
     empty or assistant-less file fails here in the driver (DataError, one line) instead of in
     every worker. The embedded mixes are skipped: they are built from verified benchmark data."""
-    from .config import EMBEDDED_MIXES
+    from plora_ray.config.schema import EMBEDDED_MIXES
 
     for name in dict.fromkeys(files):
         if name not in EMBEDDED_MIXES:
@@ -264,7 +264,7 @@ def _tokenize_rows(name: str, tokenizer, max_length: int, cache: Path) -> list[d
 
 
 def default_cache_dir() -> Path:
-    from .assets import cache_dir
+    from plora_ray.assets.fetch import cache_dir
 
     return cache_dir() / "datasets"
 

@@ -20,8 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-from .names import EMBEDDED_MIXES, Task  # noqa: F401  (EMBEDDED_MIXES: re-exported)
-BUNDLED_DATASETS = ("tiny-dialogues", *EMBEDDED_MIXES)  # names resolved by plora_ray.data
+from plora_ray.config.names import EMBEDDED_MIXES, Task  # noqa: F401  (EMBEDDED_MIXES: re-exported)
+BUNDLED_DATASETS = ("tiny-dialogues", *EMBEDDED_MIXES)  # names resolved by plora_ray.run.data
 
 
 class ConfigError(Exception):

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
-from .plora import UnloadEvent, UnloadLedger
+from plora_ray.config.schema import ConfigError
+from plora_ray.core.unloader import UnloadEvent, UnloadLedger
 
 LEDGER = "ledger"
 FORMAT = 3  # 3: the ledger as a directory of per-stage shards
