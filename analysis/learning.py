@@ -113,7 +113,7 @@ def learning_ability(sweep: Sweep) -> list[Ability]:
         if ref is None:
             continue
         for label, metric in targets:
-            lower = lower_is_better(metric)
+            lower = lower_is_better(metric, sweep)
             speed, quality = [], []
             for tp in p.trials:
                 tl = next((t for t in ref.trials if t.seed == tp.seed), ref.trials[0])

@@ -36,6 +36,7 @@ class Difference:
     diff: float
     seeds: dict        # {"diff", "lo", "hi", "n"}
     items: dict        # {"diff", "lo", "hi", "n"}
+    lower: bool | None = None  # lower is better (None: by the metric's name)
 
     @property
     def distinguishable(self) -> bool:
@@ -46,7 +47,7 @@ class Difference:
         """"plora" or "lora" when distinguishable, else None."""
         if not self.distinguishable:
             return None
-        lower = lower_is_better(self.metric)
+        lower = lower_is_better(self.metric) if self.lower is None else self.lower
         return "plora" if (self.diff < 0) == lower else "lora"
 
 
@@ -83,7 +84,7 @@ def method_differences(sweep: Sweep) -> list[Difference]:
         if ref is None:
             continue
         for metric in eval_metric_keys(sweep.trials):
-            lower = lower_is_better(metric)
+            lower = lower_is_better(metric, sweep)
             diffs, item_pairs = [], []
             for tp in p.trials:
                 tl = next((t for t in ref.trials if t.seed == tp.seed), None)
@@ -101,7 +102,7 @@ def method_differences(sweep: Sweep) -> list[Difference]:
                 seeds = _seed_interval(diffs)
                 items = _item_interval(item_pairs) if len(item_pairs) == len(diffs) else \
                     {"diff": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
-                out.append(Difference(p, ref, metric, seeds["diff"], seeds, items))
+                out.append(Difference(p, ref, metric, seeds["diff"], seeds, items, lower))
     return out
 
 

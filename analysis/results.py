@@ -51,9 +51,7 @@ def selection_metric(sweep: Sweep) -> tuple[str | None, bool]:
         metric = "eval/heldout/loss" if "eval/heldout/loss" in keys else (keys[0] if keys else None)
     if metric is None:
         return None, True
-    if metric == sweep.metric and sweep.mode in ("min", "max"):
-        return metric, sweep.mode == "min"
-    return metric, lower_is_better(metric)
+    return metric, lower_is_better(metric, sweep)
 
 
 def checkpoint_step(trial: Trial, metric: str, lower: bool, which: str) -> int | None:
@@ -289,7 +287,7 @@ def build_table(sweep: Sweep, which: str) -> Table:
     cells = {}
     for metric in metrics:
         column = [cell_for(c, metric, select, lower, which) for c in configs]
-        mark_column(metric, configs, column, lower_is_better(metric))
+        mark_column(metric, configs, column, lower_is_better(metric, sweep))
         cells[metric] = column
     trainable = []
     for c in configs:

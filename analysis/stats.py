@@ -13,6 +13,8 @@ import numpy as np
 
 __all__ = [
     "mean_stderr",
+    "stderr",
+    "with_stderr",
     "normal_interval",
     "paired_bootstrap",
     "seed_difference",
@@ -22,14 +24,31 @@ __all__ = [
 
 
 def mean_stderr(values) -> tuple[float, float]:
-    """(mean, stderr) with lm-eval's stderr; stderr is nan for fewer than two values."""
-    x = np.asarray(values, dtype=float).ravel()
-    if x.size == 0:
+    """(mean, stderr) with lm-eval's stderr; stderr is nan for fewer than two values.
+
+    Computed as ``lm_eval.api.metrics.mean_stderr`` does, in plain Python (left-to-right sums):
+    the evaluators log this stderr, so a value recomputed here equals the logged one bit for bit.
+    """
+    values = values if isinstance(values, np.ndarray) else list(values)  # a generator too
+    xs = np.asarray(values, dtype=float).ravel().tolist()
+    if not xs:
         return math.nan, math.nan
-    mean = float(x.mean())
-    if x.size < 2:
-        return mean, math.nan
-    return mean, float(x.std(ddof=1) / math.sqrt(x.size))
+    n = len(xs)
+    mu = sum(xs) / n
+    if n < 2:
+        return mu, math.nan
+    return mu, math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
+
+
+def stderr(values) -> float:
+    """lm-eval's ``mean_stderr``: the standard error alone (nan for fewer than two values)."""
+    return mean_stderr(values)[1]
+
+
+def with_stderr(name: str, values) -> dict[str, float]:
+    """``{name: mean, name_stderr: stderr}`` over per-item ``values`` (lm-eval's naming)."""
+    mean, se = mean_stderr(values)
+    return {name: mean, f"{name}_stderr": se}
 
 
 def _z(level: float) -> float:

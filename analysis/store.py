@@ -7,18 +7,28 @@ from `get_metric_history` (which pages the store itself), per-item results from
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
 import tempfile
+import time
+from unittest import mock
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 RUN_TYPE = "plora.run_type"
 PARENT = "mlflow.parentRunId"
 STATUS = "plora.status"
+TRIAL_ID = "plora.trial_id"
+CONFIG_ID = "plora.config_id"
+SEED = "plora.seed"
 SPACE_PREFIX = "space."
 # searched values that name a repeat, not a configuration
 SEED_KEYS = ("seed", "space.seed")
@@ -42,7 +52,35 @@ def client_for(tracking_uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _is_locked_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def retry(fn, *args, attempts: int = 6, **kwargs):
+    """Call ``fn``; retry SQLite "database is locked" errors (several processes, one file)."""
+    delay = 0.5
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # MlflowException wraps sqlalchemy's OperationalError
+            if attempt == attempts - 1 or not _is_locked_error(exc):
+                raise
+            log.warning("MLflow store busy (%s); retrying in %.1f s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+@contextlib.contextmanager
+def no_progress_bar():
+    """MLflow's artifact-download progress bars off inside the block (its own switch,
+    ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``); the environment is restored as it was after."""
+    with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+        yield
+
+
 def search_all(client, experiment_ids, filter_string: str = "") -> list:
+    """Every run matching ``filter_string`` (``search_runs``, paged 1000 at a time)."""
     runs, token = [], None
     while True:
         page = client.search_runs(experiment_ids, filter_string=filter_string,
@@ -51,6 +89,22 @@ def search_all(client, experiment_ids, filter_string: str = "") -> list:
         token = page.token
         if not token:
             return runs
+
+
+def sweep_trials(tracking_uri: str, parent_run_id: str, client=None) -> list[dict]:
+    """The trial runs under a sweep run, oldest first: dicts with ``run_id``, ``trial_id``,
+    ``name``, ``status`` (plora.status), ``mlflow_status``, ``config_id``, ``seed``, ``space``
+    (the searched values as tagged), ``tags``, ``params``, ``metrics`` (latest values)."""
+    client = client or client_for(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs = search_all(client, [experiment_id], f"tags.`{PARENT}` = '{parent_run_id}'")
+    runs.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    return [{"run_id": r.info.run_id, "trial_id": r.data.tags.get(TRIAL_ID), "name": r.info.run_name,
+             "status": r.data.tags.get(STATUS), "mlflow_status": r.info.status,
+             "config_id": r.data.tags.get(CONFIG_ID), "seed": r.data.tags.get(SEED),
+             "space": {k[len(SPACE_PREFIX):]: v for k, v in r.data.tags.items() if k.startswith(SPACE_PREFIX)},
+             "tags": dict(r.data.tags), "params": dict(r.data.params), "metrics": dict(r.data.metrics)}
+            for r in runs]
 
 
 def parse_value(text: str):
@@ -69,7 +123,12 @@ def parse_value(text: str):
     return text
 
 
-def lower_is_better(metric_key: str) -> bool:
+def lower_is_better(metric_key: str, sweep: "Sweep | None" = None) -> bool:
+    """Whether a smaller value of ``metric_key`` is better: the sweep's recorded mode
+    (``plora.mode`` on its run) for the sweep's own metric, else by name (loss, perplexity,
+    error)."""
+    if sweep is not None and metric_key == sweep.metric and sweep.mode in ("min", "max"):
+        return sweep.mode == "min"
     name = metric_key.rsplit("/", 1)[-1]
     return "loss" in name or "perplexity" in name or name.endswith("error")
 

@@ -13,21 +13,19 @@ and ``summary/summary.json``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from analysis.labels import config_label
+from analysis.results import item_scores
 from analysis.stats import distinguishable, mean_stderr, normal_interval, paired_bootstrap, seed_difference, t_quantile
-
-from plora_ray.tracking.lifecycle import _client, _retry, config_label, sweep_trials
+from analysis.store import client_for, no_progress_bar, retry, sweep_trials
 
 LEVEL = 0.95
 N_BOOT = 2000
-PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def _parse(value: str) -> Any:
@@ -39,45 +37,20 @@ def _parse(value: str) -> Any:
         return value
 
 
-def item_scores(tasks: dict, metric: str) -> tuple[dict[str, float], dict[str, float] | None] | None:
-    """``({item id: score}, {item id: weight} or None)`` for ``metric`` from an items artifact's
-    ``tasks``; None when the metric has no per-item form (e.g. ``train/loss``)."""
-    parts = metric.split("/")
-    if len(parts) != 3 or parts[0] != "eval" or parts[1] not in tasks:
-        return None
-    task, name = tasks[parts[1]], parts[2]
-    ids = task.get("ids", [])
-    if name in task:
-        scores = dict(zip(ids, task[name]))
-    elif "category" in task and "acc" in task:  # an MMLU category: its items' accuracy
-        scores = {i: a for i, a, c in zip(ids, task["acc"], task["category"]) if c == name}
-    else:
-        return None
-    weights = dict(zip(ids, task["tokens"])) if name == "loss" and "tokens" in task else None
-    return scores, weights
-
-
 def _last_items(client, run_id: str, metric: str, scratch: Path):
+    """``({item id: score}, {item id: weight} or None)`` of ``metric`` at the run's last
+    checkpoint (``analysis.results.item_scores`` on its items artifact); None without one."""
     files = sorted(a.path for a in client.list_artifacts(run_id, "items") if a.path.endswith(".json"))
     if not files:
         return None
-    with _no_progress_bar():
-        local = _retry(client.download_artifacts, run_id, files[-1], str(scratch))
-    return item_scores(json.loads(Path(local).read_text()).get("tasks", {}), metric)
-
-
-@contextlib.contextmanager
-def _no_progress_bar():
-    """MLflow draws a progress bar per download: a closing table is not the place."""
-    old = os.environ.get(PROGRESS_ENV)
-    os.environ[PROGRESS_ENV] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(PROGRESS_ENV)
-        else:
-            os.environ[PROGRESS_ENV] = old
+    with no_progress_bar():  # MLflow draws a progress bar per download: a closing table is not the place
+        local = retry(client.download_artifacts, run_id, files[-1], str(scratch))
+    found = item_scores(json.loads(Path(local).read_text()), metric)
+    if found is None:
+        return None
+    ids, scores, weights = found
+    return (dict(zip(ids, scores.tolist())),
+            None if weights is None else dict(zip(ids, weights.tolist())))
 
 
 def _mean_items(per_seed: list) -> tuple[dict, dict | None] | None:
@@ -93,8 +66,8 @@ def _mean_items(per_seed: list) -> tuple[dict, dict | None] | None:
 def sweep_summary(tracking_uri: str, parent_run_id: str, metric: str, mode: str, level: float = LEVEL,
                   n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
     """The closing table as a dict (what ``summary.json`` holds; ``format_summary`` prints it)."""
-    client = _client(tracking_uri)
-    trials = sweep_trials(tracking_uri, parent_run_id)
+    client = client_for(tracking_uri)
+    trials = sweep_trials(tracking_uri, parent_run_id, client)
     groups: dict[str, list] = {}
     for t in trials:
         groups.setdefault(t["config_id"] or t["run_id"], []).append(t)
@@ -204,8 +177,8 @@ def _finite(obj: Any) -> Any:
 def log_summary(tracking_uri: str, parent_run_id: str, summary: dict) -> str:
     """Store ``summary/summary.md`` and ``summary/summary.json`` on the sweep's run; returns the
     Markdown."""
-    client, text = _client(tracking_uri), format_summary(summary)
-    _retry(client.log_text, parent_run_id, f"# Sweep summary\n\n{text}\n", "summary/summary.md")
+    client, text = client_for(tracking_uri), format_summary(summary)
+    retry(client.log_text, parent_run_id, f"# Sweep summary\n\n{text}\n", "summary/summary.md")
     clean = json.loads(json.dumps(_finite(summary), default=str))
-    _retry(client.log_dict, parent_run_id, clean, "summary/summary.json")
+    retry(client.log_dict, parent_run_id, clean, "summary/summary.json")
     return text

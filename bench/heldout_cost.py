@@ -49,7 +49,8 @@ def sweep_model(doc: str, rounds: int):
 
     from plora_ray.evaluation import heldout
     from plora_ray.run.models import build_model
-    from plora_ray.config.sweep import load_sweep, trial_run_config
+    from plora_ray.config.sweep import load_sweep
+    from plora_ray.config.trials import trial_run_config
 
     torch.set_num_threads(args.threads)
     cfg = trial_run_config(load_sweep(args.sweep), {})

@@ -34,7 +34,7 @@ SHAPES = {
 
 
 def config(method: str, args):
-    from plora_ray.config.schema import build_run_config
+    from plora_ray.config.io import build_run_config
 
     return build_run_config({
         "name": f"mem-{method}", "method": method, "seed": 0,

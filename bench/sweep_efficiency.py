@@ -59,7 +59,7 @@ def last_metric_time(client, run_id: str) -> int | None:
 def measure(storage: Path, sweep_name: str | None, wall: float | None) -> float:
     from mlflow.tracking import MlflowClient
 
-    from plora_ray.tracking.lifecycle import sweep_trials
+    from analysis.store import sweep_trials
 
     latest = sorted(storage.glob("*.latest.json"), key=lambda p: p.stat().st_mtime)
     if sweep_name:

@@ -57,7 +57,7 @@ def make_rows(kind: str, n: int, path: str) -> str:
 
 
 def plora_config(data_file: str, dtype: str, steps: int, group: bool):
-    from plora_ray.config.schema import build_run_config
+    from plora_ray.config.io import build_run_config
 
     return build_run_config({
         "name": "bench-throughput", "method": "lora", "seed": 0,

@@ -34,9 +34,10 @@ import time
 
 import torch
 
-from plora_ray.config.schema import auto_dtype, build_run_config
+from plora_ray.config.hardware import auto_dtype
+from plora_ray.config.io import build_run_config
 from plora_ray.run.models import DTYPES
-from plora_ray.cli.train import setup, train_step
+from plora_ray.run.loop import setup, train_step
 
 
 def timed(fn, n):
@@ -113,7 +114,11 @@ def llama7b_step(model, opt, batch, seq, dtype, repeats=1):
 def llama7b_unloads(args):
     from peft import LoraConfig, get_peft_model
 
+    from plora_ray.core.access import LocalAccess
     from plora_ray.core.unloader import PeriodicUnloader, lora_parameters
+    from plora_ray.kernels.merge_bf16 import merge_bf16_
+    from plora_ray.ledger.rank import RankMeter
+    from plora_ray.ledger.store import UnloadLedger
 
     with torch.device("cpu"):
         model = torch.nn.Sequential(*[Block(DTYPES[args.dtype]) for _ in range(args.blocks)])
@@ -121,7 +126,9 @@ def llama7b_unloads(args):
                                              target_modules=list(SHAPES_7B)), autocast_adapter_dtype=True)
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
-    unloader = PeriodicUnloader(model, opt, momentum=0.1, ledger_on_disk=True)
+    ledger = UnloadLedger.temporary()  # on disk: host memory O(1) in T
+    unloader = PeriodicUnloader(model, opt, momentum=0.1, access=LocalAccess(fused=merge_bf16_),
+                                ledger=ledger, meter=RankMeter(ledger))
     model_bytes = sum(layer.get_base_layer().weight.nbytes for layer in unloader.layers.values())
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -201,7 +208,7 @@ def engine_worker(rank, world, port, engine, args, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from plora_ray.ray.worker import extensions_dir
+    from plora_ray.ray.trainer import extensions_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     dist.init_process_group("gloo", rank=rank, world_size=world)

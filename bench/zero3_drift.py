@@ -53,7 +53,7 @@ RUN = {"name": "drift", "seed": 0, "plora": {"unload_every_steps": 1, "momentum"
 
 
 def config(steps, workers, engine):
-    from plora_ray.config.schema import build_run_config
+    from plora_ray.config.io import build_run_config
 
     data = {**RUN, "data": {**RUN["data"], "max_steps": steps}}
     if workers == 1:
@@ -64,7 +64,7 @@ def config(steps, workers, engine):
 
 def train_capturing(run, steps, read_grad):
     """Train ``steps`` steps; the gradients each step applies, read just before it."""
-    from plora_ray.cli.train import train_step
+    from plora_ray.run.loop import train_step
 
     grads, step = [], run.engine.step
     local = {}  # this process's own micro-batch gradients, before any reduction
@@ -96,8 +96,8 @@ def zero3_worker(rank, port, steps, mel, out):
     from deepspeed.utils import safe_get_full_grad
 
     from plora_ray.run import engines
-    from plora_ray.ray.worker import extensions_dir
-    from plora_ray.cli.train import setup
+    from plora_ray.ray.trainer import extensions_dir
+    from plora_ray.run.loop import setup
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     base = engines.deepspeed_config
@@ -137,7 +137,7 @@ def main():
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
-    from plora_ray.cli.train import setup
+    from plora_ray.run.loop import setup
 
     single = train_capturing(setup(config(args.steps, 1, {"engine": "ddp"})), args.steps, lambda p: p.grad)
     modes = {"both": [True, False], "on": [True], "off": [False]}[args.memory_efficient_linear]

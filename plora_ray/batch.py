@@ -1,8 +1,8 @@
-"""``python -m plora_ray.batch``: see :mod:`plora_ray.sweep.batch`."""
+"""``python -m plora_ray.batch``: see :mod:`plora_ray.cli.batch`."""
 
 import sys
 
-from plora_ray.sweep.batch import main
+from plora_ray.cli.batch import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ torch.set_num_threads(2)
 @pytest.fixture
 def tiny_cfg():
     """A RunConfig for the tiny model; tests tweak it with model_copy/update."""
-    from plora_ray.config.schema import build_run_config
+    from plora_ray.config.io import build_run_config
 
     def make(**sections):
         data = {"name": "test", "method": "plora", "plora": {"unload_every_steps": 2},

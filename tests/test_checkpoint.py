@@ -7,14 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from plora_ray.run.checkpoint import CheckpointMismatch, load_checkpoint, read_backbone, save_checkpoint
-from plora_ray.cli.train import fit, setup
+from plora_ray.run.loop import fit, setup
 
 
 def resume_at(cfg, step, directory):
     """Train ``cfg`` to ``step``, checkpoint, and return a fresh run restored from it."""
     saved = {}
 
-    def keep(run, final):
+    def keep(run, final, scores):
         if run.clock.steps == step:
             saved["dir"] = save_checkpoint(run, directory)
 
@@ -106,10 +106,11 @@ def test_scheduler_state_is_restored_through_state_dict(tiny_cfg, tmp_path):
                    optim={"scheduler": "cosine", "warmup_steps": 1}, data={"max_steps": 8})
     reference = setup(cfg)
     for mb in reference.steps[:5]:
-        from plora_ray.cli.train import train_step
+        from plora_ray.run.loop import train_step
 
         out = train_step(reference, mb)
-        reference.unloader.after_step(out["samples"])
+        if reference.clock.step(out["samples"]):
+            reference.unloader.unload()
     resumed = resume_at(cfg, 5, tmp_path / "ckpt")
     assert resumed.scheduler.state_dict() == reference.scheduler.state_dict()
     assert resumed.scheduler.lr_lambdas[0].stage_start == 3 and resumed.scheduler.lr_lambdas[0].unloads == 1

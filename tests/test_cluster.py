@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from multinode import LocalCluster, kill_session
-from plora_ray.tracking.lifecycle import sweep_trials
+from analysis.store import sweep_trials
 from test_tune import base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_sweep_submitted_as_ray_job_runs_trials_on_both_nodes(cluster, tmp_path)
 def test_batch_submits_two_sweeps_status_lists_both_stop_stops_one(cluster, tmp_path, capsys):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from plora_ray.sweep.batch import main
+    from plora_ray.cli.batch import main
 
     work = tmp_path / "work"
     for name in ("alpha", "beta"):

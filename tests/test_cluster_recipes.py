@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from plora_ray.sweep.batch import load_batch
-from plora_ray.sweep.batch import main as batch_main
+from plora_ray.cli.batch import main as batch_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -107,7 +107,7 @@ def test_slurm_script_parses_and_starts_ray_mlflow_and_the_batch():
     assert "python -m plora_ray.batch status \"$BATCH\"" in code and "--wait" in code
     assert "ray stop" not in code  # the allocation's end stops the nodes
     # the batch CLI accepts every call the script makes
-    from plora_ray.sweep.batch import build_parser
+    from plora_ray.cli.batch import build_parser
 
     calls = re.findall(r"python -m plora_ray\.batch (.*?)(?:\n(?!\s)|$)", code.replace("\\\n", " "))
     assert len(calls) == 2

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from plora_ray.run.data import IGNORE, StepPlan, load_examples, read_rows, to_messages, tokenize_dialogue
+from plora_ray.config.names import IGNORE
+from plora_ray.run.data import StepPlan, load_examples, read_rows, to_messages, tokenize_dialogue
 from plora_ray.run.models import tiny_tokenizer
 
 DIALOGUE = [{"role": "system", "content": "Be brief."},

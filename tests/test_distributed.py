@@ -8,8 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from plora_ray.run.checkpoint import read_backbone, save_checkpoint
-from plora_ray.config.schema import build_run_config
-from plora_ray.ray.worker import ensure_ray, run_distributed, trainer_for
+from plora_ray.config.io import build_run_config
+from plora_ray.ray.driver import run_distributed
+from plora_ray.ray.local import ensure_ray
+from plora_ray.ray.trainer import trainer_for
 from plora_ray.run.loop import fit, setup
 
 ENGINES = {
@@ -68,8 +70,8 @@ def run_config(workers=2, **sections):
     return build_run_config(data)
 
 
-def ray_fit(cfg, tmp_path, on_step=None):
-    result = trainer_for(cfg, str(tmp_path / "ray"), f"t-{uuid.uuid4().hex[:8]}", on_step=on_step).fit()
+def ray_fit(cfg, tmp_path):
+    result = trainer_for(cfg, str(tmp_path / "ray"), f"t-{uuid.uuid4().hex[:8]}").fit()
     assert result.error is None
     with result.checkpoint.as_directory() as d:
         files = {"trainable": load_file(os.path.join(d, "trainable.safetensors")),
@@ -143,7 +145,7 @@ def test_zero_master_copy_does_not_undo_the_reinit(ray_cluster, tmp_path, engine
 
 
 def test_ray_run_writes_the_run_directory_a_one_process_run_writes(ray_cluster, tmp_path):
-    from plora_ray.cli.evaluate import load_model
+    from plora_ray.run.rundir import load_model
     from plora_ray.run.rundir import save_run_checkpoint, write_run_dir
 
     cfg = run_config(data={"max_steps": 2})
@@ -160,7 +162,7 @@ def test_ray_run_writes_the_run_directory_a_one_process_run_writes(ray_cluster, 
     single = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"workers": 1}),
                                     "data": cfg.data.model_copy(update={"gradient_accumulation_steps": 2})})
     one = fit(setup(single),
-              on_checkpoint=lambda run, final: save_run_checkpoint(run, tmp_path / "one" / "checkpoint"),
+              on_checkpoint=lambda run, final, scores: save_run_checkpoint(run, tmp_path / "one" / "checkpoint"),
               progress=False)
     write_run_dir(one, tmp_path / "one")
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-import plora_ray.config.schema as config
-from plora_ray.config.schema import build_run_config
+import plora_ray.config.hardware as config
+from plora_ray.config.io import build_run_config
 
 
 @pytest.mark.parametrize("fast,use_gpu,expect", [(True, False, "bfloat16"), (False, False, "float32"),

@@ -424,7 +424,7 @@ def test_cli_loads_a_train_output_dir(tmp_path):
     """A ``python -m plora_ray.train`` output dir: base from config.yaml + merged weights."""
     from safetensors.torch import save_model
 
-    from plora_ray.cli.evaluate import load_model
+    from plora_ray.run.rundir import load_model
     from plora_ray.run.models import tiny_model, tiny_tokenizer
 
     trained = tiny_model(ModelConfig(), len(tiny_tokenizer()), seed=5)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from plora_ray.config.schema import ConfigError, EvalConfig, ModelConfig
-from plora_ray.run.data import IGNORE, load_examples
+from plora_ray.config.names import IGNORE
+from plora_ray.run.data import load_examples
 from plora_ray.evaluation import (
     evaluate_checkpoint,
     evaluate_heldout,

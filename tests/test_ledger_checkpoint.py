@@ -9,8 +9,9 @@ import uuid
 import pytest
 from safetensors.torch import load_file
 
-from plora_ray.config.schema import build_run_config
-from plora_ray.ray.worker import ensure_ray, trainer_for
+from plora_ray.config.io import build_run_config
+from plora_ray.ray.local import ensure_ray
+from plora_ray.ray.trainer import trainer_for
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,31 @@
 """The ledger's incremental rank (Gram matrices extended stage by stage) equals the full
 QR-based ``numerical_rank`` on the same factors, full-rank and rank-deficient alike."""
 
-import pytest
 import torch
 
-from plora_ray.core.unloader import RankMeter, UnloadLedger, numerical_rank
+from plora_ray.ledger.rank import RankMeter, rank_in_background
+from plora_ray.ledger.store import UnloadLedger
+
+
+def numerical_rank(bs, as_, rtol=None):
+    """Reference rank of sum_t B_t A_t from the stacked factors, via two QRs and a small SVD.
+
+    B_cat (d x n) A_cat (n x k) = Q1 (R1 R2^T) Q2^T with n = sum of ranks, so the rank
+    is that of the n x n core. Computed in float64; singular values below ``rtol * sigma_max``
+    count as zero, ``rtol`` by default max(d, k) * eps(fp32) (the factors are fp32).
+    """
+    if not bs:
+        return 0
+    b = torch.cat([x.double() for x in bs], dim=1)
+    a = torch.cat([x.double() for x in as_], dim=0)
+    d, k = b.shape[0], a.shape[1]
+    r1 = torch.linalg.qr(b, mode="r").R
+    r2 = torch.linalg.qr(a.T, mode="r").R
+    sv = torch.linalg.svdvals(r1 @ r2.T)
+    if sv.numel() == 0 or sv[0] == 0:
+        return 0
+    tol = (rtol if rtol is not None else max(d, k) * torch.finfo(torch.float32).eps) * sv[0]
+    return int((sv > tol).sum())
 
 
 def stages(d, k, r, t, gen):
@@ -110,8 +131,6 @@ def test_deferred_meter_measures_nothing_until_asked_then_the_same_ranks(tmp_pat
 
 
 def test_auto_rank_measurement_waits_for_the_checkpoint_on_cpu():
-    from plora_ray.core.unloader import rank_in_background
-
     cpu = torch.nn.Linear(2, 2)
     assert not rank_in_background("auto", cpu) and not rank_in_background("checkpoint", cpu)
     assert rank_in_background("background", cpu)
@@ -130,7 +149,7 @@ def test_temporary_ledgers_of_dead_processes_are_removed():
     import subprocess
     import sys
 
-    code = ("import os; from plora_ray.core.unloader import UnloadLedger; l = UnloadLedger.temporary(); "
+    code = ("import os; from plora_ray.ledger.store import UnloadLedger; l = UnloadLedger.temporary(); "
             "l.add_stage({'w': (__import__('torch').ones(2, 1), __import__('torch').ones(1, 3))}); "
             "print(l.directory, flush=True); os._exit(0)")  # exits without cleaning up (like SIGKILL)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plora_ray.config.schema import build_run_config
+from plora_ray.config.io import build_run_config
 from plora_ray.run.data import collate, load_examples
-from plora_ray.run.loss import IGNORE, accepts_logits_to_keep, cross_entropy_sum, loss_positions, loss_sum
+from plora_ray.config.names import IGNORE
+from plora_ray.run.loss import accepts_logits_to_keep, cross_entropy_sum, loss_positions, loss_sum
 from plora_ray.run.models import build_model
 
 

@@ -1,10 +1,10 @@
-"""The fused bf16 merge kernel (plora_ray/merge_kernel.py) against PyTorch's fp32 merge."""
+"""The fused bf16 merge kernel (plora_ray/kernels/merge_bf16.py) against PyTorch's fp32 merge."""
 
 import pytest
 import torch
 
 from plora_ray.kernels import merge_bf16 as merge_kernel
-from plora_ray.core.unloader import merge_into_
+from plora_ray.core.merge import merge_into_
 
 needs_kernel = pytest.mark.skipif(merge_kernel.kernel(8) is None,
                                   reason="the fused merge kernel cannot be built here (no C compiler or no AVX2)")
@@ -37,16 +37,18 @@ def test_merge_into_takes_the_kernel_for_large_bf16_cpu_weights_only(monkeypatch
     calls = []
     real = merge_kernel.kernel
     monkeypatch.setattr(merge_kernel, "kernel", lambda r: calls.append(r) or real(r))
+    fused = merge_kernel.merge_bf16_
     b, a = torch.randn(512, 8) * 0.1, torch.randn(8, 256) * 0.1
     w = torch.randn(512, 256).to(torch.bfloat16)
-    merge_into_(w.clone(), b, a)
+    merge_into_(w.clone(), b, a, fused=fused)
     assert calls == [8]  # looked up once per merge
     calls.clear()
-    merge_into_(torch.randn(512, 256), b, a)  # fp32: PyTorch's GEMM on W itself
-    merge_into_(torch.randn(8, 8).to(torch.bfloat16), b[:8], a[:, :8])  # below MIN_ELEMENTS
+    merge_into_(torch.randn(512, 256), b, a, fused=fused)  # fp32: PyTorch's GEMM on W itself
+    merge_into_(torch.randn(8, 8).to(torch.bfloat16), b[:8], a[:, :8], fused=fused)  # below MIN_ELEMENTS
+    merge_into_(w.clone(), b, a)  # no fused kernel given: PyTorch ops
     assert calls == []
     fp32 = torch.randn(512, 256)
-    assert torch.equal(merge_into_(fp32.clone(), b, a), fp32 + b @ a)
+    assert torch.equal(merge_into_(fp32.clone(), b, a, fused=fused), fp32 + b @ a)
 
 
 def test_fused_merge_off_switch(monkeypatch, tmp_path):

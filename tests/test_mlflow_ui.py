@@ -1,6 +1,6 @@
 """The MLflow UI really compares a sweep's trials.
 
-A store is built the way a sweep writes it (plora_ray.tracking.lifecycle: a parent run and three nested
+A store is built the way a sweep writes it (plora_ray.tracking.driver: a parent run and three nested
 trial runs with loss curves, unloads and eval metrics), a real ``mlflow server`` is started on it
 (loopback only), its REST API is asked for the runs and curves, and headless Chromium renders the
 compare-runs view and the loss-curve view of the three trials. Screenshots are saved under the
@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import pytest
 
-from plora_ray.tracking import lifecycle as tracking
+from plora_ray.tracking import driver, naming, worker
 
 requests = pytest.importorskip("requests")
 
@@ -56,21 +56,21 @@ def eval_metrics(i, step):
 def sweep_store(tmp_path_factory):
     """An MLflow store as a 3-trial sweep writes it; returns what the tests check against."""
     directory = tmp_path_factory.mktemp("sweep")
-    uri = tracking.default_tracking_uri(directory)
-    exp = tracking.ensure_experiment(uri, "plora-ui-test")
+    uri = driver.default_tracking_uri(directory)
+    exp = driver.ensure_experiment(uri, "plora-ui-test")
     space = directory / "unload.yaml"
     space.write_text("sweep: {name: unload, metric: train/loss, mode: min}\n"
                      "space:\n  plora.momentum: {grid: [0.0, 0.3, 0.6]}\n")
-    parent = tracking.start_sweep_run(uri, exp, "unload", space, {"plora.scheduler": "asha"})
+    parent = driver.start_sweep_run(uri, exp, "unload", space, {"plora.scheduler": "asha"})
     runs = {}
     for i, (trial_id, name, momentum, last, status) in enumerate(TRIALS):
-        assert tracking.run_name({"plora.momentum": momentum}, 0) == name
-        run_id = tracking.trial_run(uri, exp, parent, trial_id, name,
+        assert naming.run_name({"plora.momentum": momentum}, 0) == name
+        run_id = driver.trial_run(uri, exp, parent, trial_id, name,
                                     {"plora": {"momentum": momentum, "unload_every_steps": 10},
                                      "lora": {"rank": 8}, "optim": {"lr": 1e-4}},
-                                    tracking.trial_tags({"plora.momentum": momentum}, 0),
+                                    naming.trial_tags({"plora.momentum": momentum}, 0),
                                     {"plora": {"momentum": momentum}})
-        with tracking.RunLogger(uri, run_id) as logger:
+        with worker.RunLogger(uri, run_id) as logger:
             for step in range(1, last + 1):
                 logger.log_metrics({"train/loss": loss(i, step), "train/lr": 1e-4,
                                     "train/samples": 24 * step, "train/tokens_per_s": 300.0 + i},
@@ -81,10 +81,10 @@ def sweep_store(tmp_path_factory):
                                       seconds=0.02, output_change=0.0)
                 if step in EVAL_STEPS:
                     logger.log_metrics(eval_metrics(i, step), step)
-        tracking.set_trial_status(uri, run_id, status)
+        driver.set_trial_status(uri, run_id, status)
         runs[trial_id] = run_id
-    tracking.finish_sweep(uri, parent, {"plora.best_trial_id": "t_00000"})
-    return {"uri": uri, "dir": directory, "db": directory / tracking.DEFAULT_DB,
+    driver.finish_sweep(uri, parent, {"plora.best_trial_id": "t_00000"})
+    return {"uri": uri, "dir": directory, "db": directory / driver.DEFAULT_DB,
             "experiment_id": exp, "parent": parent, "runs": runs}
 
 
@@ -191,7 +191,7 @@ def test_rest_api_serves_the_sweep(sweep_store, mlflow_server):
         run, tags = by_trial[trial_id]
         assert run["info"]["run_id"] == runs[trial_id]
         assert run["info"]["run_name"] == name
-        assert run["info"]["status"] == tracking.TRIAL_STATUSES[status]
+        assert run["info"]["status"] == driver.TRIAL_STATUSES[status]
         assert tags["plora.status"] == status and tags["plora.sweep"] == "unload"
         assert tags["space.plora.momentum"] == str(momentum) and tags["plora.seed"] == "0"
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
@@ -294,7 +294,9 @@ def test_ui_compares_the_trials(sweep_store, mlflow_server, tmp_path):
     names = [name for _, name, *_ in TRIALS]
 
     # MLflow 3 compare view (hash router): /#/compare-runs?runs=[...]&experiments=[...]
-    compare_url = tracking.compare_runs_url(mlflow_server, exp, run_ids)
+    runs = quote(json.dumps(list(run_ids), separators=(",", ":")), safe="")
+    experiments = quote(json.dumps([str(exp)], separators=(",", ":")), safe="")
+    compare_url = f"{mlflow_server.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
     compare_png = tmp_path / "mlflow-compare-runs.png"
     text = _render_until(compare_url, compare_png, tmp_path, window="1600,1600", expected=[
         f"Comparing {len(TRIALS)} Runs from 1 Experiment", *names, *run_ids,

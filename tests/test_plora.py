@@ -8,14 +8,24 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from plora_ray.run.data import collate
-from plora_ray.core.unloader import (LocalAccess, PeriodicUnloader, StageLR, UnloadClock, UnloadLedger, lora_layers,
-                             lora_parameters, make_scheduler, numerical_rank)
-from plora_ray.cli.train import setup, train_step
+from plora_ray.core.access import LocalAccess
+from plora_ray.core.clock import UnloadClock
+from plora_ray.core.schedule import StageLR, make_scheduler, refresh_lr
+from plora_ray.core.unloader import PeriodicUnloader, lora_layers, lora_parameters
+from plora_ray.ledger.rank import RankMeter
+from plora_ray.ledger.store import UnloadLedger
+from plora_ray.run.loop import setup, train_step
+from test_ledger_rank import numerical_rank
 
 
 def train_steps(run, n):
     for mb in run.steps[:n]:
         train_step(run, mb)
+
+
+def after_step(unloader, samples):
+    """Advance the clock by one optimizer step of ``samples``; unload when due."""
+    return unloader.unload() if unloader.clock.step(samples) else None
 
 
 def logits(run):
@@ -68,7 +78,7 @@ def test_ledger_rebuilds_weights_after_several_stages(tiny_cfg):
     events = []
     for mb in run.steps[:10]:
         out = train_step(run, mb)
-        e = run.unloader.after_step(out["samples"])
+        e = after_step(run.unloader, out["samples"])
         if e:
             events.append(e)
     assert len(events) == 5 and run.unloader.ledger.num_stages == 5
@@ -135,7 +145,8 @@ def fit_regression(model, unloader, stages, steps_per_stage=5, lr=1e-2):
 def test_rank_one_plora_accumulates_rank_t_lora_stays_one(stages):
     model = regression_model()
     w0 = model.base_model.model.proj.weight.detach().clone()
-    unloader = PeriodicUnloader(model, seed=3)
+    ledger = UnloadLedger()
+    unloader = PeriodicUnloader(model, seed=3, ledger=ledger, meter=RankMeter(ledger))
     fit_regression(model, unloader, stages)
     ranks = unloader.ledger.ranks()
     assert ranks == {"proj": stages}
@@ -237,7 +248,7 @@ def lr_trace(cfg, n):
     for mb in run.steps[:n]:
         out = train_step(run, mb)
         lrs.append(out["lr"])
-        run.unloader.after_step(out["samples"])
+        after_step(run.unloader, out["samples"])
     return lrs
 
 
@@ -268,7 +279,6 @@ def test_linear_schedule_restart_decays_within_stage():
         sched.step()
         if step == 3:
             sched.lr_lambdas[0].mark_unload(sched.last_epoch)
-            from plora_ray.core.unloader import refresh_lr
             refresh_lr(sched)
     assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25] * 2)
 
@@ -288,7 +298,7 @@ def test_clock_fires_at_sample_counts_with_accumulation_and_short_last_batch(tin
     fired = []
     for mb in run.steps:
         out = train_step(run, mb)
-        e = run.unloader.after_step(out["samples"])
+        e = after_step(run.unloader, out["samples"])
         if e:
             fired.append((e.step, e.samples))
     # first step boundary at or past each multiple of 24 samples
@@ -305,7 +315,7 @@ def test_clock_by_steps_and_never():
 
 
 def test_lora_never_unloads_and_full_trains_all_weights(tiny_cfg):
-    from plora_ray.cli.train import fit
+    from plora_ray.run.loop import fit
 
     lora = fit(setup(tiny_cfg(method="lora", plora={"unload_every_steps": None}, data={"max_steps": 6})),
                progress=False)

@@ -121,7 +121,7 @@ def test_sweep_whose_every_trial_failed_raises_sweep_failed(tmp_path):
 def test_yaml_anchors_and_merge_keys_are_not_duplicates(tmp_path):
     """Only a key written twice in one mapping is refused; '<<: *base' then an override is YAML's
     own way to reuse a section."""
-    from plora_ray.config.schema import read_yaml
+    from plora_ray.config.io import read_yaml
 
     (tmp_path / "r.yaml").write_text("defaults: &d {lr: 1.0e-3, eps: 1.0e-8}\noptim:\n  <<: *d\n  lr: 2.0e-3\n")
     assert read_yaml(tmp_path / "r.yaml")["optim"] == {"lr": 2e-3, "eps": 1e-8}

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from plora_ray.config.schema import build_run_config
+from plora_ray.config.io import build_run_config
 
 ENGINES = {"ddp": {"engine": "ddp"}, "zero2": {"engine": "deepspeed", "zero_stage": 2},
            "zero3": {"engine": "deepspeed", "zero_stage": 3}}
@@ -43,12 +43,12 @@ def worker(rank, world, port, engine, out_dir):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from plora_ray.ray.worker import extensions_dir
+    from plora_ray.ray.trainer import extensions_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())  # DeepSpeed's JIT ops, built once
 
     from plora_ray.run.replicas import replicas_identical
-    from plora_ray.cli.train import setup, train_step
+    from plora_ray.run.loop import setup, train_step
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = build_run_config({"name": "rep", "plora": {"unload_every_steps": 1, "momentum": 0.1},

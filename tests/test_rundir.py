@@ -53,7 +53,7 @@ def test_resume_without_a_checkpoint_is_one_line_exit_2(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished run's directory, and log-likelihoods the in-memory (unmerged) model gives."""
-    from plora_ray.config.schema import load_run_config
+    from plora_ray.config.io import load_run_config
 
     tmp = tmp_path_factory.mktemp("run")
     run = fit(setup(load_run_config(write_config(tmp))), progress=False)

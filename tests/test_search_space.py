@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from plora_ray.config.schema import ConfigError, RunConfig
-from plora_ray.config.sweep import (TRIAL_INDEX, describe, load_sweep, trial_count,
-                                    trial_run_config, trial_values, tune_param_space)
+from plora_ray.config.sweep import load_sweep
+from plora_ray.config.trials import TRIAL_INDEX, trial_run_config, trial_values
+from plora_ray.sweep.space import describe, trial_count, tune_param_space
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN_FILE = ROOT / "search_spaces" / "unload.yaml"  # the main job: SmolLM2, the embedded default
@@ -209,6 +210,26 @@ def test_defaults_mode_from_metric_and_searcher_from_space(tmp_path):
     assert load_sweep(path, ["metric=train/loss"]).mode == "min"
 
 
+@pytest.mark.parametrize("metric,expect", [("eval/heldout/loss", "min"), ("train/loss", "min"),
+                                           ("eval/arc_easy/acc", "max"), ("eval/gsm8k/strict", "max")])
+def test_mode_defaults_to_the_metrics_direction(tmp_path, metric, expect):
+    """A loss is minimised, an accuracy maximised, when the file leaves mode out (a sweep on
+    eval/heldout/loss used to maximise it)."""
+    path = tmp_path / "s.yaml"
+    base = {**BASE, "eval": {"tasks": ["arc_easy", "gsm8k"], "heldout": {"fraction": 0.1}}}
+    path.write_text(yaml.safe_dump(sweep(metric=metric, base=base)))
+    assert load_sweep(path).mode == expect
+    assert load_sweep(path, [f"mode={'max' if expect == 'min' else 'min'}"]).mode != expect  # given: kept
+
+
+def test_direction_is_min_for_every_loss_metric():
+    from plora_ray.config.names import METRICS, direction
+
+    assert {m: direction(m) for m in METRICS if "loss" in m} == {"train/loss": "min", "eval/heldout/loss": "min"}
+    assert all(direction(m) == "max" for m in METRICS if "loss" not in m)
+    assert direction("eval/other/val_loss") == "min" and direction("eval/loss_free/acc") == "max"
+
+
 def test_yaml_text_bounds_like_1e_4_are_numbers(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("metric: train/loss\nbase: {plora: {unload_every_steps: 2}}\n"
@@ -251,7 +272,7 @@ def test_trial_values_split_joint_keys_into_mlflow_param_names():
 @pytest.mark.parametrize("name", ["unload", "joint"])
 def test_spec_survives_a_json_round_trip_into_a_trial(name):
     """tune.py ships the spec to trials as JSON and rebuilds it there."""
-    from plora_ray.config.sweep import SweepSpec
+    from plora_ray.config.spec import SweepSpec
 
     spec = load_sweep(ROOT / "search_spaces" / f"{name}.yaml")
     again = SweepSpec.model_validate(json.loads(json.dumps(spec.model_dump(mode="json"))))
@@ -340,7 +361,7 @@ def test_preflight_refuses_a_sweep_with_one_line_before_ray(tmp_path, capsys, mo
     no storage created, no file changed."""
     import huggingface_hub.constants
 
-    from plora_ray.sweep.tune import main
+    from plora_ray.cli.tune import main
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
@@ -358,7 +379,7 @@ def test_preflight_refuses_a_sweep_with_one_line_before_ray(tmp_path, capsys, mo
 def test_sweep_cli_fails_before_ray_in_seconds(tmp_path):
     """Without --dry-run: exit 2, one line, no traceback, no storage, and Ray never started."""
     (tmp_path / "sweep.yaml").write_text(with_base(lora={"target_modules": ["q_proj", "nonexistent_proj"]}))
-    code = ("import sys; from plora_ray.sweep.tune import main; rc = main(['sweep.yaml']); "
+    code = ("import sys; from plora_ray.cli.tune import main; rc = main(['sweep.yaml']); "
             "assert 'ray' not in sys.modules, 'Ray was imported'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

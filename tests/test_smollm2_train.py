@@ -2,8 +2,8 @@
 
 import torch
 
-from plora_ray.config.schema import build_run_config
-from plora_ray.cli.train import fit, setup
+from plora_ray.config.io import build_run_config
+from plora_ray.run.loop import fit, setup
 
 
 def test_smollm2_plora_on_embedded_mix_small_trains_and_unloads():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from analysis import summary
-from plora_ray.tracking import lifecycle as tracking
+from plora_ray.tracking import driver, naming, worker
 
 mlflow = pytest.importorskip("mlflow")
 N_ITEMS = 200
@@ -18,28 +18,28 @@ N_ITEMS = 200
 @pytest.fixture(scope="module")
 def empty_db(tmp_path_factory):
     """A migrated MLflow database to copy (creating one takes seconds, copying milliseconds)."""
-    uri = tracking.default_tracking_uri(tmp_path_factory.mktemp("template"))
+    uri = driver.default_tracking_uri(tmp_path_factory.mktemp("template"))
     mlflow.MlflowClient(tracking_uri=uri).search_experiments()
     return Path(uri.removeprefix("sqlite:///"))
 
 
 @pytest.fixture
 def sweep(tmp_path, empty_db):
-    shutil.copyfile(empty_db, tmp_path / tracking.DEFAULT_DB)
-    uri = tracking.default_tracking_uri(tmp_path)
-    exp = tracking.ensure_experiment(uri, "summary-test")
-    return uri, exp, tracking.start_sweep_run(uri, exp, "s", None, {})
+    shutil.copyfile(empty_db, tmp_path / driver.DEFAULT_DB)
+    uri = driver.default_tracking_uri(tmp_path)
+    exp = driver.ensure_experiment(uri, "summary-test")
+    return uri, exp, driver.start_sweep_run(uri, exp, "s", None, {})
 
 
 def add_trial(sweep, trial_id, values, seed, metrics, tasks=None, status="finished"):
     uri, exp, parent = sweep
-    run_id = tracking.trial_run(uri, exp, parent, trial_id, tracking.run_name(values, seed), {},
-                                tracking.trial_tags(values, seed))
-    with tracking.RunLogger(uri, run_id) as logger:
+    run_id = driver.trial_run(uri, exp, parent, trial_id, naming.run_name(values, seed), {},
+                                naming.trial_tags(values, seed))
+    with worker.RunLogger(uri, run_id) as logger:
         logger.log_metrics(metrics, 10)
         if tasks:
             logger.log_items(10, 80, tasks)
-    tracking.set_trial_status(uri, run_id, status)
+    driver.set_trial_status(uri, run_id, status)
     return run_id
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from plora_ray.config.schema import load_run_config
+from plora_ray.config.io import load_run_config
 from plora_ray.run.models import tiny_model, tiny_tokenizer
-from plora_ray.core.unloader import UnloadLedger
+from plora_ray.ledger.store import UnloadLedger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_run_times_its_phases(tiny_cfg):
     """bench/sweep_efficiency.py reads these (as MLflow ``phase/*_s``): every phase a run went
     through has a positive wall time, and the steps are timed apart from evaluation."""
     cfg = tiny_cfg(data={"max_steps": 4}, checkpoint_every_steps=2, eval={"heldout": {"fraction": 0.1, "limit": 4}})
-    run = fit(setup(cfg), on_checkpoint=lambda run, final: time.sleep(0.2), progress=False)
+    run = fit(setup(cfg), on_checkpoint=lambda run, final, scores: time.sleep(0.2), progress=False)
     assert {"model_load", "tokenise", "engine", "steps", "unload", "evaluation", "checkpoint"} <= run.timings.keys()
     assert all(v > 0 for v in run.timings.values())
     assert len(run.evals) == 2 and run.timings["checkpoint"] >= 0.4  # the callbacks, evaluation apart

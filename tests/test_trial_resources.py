@@ -5,8 +5,10 @@ import pytest
 import yaml
 
 from plora_ray.ray.cluster import check_tracking_for_cluster, read_text, storage_join, storage_root, write_text
-from plora_ray.config.schema import ConfigError, build_run_config
-from plora_ray.config.sweep import load_sweep, trial_run_config
+from plora_ray.config.io import build_run_config
+from plora_ray.config.schema import ConfigError
+from plora_ray.config.sweep import load_sweep
+from plora_ray.config.trials import trial_run_config
 from test_tune import base
 
 
@@ -20,7 +22,7 @@ def sweep_file(tmp_path, **fields):
 
 
 def trial_trainer(spec, tmp_path):
-    from plora_ray.ray.worker import trainer_for
+    from plora_ray.ray.trainer import trainer_for
 
     return trainer_for(trial_run_config(spec, {"optim.lr": 1e-3}), str(tmp_path / "ray"), "x")
 
@@ -37,7 +39,7 @@ def test_fractional_gpus_per_worker_reach_ray_train_as_given(tmp_path):
 
 def test_a_run_config_takes_fractional_gpus_and_refuses_what_ray_cannot_place():
     cfg = build_run_config({"method": "lora", "distributed": {"use_gpu": True, "gpus_per_worker": 0.25}})
-    from plora_ray.ray.worker import worker_resources
+    from plora_ray.ray.trainer import worker_resources
 
     assert worker_resources(cfg) == {"CPU": 1.0, "GPU": 0.25}
     assert worker_resources(build_run_config({"method": "lora", "distributed": {"use_gpu": True}}))["GPU"] == 1.0
@@ -60,6 +62,7 @@ def test_sweep_resources_refuse_gpus_ray_cannot_place_and_distributed_paths_they
 
 
 def test_failures_default_to_one_restart_and_one_retry_and_reach_train_and_tune(tmp_path):
+    from plora_ray.sweep.context import SweepContext
     from plora_ray.sweep.tune import build_tuner
 
     spec = load_sweep(sweep_file(tmp_path))
@@ -69,7 +72,8 @@ def test_failures_default_to_one_restart_and_one_retry_and_reach_train_and_tune(
     assert trial_trainer(spec, tmp_path).run_config.failure_config.max_failures == 3  # the base's own value
     spec = load_sweep(sweep_file(tmp_path, failures={"worker_restarts": 0, "trial_retries": 4}))
     assert trial_trainer(spec, tmp_path).run_config.failure_config.max_failures == 0
-    sweep = {"name": "r-1", "storage": str(tmp_path), "spec": spec.model_dump(mode="json")}
+    sweep = SweepContext(name="r-1", storage=str(tmp_path), tracking_uri="", experiment_id="", parent_run_id="",
+                         spec=spec.model_dump(mode="json"))
     tuner = build_tuner(spec, sweep)
     assert tuner._local_tuner.get_run_config().failure_config.max_failures == 4
     with pytest.raises(ConfigError, match="failures.trial_retries"):
@@ -98,7 +102,7 @@ def test_storage_uris_are_passed_through_and_local_paths_made_absolute(tmp_path,
 
 
 def test_a_storage_uri_needs_a_tracking_server_and_a_scheme_ray_writes(tmp_path, capsys):
-    from plora_ray.sweep.tune import main
+    from plora_ray.cli.tune import main
 
     space = sweep_file(tmp_path)
     cases = [(["--storage", "s3://bucket/sweeps"], "give --tracking-uri"),

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from plora_ray.tracking.lifecycle import default_tracking_uri, sweep_trials
-from plora_ray.sweep.tune import main
+from analysis.store import sweep_trials
+from plora_ray.tracking.driver import default_tracking_uri
+from plora_ray.cli.tune import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,17 +124,17 @@ def test_repeats_run_every_configuration_with_distinct_seeds_and_the_summary_agg
 
 
 def test_trial_that_fails_for_good_ends_failed_not_running(tmp_path, monkeypatch, capsys):
-    import plora_ray.sweep.tune as tune_cli
+    import plora_ray.sweep.tune as sweep_tune
 
     data = tmp_path / "train.jsonl"
     data.write_text((ROOT / "plora_ray" / "resources" / "tiny_dialogues.jsonl").read_text())
-    real_build = tune_cli.build_tuner
+    real_build = sweep_tune.build_tuner
 
     def build_then_break_the_data(*args, **kwargs):  # validated, then broken: every worker fails
         data.write_text("not a json line\n")
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(tune_cli, "build_tuner", build_then_break_the_data)
+    monkeypatch.setattr(sweep_tune, "build_tuner", build_then_break_the_data)
     # no restart, no retry: it fails at once (the retries themselves: tests/test_cluster.py)
     space = write_space(tmp_path, searcher={"type": "grid"}, num_samples=1, space={"lora.rank": {"grid": [2]}},
                         failures={"worker_restarts": 0, "trial_retries": 0},

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")  # = evaluation.run.TASKS (no torch import)
+from plora_ray.config.names import TASKS  # no torch import
 
 
 class UsageError(Exception):
@@ -61,33 +61,6 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def load_model(name: str, dtype: str | None = None):
-    """(model, tokenizer) for a model name/dir, a train output dir or a checkpoint dir."""
-    import yaml
-
-    from plora_ray.config.schema import ModelConfig
-    from plora_ray.run.models import load_base
-
-    run_dir = Path(name).expanduser()
-    if run_dir.is_dir():
-        from plora_ray.run.rundir import is_run_output, load_trained
-
-        if is_run_output(run_dir):
-            return load_trained(run_dir, dtype)
-    if (run_dir / "config.yaml").is_file() and (run_dir / "merged.safetensors").is_file():
-        # the layout of runs written before merged/ existed
-        from safetensors.torch import load_model as load_weights
-
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        model_cfg = ModelConfig(**cfg.get("model", {}))
-        if dtype:
-            model_cfg = model_cfg.model_copy(update={"dtype": dtype})
-        model, tokenizer = load_base(model_cfg)
-        load_weights(model, str(run_dir / "merged.safetensors"))
-        return model, tokenizer
-    return load_base(ModelConfig(name_or_path=name, dtype=dtype or "float32"))
-
-
 def format_table(metrics: dict[str, float]) -> str:
     """Main metrics, one per line (per-subject MMLU scores are in the JSON output)."""
     rows = [(k, v) for k, v in metrics.items() if "/subject/" not in k]
@@ -104,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks = check_args(args)
         from plora_ray.config.schema import ConfigError
         from plora_ray.evaluation import evaluate
+        from plora_ray.run.rundir import load_model
 
         errors: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError)
         try:

@@ -10,7 +10,7 @@ from plora_ray.evaluation.multiple_choice import evaluate_arc, evaluate_mmlu, lo
 from plora_ray.evaluation.records import items_record
 from plora_ray.evaluation.run import TASKS, EvalResult, evaluate, evaluate_checkpoint, select
 from plora_ray.evaluation.sharding import Shard
-from plora_ray.evaluation.stats import mean_stderr
+from analysis.stats import stderr as mean_stderr  # lm-eval's name: the standard error alone
 
 __all__ = [
     "TASKS",

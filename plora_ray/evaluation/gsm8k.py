@@ -35,7 +35,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from plora_ray.evaluation.multiple_choice import build_context, fewshot_block, max_length, render_chat, tok_encode
 from plora_ray.evaluation.sharding import LOCAL, Shard
-from plora_ray.evaluation.stats import with_stderr
+from analysis.stats import with_stderr
 
 __all__ = [
     "FLEXIBLE_PATTERN",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from plora_ray.evaluation.kv_prefix import cache_argument, forward_logits, head_on, selected_logits
 from plora_ray.evaluation.sharding import LOCAL, Shard
-from plora_ray.evaluation.stats import mean_stderr
+from analysis.stats import stderr
 
 __all__ = ["gsm8k_heldout_rows", "heldout_losses", "heldout_metrics", "load_heldout",
            "prepare_heldout", "split_heldout"]
@@ -77,7 +77,8 @@ def _rows(name: str) -> list[tuple[str, object]]:
 def load_heldout(files: list[str], tokenizer, max_length: int) -> list[dict]:
     """Tokenised held-out examples ``{id, input_ids, labels}`` from ``files`` (examples without
     an assistant token inside ``max_length`` are skipped, as training skips them)."""
-    from plora_ray.run.data import IGNORE, to_messages, tokenize_dialogue
+    from plora_ray.config.names import IGNORE
+    from plora_ray.run.data import to_messages, tokenize_dialogue
 
     out = []
     for f in files:
@@ -93,7 +94,7 @@ def prepare_heldout(run_cfg, tokenizer, train_examples: list[dict]) -> tuple[lis
     GSM8K held-out problems when training on an embedded mix) plus the seeded fraction of
     ``train_examples``; ``eval.heldout.limit`` keeps the first N. Call once, before planning
     the training steps, and train on the first element."""
-    from plora_ray.config.schema import EMBEDDED_MIXES
+    from plora_ray.config.names import EMBEDDED_MIXES
 
     h = run_cfg.eval.heldout
     files = h.files
@@ -116,7 +117,7 @@ def heldout_losses(model, tokenizer, examples: list[dict], batch_size: int = 8,
     rounding). Under a lockstep ``shard`` the forward calls are padded to the largest count
     over ranks, and every batch is one forward.
     """
-    from plora_ray.run.data import IGNORE
+    from plora_ray.config.names import IGNORE
 
     from plora_ray.evaluation.multiple_choice import dummy_forward
 
@@ -172,7 +173,7 @@ def heldout_metrics(records: list[dict]) -> dict[str, float]:
     ``heldout/n``, ``heldout/tokens`` from per-example ``{loss, tokens}`` records."""
     tokens = sum(r["tokens"] for r in records)
     loss = sum(r["loss"] * r["tokens"] for r in records) / tokens if tokens else float("nan")
-    return {"heldout/loss": loss, "heldout/loss_stderr": mean_stderr(r["loss"] for r in records),
+    return {"heldout/loss": loss, "heldout/loss_stderr": stderr(r["loss"] for r in records),
             "heldout/n": len(records), "heldout/tokens": tokens}
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from plora_ray.evaluation.kv_prefix import cache_argument as _cache_argument
 from plora_ray.evaluation.kv_prefix import forward_logits, head_on, selected_logits
 from plora_ray.evaluation.sharding import LOCAL, Shard
-from plora_ray.evaluation.stats import with_stderr
+from analysis.stats import with_stderr
 
 __all__ = [
     "MMLU_GROUPS",

@@ -3,7 +3,7 @@
 A Tune trial's actor and Train's controller only build and drive the trainer; importing
 :mod:`plora_ray.ray.worker` (torch's training loop, transformers, peft: ~5 s of CPU a process)
 there would be start-up paid twice per trial. The workers import it when they run
-:func:`train_loop`.
+:func:`train_loop` (one way only: the worker never imports this module).
 """
 
 from __future__ import annotations

@@ -17,26 +17,18 @@ Per-worker resources are Ray resources: ``cpus_per_worker`` CPUs and, with ``use
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from plora_ray.config.schema import RunConfig
 from plora_ray.run.loop import fit, setup
 from plora_ray.run.replicas import replicas_identical
-from plora_ray.tracking.lifecycle import TrialTracker, add_trial_node
-from plora_ray.run.rundir import CHECKPOINT, load_run_checkpoint, restore_run, save_run_checkpoint, write_run_dir
-from plora_ray.ray.trainer import extensions_dir, trainer_for, worker_env, worker_resources  # noqa: F401 (re-exported)
-
-
-class DistributedError(Exception):
-    """A Ray run that failed (a worker group error, no cluster); one line for the user."""
-
+from plora_ray.tracking.driver import add_trial_node
+from plora_ray.tracking.worker import TrialTracker
+from plora_ray.run.rundir import load_run_checkpoint, save_run_checkpoint
 
 # "module:function": called as on_step(rec, rank) after every step in every worker whose
 # environment sets it (the node's, when `ray start` got it): fault injection on one node only
@@ -93,7 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
     node_id = ray.get_runtime_context().get_node_id()
     tracker = TrialTracker(config.get("tracking"), rank)
     if tracker.logger:  # rank 0 of a trial: where it runs (a lost node moves it)
-        add_trial_node(config["tracking"]["uri"], config["tracking"]["run_id"], node_id)
+        add_trial_node(config["tracking"].uri, config["tracking"].run_id, node_id)
     tracker.trainable_params(sum(p.numel() for p in run.model.parameters() if p.requires_grad))
     hooks = [h for h in (config.get("on_step"), _env_step_hook()) if h]
 
@@ -107,11 +99,9 @@ def train_loop_per_worker(config: dict) -> None:
             written = save_run_checkpoint(run, tmp)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if written else None)
 
-    def on_checkpoint(run, final):
+    def on_checkpoint(run, final, scores):
         metrics = report_metrics(run, final)
         metrics["node_id"] = node_id
-        scores = run.evals[-1] if run.evals and run.evals[-1]["step"] == run.clock.steps else {}
-        scores = {k: v for k, v in scores.items() if k != "step"}
         metrics.update(scores)
         if run.items:
             tracker.items(run.clock.steps, run.clock.samples, run.items)
@@ -133,79 +123,3 @@ def train_loop_per_worker(config: dict) -> None:
         report(run, metrics)
     finally:
         tracker.flush()
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]):
-    """Set environment variables for the ``with`` block only."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-# the local cluster's processes (ensure_ray)
-LOCAL_SETTINGS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (``auto``, ``HOST:PORT``, ``ray://HOST:10001``; without one, the
-    cluster of the Ray Job this runs in, ``RAY_ADDRESS``), or start a local cluster (unless
-    Ray is already initialised).
-
-    Only a local cluster started here gets settings: token authentication off unless the
-    user set ``RAY_AUTH_MODE`` (Ray would otherwise write ``~/.ray/auth_token``; its processes
-    inherit the variable when they start, it is not left set in this process), and Ray
-    Train's controller polling every 0.25 s instead of 2 s (each ``report`` waits one poll)
-    and no preemption watcher (an actor process per trial that polls whether a node is being
-    drained by an autoscaler: a cluster of this one machine has none), through this job's
-    runtime environment. The dashboard stays on (loopback only): Ray Train's
-    placement-group cleaner asks its state API whether a controller is still alive. An existing
-    cluster keeps its own settings: its authentication is whatever its operator chose.
-    """
-    import ray
-
-    from plora_ray.ray.cluster import cluster_address
-
-    if ray.is_initialized():
-        return
-    address = cluster_address(address)
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    auth = {} if "RAY_AUTH_MODE" in os.environ else {"RAY_AUTH_MODE": "disabled"}
-    with _env(auth):
-        ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=1 << 30, log_to_driver=True,
-                 dashboard_host="127.0.0.1",  # the Jobs API runs code: loopback only
-                 runtime_env={"env_vars": LOCAL_SETTINGS})
-
-
-def run_distributed(cfg: RunConfig, out: Path, name: str, address: str | None = None, on_step=None) -> dict:
-    """Run ``cfg`` on Ray and write the run directory ``out`` (as a one-process run does) from
-    the final checkpoint. Returns the summary. Raises DistributedError, FloatingPointError."""
-    import ray.exceptions
-    import ray.train
-
-    try:
-        ensure_ray(address)
-        storage = cfg.distributed.storage_path or str((out / "ray").resolve())
-        result = trainer_for(cfg, storage, name, on_step=on_step).fit()
-    except (ray.train.TrainingFailedError, ray.exceptions.RayError, ConnectionError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DistributedError(f"distributed run failed ({first}); the worker logs above say why") from None
-    if result.error:
-        raise DistributedError(f"distributed run failed: {result.error}")
-    final = out / CHECKPOINT
-    with result.checkpoint.as_directory() as d:
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(d, final)
-    metrics = result.metrics or {}
-    if metrics.get("diverged"):
-        raise FloatingPointError(metrics.get("diverged_reason", "diverged"))
-    return write_run_dir(restore_run(final), out, replicas_identical=metrics.get("replicas_identical"))

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from plora_ray.config.schema import ConfigError
-from plora_ray.core.unloader import UnloadEvent, UnloadLedger
+from plora_ray.core.unloader import UnloadEvent
+from plora_ray.ledger.store import UnloadLedger
 
 LEDGER = "ledger"
 FORMAT = 3  # 3: the ledger as a directory of per-stage shards

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-IGNORE = -100
+from plora_ray.config.names import IGNORE
+
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant"}
 ROLES = {"system", "user", "assistant"}
@@ -150,7 +151,7 @@ def tokenize_dialogue(tokenizer, messages: list[dict], max_length: int) -> dict:
 
 def named_rows(name: str) -> list[tuple[str, object]] | None:
     """Rows of a bundled or embedded dataset name, with a location for messages; else None."""
-    from plora_ray.config.schema import EMBEDDED_MIXES
+    from plora_ray.config.names import EMBEDDED_MIXES
 
     if name in EMBEDDED_MIXES:
         from plora_ray.assets.mix import build_embedded_mix
@@ -177,7 +178,7 @@ def check_files(files: list[str]) -> None:
     """Read and normalise every row, as training will, without a tokenizer: a broken, binary,
     empty or assistant-less file fails here in the driver (DataError, one line) instead of in
     every worker. The embedded mixes are skipped: they are built from verified benchmark data."""
-    from plora_ray.config.schema import EMBEDDED_MIXES
+    from plora_ray.config.names import EMBEDDED_MIXES
 
     for name in dict.fromkeys(files):
         if name not in EMBEDDED_MIXES:

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from plora_ray.config.schema import RunConfig
-from plora_ray.core.unloader import LocalAccess, prune_by_magnitude
+from plora_ray.core.access import LocalAccess, prune_by_magnitude
+from plora_ray.kernels.merge_bf16 import merge_bf16_
 
 
 def dist_ready() -> bool:
@@ -37,6 +38,7 @@ class TorchAccess(LocalAccess):
     """Direct access plus the optimizer state as full tensors (for checkpoints)."""
 
     def __init__(self, optimizer):
+        super().__init__(fused=merge_bf16_)  # the fused bf16 CPU merge, as the ledger's replay
         self.optimizer = optimizer
 
     def read_optimizer_state(self, param) -> dict[str, torch.Tensor]:

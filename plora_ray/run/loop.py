@@ -1,9 +1,9 @@
 """The training loop, read top to bottom: setup -> train_step -> fit (unloads, evaluation and
-checkpoint points). No CLI, no Ray: the CLI (``train.py``) and the Ray Train worker
-(``distributed.py``) both drive a run through these functions.
+checkpoint points). No CLI, no Ray: the one-process run (``run/local.py``) and the Ray Train
+worker (``ray/worker.py``) both drive a run through these functions.
 
     run = setup(cfg, rank, world, device)
-    fit(run, on_step=..., on_unload=..., on_checkpoint=...)
+    fit(run, on_step=..., on_unload=..., on_checkpoint=...)  # on_checkpoint(run, final, scores)
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ import torch
 from tqdm import tqdm
 
 from plora_ray.config.schema import RunConfig
-from plora_ray.run.data import IGNORE, StepPlan, collate, load_examples
+from plora_ray.config.names import IGNORE
+from plora_ray.run.data import StepPlan, collate, load_examples
 from plora_ray.run.engines import make_engine
 from plora_ray.run.loss import loss_positions, loss_sum
 from plora_ray.run.models import build_model
-from plora_ray.core.unloader import PeriodicUnloader, StageLR, UnloadClock, UnloadEvent, make_scheduler
+from plora_ray.core.clock import UnloadClock
+from plora_ray.core.schedule import StageLR, make_scheduler
+from plora_ray.core.unloader import PeriodicUnloader, UnloadEvent
+from plora_ray.run.unloading import build_unloader
 
 
 @dataclass
@@ -58,7 +62,7 @@ class Run:
 
 def warn_slow_bf16(cfg: RunConfig, device: torch.device, rank: int = 0) -> None:
     """One line on stderr when a bf16 backbone will train on a CPU without fast bf16 matmuls."""
-    from plora_ray.config.schema import fast_bf16_cpu
+    from plora_ray.config.hardware import fast_bf16_cpu
 
     if cfg.model.dtype == "bfloat16" and device.type == "cpu" and rank == 0 and not fast_bf16_cpu():
         print("warning: field 'model.dtype' bfloat16 on a CPU without fast bf16 matmuls (no AVX-512 "
@@ -106,8 +110,8 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     scheduler = make_scheduler(engine.optimizer, schedule)
     unloader = None
     if cfg.method == "plora":
-        unloader = PeriodicUnloader.from_config(engine.module, engine.optimizer, scheduler, p, cfg.lora,
-                                                cfg.seed, access=engine.access)
+        unloader = build_unloader(engine.module, engine.optimizer, scheduler, p, cfg.lora, cfg.seed,
+                                  access=engine.access)
         clock = unloader.clock
     else:
         clock = UnloadClock()  # never fires; counts samples and steps
@@ -207,7 +211,8 @@ def fit(run: Run, on_step=None, on_unload=None, on_checkpoint=None, progress: bo
     """Train from ``run.start_step`` to the end of the plan.
 
     At every ``checkpoint_every_steps`` and at the end, on every rank (both are collective):
-    the configured benchmarks are scored (``run.evals``), then ``on_checkpoint(run, final)``.
+    the configured benchmarks are scored (``run.evals``), then ``on_checkpoint(run, final, scores)``
+    gets what was just measured (``eval/<task>/<metric>`` -> value; empty when nothing is scored).
     ``on_step(rec)`` sees each step's record, ``on_unload(event)`` each unload.
     """
     progress = progress and run.rank == 0
@@ -299,7 +304,7 @@ def checkpoint_point(run: Run, final: bool, on_checkpoint, progress: bool) -> No
                 f"{k.removeprefix('eval/')} {v:.3f} ± {scores.get(k + '_stderr', float('nan')):.3f}"
                 for k, v in scores.items() if not k.endswith("_stderr")))
     if on_checkpoint:
-        on_checkpoint(run, final)
+        on_checkpoint(run, final, scores)
     _lap(run, "checkpoint", t)
 
 

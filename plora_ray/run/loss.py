@@ -20,7 +20,8 @@ import inspect
 
 import torch
 
-IGNORE = -100
+from plora_ray.config.names import IGNORE
+
 CHUNK_BYTES = 32 * 2**20  # fp32 bytes of one chunk of logits
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from plora_ray.run.checkpoint import load_checkpoint, save_checkpoint
-from plora_ray.config.schema import ConfigError, RunConfig, build_run_config
+from plora_ray.config.io import build_run_config
+from plora_ray.config.schema import ConfigError, RunConfig
 from plora_ray.run.loop import Run, event_record, setup
 
 CHECKPOINT = "checkpoint"
@@ -183,3 +184,46 @@ def run_dtype(path: Path) -> str:
 def is_run_output(path: str | Path) -> bool:
     p = Path(path).expanduser()
     return (p / MERGED / "config.json").is_file() or checkpoint_dir(p) is not None
+
+
+def load_model(name: str, dtype: str | None = None):
+    """(model, tokenizer) for a model name/dir, a train output dir or a checkpoint dir."""
+    from plora_ray.config.schema import ModelConfig
+    from plora_ray.run.models import load_base
+
+    run_dir = Path(name).expanduser()
+    if run_dir.is_dir() and is_run_output(run_dir):
+        return load_trained(run_dir, dtype)
+    if (run_dir / "config.yaml").is_file() and (run_dir / "merged.safetensors").is_file():
+        # the layout of runs written before merged/ existed
+        from safetensors.torch import load_model as load_weights
+
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        model_cfg = ModelConfig(**cfg.get("model", {}))
+        if dtype:
+            model_cfg = model_cfg.model_copy(update={"dtype": dtype})
+        model, tokenizer = load_base(model_cfg)
+        load_weights(model, str(run_dir / "merged.safetensors"))
+        return model, tokenizer
+    return load_base(ModelConfig(name_or_path=name, dtype=dtype or "float32"))
+
+
+def unique_dir(path: Path) -> Path:
+    """``path`` if unused, else ``path-2``, ``path-3``... (never overwrite a run)."""
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    n = 2
+    while Path(f"{path}-{n}").exists():
+        n += 1
+    return Path(f"{path}-{n}")
+
+
+def check_resume(cfg: RunConfig, out: Path) -> None:
+    """Before any work: is there something to continue in ``out``?"""
+    ray_run = cfg.distributed.workers > 1 or cfg.distributed.engine != "ddp"
+    if ray_run and not (out / "ray_run_name").is_file():
+        raise ConfigError(f"--resume: {out} holds no Ray run (no ray_run_name): check --output, or "
+                          "drop --resume to start a new run")
+    if not ray_run and checkpoint_dir(out / CHECKPOINT) is None:
+        raise ConfigError(f"--resume: no checkpoint in {out / CHECKPOINT}: check --output, or drop "
+                          "--resume to start a new run")

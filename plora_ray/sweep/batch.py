@@ -10,18 +10,16 @@ and what they share: the cluster's job address, the working directory uploaded w
 ``storage`` and ``tracking_uri`` (see ``search_spaces/batches/example.yaml``). ``submit``
 validates every sweep (the checks of ``python -m plora_ray.tune --dry-run``) before the first
 job is submitted, then submits each as ``python -m plora_ray.tune SPACE --storage ...`` through
-``ray.job_submission.JobSubmissionClient``. The job ids are recorded under the batch's name
+``ray.job_submission.JobSubmissionClient`` (the command line: :mod:`plora_ray.cli.batch`). The job ids are recorded under the batch's name
 (``<state-dir>/<batch>.json``) and in each job's metadata (``plora.batch``, ``plora.sweep``), so
 ``status``, ``logs`` and ``stop`` find them later, from any machine that reaches the cluster.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from plora_ray.config.schema import ConfigError, format_validation_error, read_yaml
+from plora_ray.config.io import format_validation_error, read_yaml
+from plora_ray.config.schema import ConfigError
 from plora_ray.run.data import DataError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -216,7 +215,7 @@ def batch_jobs(batch: Batch, client, state_dir: Path) -> dict[str, list]:
     return out
 
 
-def _status(job) -> str:
+def job_status(job) -> str:
     return str(getattr(job.status, "value", job.status))
 
 
@@ -231,7 +230,7 @@ def status_table(jobs: dict[str, list]) -> str:
             rows.append((name, "-", "NOT SUBMITTED", "-", "-", ""))
         for job in history:
             message = " ".join((job.message or "").split())
-            rows.append((name, job.submission_id or job.job_id or "-", _status(job), _time(job.start_time),
+            rows.append((name, job.submission_id or job.job_id or "-", job_status(job), _time(job.start_time),
                          _time(job.end_time),
                 message[:60] + ("..." if len(message) > 60 else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -239,7 +238,7 @@ def status_table(jobs: dict[str, list]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def _pick(batch: Batch, jobs: dict[str, list], targets: list[str]) -> list:
+def pick_jobs(batch: Batch, jobs: dict[str, list], targets: list[str]) -> list:
     """The jobs named by sweep name or job id (the latest job of a sweep); all latest if none."""
     latest = {name: history[-1] for name, history in jobs.items() if history}
     if not targets:
@@ -258,70 +257,7 @@ def _pick(batch: Batch, jobs: dict[str, list], targets: list[str]) -> list:
     return picked
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m plora_ray.batch", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["submit", "status", "logs", "stop"])
-    parser.add_argument("file", help="batch file (see search_spaces/batches/)")
-    parser.add_argument("targets", nargs="*", help="logs / stop: sweep names or job ids (default: all)")
-    parser.add_argument("--address", help="Ray Jobs address, http://HEAD:8265 (default: the batch file's, "
-                        f"$RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, {DEFAULT_ADDRESS})")
-    parser.add_argument("--state-dir", default="runs/batches", help="where job ids are recorded per batch")
-    parser.add_argument("--no-path-checks", action="store_true",
-                        help="submit: skip checks of model, data and storage paths that exist only on the cluster")
-    parser.add_argument("--dry-run", action="store_true", help="submit: validate and print the jobs, submit none")
-    parser.add_argument("--storage", help="submit: the --storage of every sweep, instead of the file's")
-    parser.add_argument("--tracking-uri", help="submit: the --tracking-uri of every sweep, instead of the file's")
-    parser.add_argument("--follow", action="store_true", help="logs: follow one job's log until it ends")
-    parser.add_argument("--wait", action="store_true", help="status: wait until every job of the batch has "
-                        "ended; exit 1 unless all succeeded")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    state_dir = Path(args.state_dir)
-    try:
-        batch = load_batch(args.file, check_paths=not (args.no_path_checks or args.command != "submit"),
-                           storage=args.storage, tracking_uri=args.tracking_uri)
-        if args.command == "submit" and args.dry_run:
-            for name, space, sweep in batch.sweeps:
-                print(f"{name}: {batch.entrypoint(space, sweep)}")
-            return 0
-        client = client_for(job_address(args.address, batch))
-        if args.command == "submit":
-            for name, job_id in submit(batch, client, state_dir):
-                print(f"submitted {name}: {job_id}")
-            print(f"status: python -m plora_ray.batch status {args.file}")
-            return 0
-        jobs = batch_jobs(batch, client, state_dir)
-        if args.command == "status":
-            while args.wait and any(_status(h[-1]) not in TERMINAL for h in jobs.values() if h):
-                time.sleep(WAIT_POLL_S)
-                jobs = batch_jobs(batch, client, state_dir)
-            print(status_table(jobs))
-            return 0 if not args.wait or all(h and _status(h[-1]) == "SUCCEEDED" for h in jobs.values()) else 1
-        picked = _pick(batch, jobs, args.targets)
-        if args.command == "stop":
-            for job in picked:
-                stopped = client.stop_job(job.submission_id)
-                print(f"{'stopping' if stopped else 'already ended'}: {(job.metadata or {}).get(META_SWEEP, '?')} "
-                      f"{job.submission_id}")
-            return 0
-        if args.follow:
-            if len(picked) != 1:
-                raise ConfigError("logs --follow: name one sweep or job id")
-            _follow(client, picked[0].submission_id)
-            return 0
-        for job in picked:
-            print(f"==> {(job.metadata or {}).get(META_SWEEP, '?')} {job.submission_id} ({_status(job)}) <==")
-            print(client.get_job_logs(job.submission_id), end="")
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _follow(client, job_id: str) -> None:
+def follow_logs(client, job_id: str) -> None:
     import asyncio
 
     async def tail():
@@ -329,7 +265,3 @@ def _follow(client, job_id: str) -> None:
             print(lines, end="", flush=True)
 
     asyncio.run(tail())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

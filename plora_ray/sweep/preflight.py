@@ -2,7 +2,7 @@
 the driver, in about a second, with one line naming the field or file and the fix, and with
 nothing written.
 
-Beyond what the config schemas check alone (``config.py``, ``search_space.py``):
+Beyond what the config schemas check alone (``config/schema.py``, ``config/sweep.py``):
 
 * output and storage directories: not a file, creatable and writable (probed with a temporary
   file that is removed again), so results are never lost at the end of a run; a storage URI
@@ -81,7 +81,7 @@ def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
     """Everything a sweep needs, before Ray starts: the storage, ``--resume``, and the model and
     data of every trial (each distinct value once); raises ConfigError / DataError."""
     from plora_ray.ray.cluster import is_uri
-    from plora_ray.config.sweep import trial_points, trial_run_config
+    from plora_ray.config.trials import trial_points, trial_run_config
 
     if is_uri(storage_dir):  # s3://, gs://...: Ray writes it; only a local path is probed here
         if not tracking_uri:

@@ -6,7 +6,7 @@
     python -m plora_ray.tune FILE --address auto --storage /shared/sweeps --tracking-uri http://mlflow:5000
     ray job submit --working-dir . -- python -m plora_ray.tune FILE --storage s3://bucket/sweeps ...
 
-One trial = one Ray Train TorchTrainer run (``ray_trainer.trainer_for``) built by a Tune
+One trial = one Ray Train TorchTrainer run (``ray/trainer.py: trainer_for``) built by a Tune
 function that asks for a sliver of memory and no CPU (Train V2 refuses ``Tuner(TorchTrainer)``);
 its workers take the trial's resources, so a node's CPUs all go to workers. On a cluster
 (``--address``, or inside a Ray Job) the sweep refuses a tracking store only one machine
@@ -25,19 +25,16 @@ and stored on the sweep's run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
-from plora_ray.assets.fetch import AssetError
 from plora_ray.config.schema import ConfigError
-from plora_ray.run.data import DataError
-from plora_ray.sweep.preflight import SweepFailed, check_sweep, raise_if_every_trial_failed
+from plora_ray.sweep.context import SweepContext
+from plora_ray.sweep.preflight import raise_if_every_trial_failed
 
 # the Tune function of a trial only waits on its TorchTrainer: no CPU (a node's CPUs are for
 # workers: with a sliver of CPU two trial functions on a 1-CPU node left no room for a worker)
@@ -46,51 +43,53 @@ TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20}
 DIVERGED_PENALTY = {"min": 1e6, "max": -1.0}  # what the searcher sees for a diverged trial
 
 
-def trial_function(config: dict, sweep: dict) -> None:
+def trial_function(config: dict, sweep: SweepContext) -> None:
     """The Tune trainable: build this trial's run config, its MLflow run, its TorchTrainer."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from plora_ray.ray.cluster import storage_join
     from plora_ray.ray.trainer import trainer_for
-    from plora_ray.config.sweep import SweepSpec, trial_run_config, trial_values
-    from plora_ray.tracking.lifecycle import active_params, run_name, set_trial_status, trial_run, trial_tags
+    from plora_ray.config.spec import SweepSpec
+    from plora_ray.config.trials import trial_run_config, trial_values
+    from plora_ray.tracking.driver import TrialRecord, set_trial_status, trial_run
+    from plora_ray.tracking.naming import active_params, run_name, trial_tags
 
-    spec = SweepSpec.model_validate(sweep["spec"])
+    spec = SweepSpec.model_validate(sweep.spec)
     trial_id = tune.get_context().get_trial_id()
     values = trial_values(config)
     cfg = trial_run_config(spec, config)
     name = run_name(values, cfg.seed, trial_id)
     cfg.name = name  # the progress lines say which trial they come from
     run_cfg = cfg.model_dump(mode="json")
-    run_id = trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"], trial_id,
+    run_id = trial_run(sweep.tracking_uri, sweep.experiment_id, sweep.parent_run_id, trial_id,
                        name, active_params(run_cfg), trial_tags(values, cfg.seed), run_cfg)
-    tracking = {"uri": sweep["tracking_uri"], "run_id": run_id}
-    trainer = trainer_for(cfg, storage_join(sweep["storage"], "trials"), f"{sweep['name']}-{trial_id}",
+    tracking = TrialRecord(sweep.tracking_uri, run_id)
+    trainer = trainer_for(cfg, storage_join(sweep.storage, "trials"), f"{sweep.name}-{trial_id}",
                           callbacks=[TuneReportCallback()],
                           tracking=tracking)
     result = trainer.fit()  # a failure or an early stop is recorded by the driver (reconcile)
     metrics = dict(result.metrics or {})
     metrics["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""
     if metrics.get("diverged"):
-        set_trial_status(sweep["tracking_uri"], run_id, "diverged")
+        set_trial_status(sweep.tracking_uri, run_id, "diverged")
         metrics[spec.metric] = DIVERGED_PENALTY[spec.mode]  # the searcher sees it as bad
     else:
-        set_trial_status(sweep["tracking_uri"], run_id, "finished")
+        set_trial_status(sweep.tracking_uri, run_id, "finished")
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
 
 
 def _trial_name(spec):
     """Tune's trial names = the MLflow run names, so its tables and MLflow agree. Built from the
     raw trial data (no validation here: a bad trial must fail in its trial, not in the driver)."""
-    from plora_ray.config.sweep import _trial_data, trial_values
-    from plora_ray.tracking.lifecycle import run_name
+    from plora_ray.config.trials import trial_data, trial_values
+    from plora_ray.tracking.naming import run_name
 
-    return lambda trial: run_name(trial_values(trial.config), _trial_data(spec, trial.config).get("seed", 0),
+    return lambda trial: run_name(trial_values(trial.config), trial_data(spec, trial.config).get("seed", 0),
                                   trial.trial_id)
 
 
-def build_tuner(spec, sweep: dict, restore_path: str | None = None):
+def build_tuner(spec, sweep: SweepContext, restore_path: str | None = None):
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -98,7 +97,7 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
     from ray.tune.search.optuna import OptunaSearch
 
     from plora_ray.ray.placement import OrphanedPlacementGroups
-    from plora_ray.config.sweep import tune_param_space
+    from plora_ray.sweep.space import tune_param_space
 
     trainable = tune.with_resources(tune.with_parameters(trial_function, sweep=sweep), TRIAL_RESOURCES)
     if restore_path:
@@ -133,7 +132,7 @@ def build_tuner(spec, sweep: dict, restore_path: str | None = None):
                                     reuse_actors=spec.scheduler.type != "asha",
                                     trial_name_creator=_trial_name(spec),
                                     trial_dirname_creator=lambda trial: trial.trial_id),
-        run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
+        run_config=ray.tune.RunConfig(name=sweep.name, storage_path=sweep.storage,
                                       callbacks=[OrphanedPlacementGroups()],
                                       failure_config=ray.tune.FailureConfig(
                                           max_failures=spec.failures.trial_retries)),
@@ -153,93 +152,60 @@ def trial_outcomes(results) -> dict[str, str]:
     return outcome
 
 
-def summarize(spec, sweep: dict, results=None) -> str:
+def summarize(spec, sweep: SweepContext, results=None) -> str:
     """The closing table (stored on the sweep's run) and where to look further."""
     from analysis.summary import log_summary, sweep_summary
-    from plora_ray.tracking.lifecycle import mlflow_ui_command
+    from plora_ray.tracking.driver import mlflow_ui_command
 
-    summary = sweep_summary(sweep["tracking_uri"], sweep["parent_run_id"], spec.metric, spec.mode)
-    table = log_summary(sweep["tracking_uri"], sweep["parent_run_id"], summary)
-    lines = [f"sweep {sweep['name']}: {spec.mode} {spec.metric}", table]
+    summary = sweep_summary(sweep.tracking_uri, sweep.parent_run_id, spec.metric, spec.mode)
+    table = log_summary(sweep.tracking_uri, sweep.parent_run_id, summary)
+    lines = [f"sweep {sweep.name}: {spec.mode} {spec.metric}", table]
     try:  # the single best trial's weights, whatever the intervals say about its lead
         best = results.get_best_result(metric=spec.metric, mode=spec.mode, filter_nan_and_inf=True)
         if (best.metrics or {}).get("checkpoint_path"):
             lines.append(f"checkpoint of the top trial: {best.metrics['checkpoint_path']}")
     except Exception:  # no results, or no trial reported the metric
         pass
-    return "\n".join([*lines, f"compare the runs: {mlflow_ui_command(sweep['tracking_uri'])}"])
+    return "\n".join([*lines, f"compare the runs: {mlflow_ui_command(sweep.tracking_uri)}"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plora_ray.tune", description=__doc__.split("\n")[0])
-    parser.add_argument("space", help="search-space YAML (see search_spaces/)")
-    parser.add_argument("--resume", action="store_true", help="continue the last sweep of this file")
-    parser.add_argument("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: the "
-                        "cluster of the Ray Job this runs in, else a local cluster started here)")
-    parser.add_argument("--storage", default="runs/sweeps", help="Ray storage: a local path (on a multi-node "
-                        "cluster one every node mounts), s3://... or gs://...")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<storage>/mlflow.db, "
-                        "one machine only; on a cluster an MLflow server, http://HOST:PORT)")
-    parser.add_argument("--no-report", action="store_true",
-                        help="skip the analysis report (python -m analysis report) at the end")
-    parser.add_argument("--dry-run", action="store_true", help="validate and describe the sweep, run nothing")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the search-space file, e.g. --set num_samples=4")
-    args = parser.parse_args(argv)
-    try:
-        from plora_ray.config.sweep import describe, load_sweep
-
-        spec = load_sweep(args.space, args.overrides)
-        check_sweep(spec, args.storage, args.resume, args.tracking_uri)  # before Ray starts
-        if args.dry_run:
-            print(describe(spec))
-            return 0
-        print(run_sweep(spec, args))
-    except (ConfigError, DataError, AssetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SweepFailed as exc:
-        print(exc.summary)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def run_sweep(spec, args) -> str:
+def run_sweep(spec, space: str, storage: str, resume: bool = False, address: str | None = None,
+              tracking_uri: str | None = None, report: bool = True) -> str:
+    """Run the sweep of ``spec`` (read from the file ``space``) and return the closing text;
+    ``resume`` continues its last run under ``storage``. Raises ConfigError, SweepFailed."""
     from plora_ray.ray.cluster import (alive_nodes, check_tracking_for_cluster, cluster_address, is_uri, read_text, storage_join,
                           storage_root, write_text)
-    from plora_ray.ray.worker import ensure_ray
+    from plora_ray.ray.local import ensure_ray
     from plora_ray.ray.placement import release_leaked
-    from plora_ray.tracking.lifecycle import default_tracking_uri, end_running_trials, ensure_experiment, finish_sweep, start_sweep_run
+    from plora_ray.tracking.driver import default_tracking_uri, end_running_trials, ensure_experiment, finish_sweep, start_sweep_run
 
-    storage = storage_root(args.storage)
+    storage = storage_root(storage)
     if not is_uri(storage):
         Path(storage).mkdir(parents=True, exist_ok=True)
     latest = storage_join(storage, f"{spec.name}.latest.json")
-    earlier = read_text(latest) if args.resume else None
-    if args.resume and earlier is None:
+    earlier = read_text(latest) if resume else None
+    if resume and earlier is None:
         raise ConfigError(f"--resume: no earlier sweep of '{spec.name}' under {storage}: run it without --resume")
-    uri = json.loads(earlier)["tracking_uri"] if earlier else args.tracking_uri or default_tracking_uri(storage)
-    address = cluster_address(args.address)
+    uri = json.loads(earlier)["tracking_uri"] if earlier else tracking_uri or default_tracking_uri(storage)
+    address = cluster_address(address)
     # a local cluster counts one logical CPU more than the cores, as before the trials' Tune
     # functions stopped taking CPU: a stopped trial's worker reservation is released a while
     # after its trial ends, and without the spare CPU the next trial waited on it (a sweep with
     # ASHA hung on 2 cores); a cluster: as it is
     ensure_ray(address, num_cpus=None if address else (os.cpu_count() or 1) + 1)
     check_tracking_for_cluster(uri, len(alive_nodes()))  # before the first MLflow write or trial
-    if address:  # groups a killed driver of this cluster left reserved (plora_ray/placement.py)
+    if address:  # groups a killed driver of this cluster left reserved (plora_ray/ray/placement.py)
         release_leaked("at the start")
     if earlier:
-        sweep = json.loads(earlier)
+        sweep = SweepContext.from_json(earlier)
     else:
         experiment_id = ensure_experiment(uri, spec.name)
         name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        parent = start_sweep_run(uri, experiment_id, name, Path(args.space),
+        parent = start_sweep_run(uri, experiment_id, name, Path(space),
                                  {"plora.metric": spec.metric, "plora.mode": spec.mode, "plora.repeats": spec.repeats})
-        sweep = {"name": name, "storage": storage, "tracking_uri": uri, "experiment_id": experiment_id,
-                 "parent_run_id": parent, "spec": spec.model_dump(mode="json")}
-        write_text(latest, json.dumps(sweep))
-    uri, parent, ended = sweep["tracking_uri"], sweep["parent_run_id"], False
+        sweep = SweepContext(name, storage, uri, experiment_id, parent, spec.model_dump(mode="json"))
+        write_text(latest, sweep.to_json())
+    uri, parent, ended = sweep.tracking_uri, sweep.parent_run_id, False
     def terminate(signum, frame):
         """SIGTERM (``ray job stop``, a scheduler's kill; SIGKILL follows within seconds): the
         trials and the sweep's run are ended in MLflow first, then the sweep stops as on Ctrl-C;
@@ -252,7 +218,7 @@ def run_sweep(spec, args) -> str:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, terminate)
     try:
-        restore = storage_join(storage, sweep["name"]) if args.resume else None
+        restore = storage_join(storage, sweep.name) if resume else None
         results = build_tuner(spec, sweep, restore).fit()
         end_running_trials(uri, parent, trial_outcomes(results))
         text = summarize(spec, sweep, results)
@@ -267,11 +233,11 @@ def run_sweep(spec, args) -> str:
             end_running_trials(uri, parent)
             finish_sweep(uri, parent, status="FAILED")
     raise_if_every_trial_failed(results, text)
-    if not args.no_report:
+    if report:
         reports = Path("runs/reports") if is_uri(storage) else Path(storage) / "reports"
-        report = write_sweep_report(uri, spec.name, parent, reports / sweep["name"])
+        written = write_sweep_report(uri, spec.name, parent, reports / sweep.name)
         lines = text.splitlines()  # the report's path just before the closing `mlflow ui` line
-        text = "\n".join(lines[:-1] + [report] + lines[-1:])
+        text = "\n".join(lines[:-1] + [written] + lines[-1:])
     return text
 
 
@@ -287,7 +253,3 @@ def write_sweep_report(uri: str, experiment: str, parent: str, out: Path) -> str
         return (f"report not written ({exc}); retry: python -m analysis report --experiment {experiment} "
                 f"--sweep {parent} --tracking-uri {uri}")
     return f"report: {path}"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

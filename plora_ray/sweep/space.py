@@ -1,0 +1,60 @@
+"""A validated sweep in Ray Tune's terms: its param space, and how many trials it runs.
+
+Ray is imported only where a param space is built: loading a sweep and ``--dry-run`` stay fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import yaml
+
+from plora_ray.config.spec import SweepSpec
+from plora_ray.config.trials import TRIAL_INDEX
+
+
+def tune_param_space(spec: SweepSpec) -> dict[str, object]:
+    """Flat ``{space key: Ray Tune domain}``; ``int`` is inclusive, so randint(lo, hi + 1)."""
+    from ray import tune  # here, not at import: loading and validating a sweep stays fast
+
+    make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "int": lambda v: tune.randint(v[0], v[1] + 1)}
+    space = {key: make[d.kind](copy.deepcopy(d.values)) for key, d in spec.space.items()}
+    if spec.repeats > 1 and spec.searcher.type != "optuna":  # optuna: tune.py's Repeater sets it
+        space[TRIAL_INDEX] = tune.grid_search(list(range(spec.repeats)))
+    return space
+
+
+def trial_count(spec: SweepSpec) -> int:
+    """Trials Ray Tune will run: num_samples (optuna) or num_samples x the grid's size, x repeats."""
+    if spec.searcher.type == "optuna":
+        return spec.num_samples * spec.repeats
+    grid = math.prod(len(d.values) for d in spec.space.values() if d.kind == "grid")
+    return spec.num_samples * grid * spec.repeats
+
+
+def describe(spec: SweepSpec) -> str:
+    """A few lines for ``--dry-run``: what will run, before anything does."""
+    s, r, sch = spec.searcher, spec.resources, spec.scheduler
+    sched = "none" if sch.type == "none" else (f"asha (grace {sch.grace_period}, reduction "
+                                               f"{sch.reduction_factor:g}, max_t {sch.max_t or 'default'})")
+    lines = [f"sweep {spec.name}: {trial_count(spec)} trials, {spec.max_concurrent} at a time; "
+             f"{spec.mode} {spec.metric}",
+             f"searcher {s.type} (seed {s.seed}), num_samples {spec.num_samples}, repeats "
+             f"{spec.repeats}; scheduler {sched}",
+             f"per trial: {r.workers} worker(s) x {r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU, "
+             f"placement {r.placement_strategy}; on failure: {spec.failures.worker_restarts} worker-group "
+             f"restart(s), {spec.failures.trial_retries} trial retry(ies)"]
+    for key, d in spec.space.items():
+        if "," in key:  # a joint key: one table row per line
+            lines += [f"  {key}: {d.kind}"] + [f"    {_flow(v)}" for v in d.values]
+        else:
+            lines.append(f"  {key}: {d.kind} {_flow(d.values)}")
+    lines += [f"  {key} = {_flow(v)}" for key, v in spec.fixed.items()]
+    return "\n".join(lines)
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
