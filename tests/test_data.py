@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from plora_ray.config.names import IGNORE
-from plora_ray.run.data import StepPlan, load_examples, read_rows, to_messages, tokenize_dialogue
+from plora_ray.assets.dialogues import bundled_path, read_rows, to_messages, tokenize_dialogue
+from plora_ray.run.data import StepPlan, load_examples
 from plora_ray.run.models import tiny_tokenizer
 
 DIALOGUE = [{"role": "system", "content": "Be brief."},
@@ -52,7 +53,7 @@ def test_truncation_drops_examples_without_assistant_tokens(tmp_path):
 
 
 def test_bundled_dialogues_load():
-    rows = read_rows(__import__("plora_ray.run.data", fromlist=["bundled_path"]).bundled_path("tiny-dialogues"))
+    rows = read_rows(bundled_path("tiny-dialogues"))
     assert len(rows) == 480
     assert len(load_examples(["tiny-dialogues"], tiny_tokenizer(), 128)) == 480
 
@@ -112,7 +113,7 @@ def test_datasets_cache_gives_the_same_examples_and_is_read_back(tmp_path, monke
 
 
 def test_a_broken_file_still_names_its_line_with_the_cache_on(tmp_path):
-    from plora_ray.run.data import DataError
+    from plora_ray.assets.dialogues import DataError
 
     (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": DIALOGUE}) + "\n{not json\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):

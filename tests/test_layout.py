@@ -21,7 +21,7 @@ MAY_IMPORT = {
     "ledger": {"core", "kernels"},
     "assets": {"config"},
     "tracking": {"config", "analysis"},
-    "evaluation": {"config", "assets", "run", "analysis"},
+    "evaluation": {"config", "assets", "analysis"},
     "run": {"config", "core", "ledger", "kernels", "assets", "evaluation"},
     "ray": {"config", "core", "ledger", "kernels", "assets", "evaluation", "run", "tracking"},
     "sweep": {"config", "core", "ledger", "kernels", "assets", "evaluation", "run", "tracking", "ray",

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from plora_ray.run.checkpoint import read_backbone, save_checkpoint
 from plora_ray.config.io import build_run_config
-from plora_ray.run.data import bundled_path
+from plora_ray.assets.dialogues import bundled_path
 from plora_ray.ray.local import ensure_ray
 from plora_ray.ray.trainer import trainer_for
 from plora_ray.run.loop import fit, rank_share, setup

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from plora_ray.config.schema import ConfigError
-from plora_ray.run.data import DataError
+from plora_ray.assets.dialogues import DataError
 from plora_ray.sweep.batch import (DEFAULT_ADDRESS, META_SWEEP, TERMINAL, WAIT_POLL_S, batch_jobs, client_for,
                                    follow_logs, job_address, job_status, load_batch, pick_jobs, status_table,
                                    submit)

@@ -19,7 +19,7 @@ from plora_ray.assets.fetch import AssetError
 from plora_ray.config.io import load_run_config
 from plora_ray.config.schema import ConfigError
 from plora_ray.ray.driver import DistributedError, run_ray
-from plora_ray.run.data import DataError
+from plora_ray.assets.dialogues import DataError
 from plora_ray.run.local import run_local
 from plora_ray.run.rundir import check_resume, unique_dir
 from plora_ray.sweep.preflight import check_run

@@ -30,7 +30,7 @@ import sys
 
 from plora_ray.assets.fetch import AssetError
 from plora_ray.config.schema import ConfigError
-from plora_ray.run.data import DataError
+from plora_ray.assets.dialogues import DataError
 from plora_ray.sweep.preflight import SweepFailed, check_sweep
 from plora_ray.sweep.tune import run_sweep
 

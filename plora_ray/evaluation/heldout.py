@@ -66,7 +66,7 @@ def gsm8k_heldout_rows() -> list[tuple[str, dict]]:
 
 
 def _rows(name: str) -> list[tuple[str, object]]:
-    from plora_ray.run.data import named_rows, read_rows
+    from plora_ray.assets.dialogues import named_rows, read_rows
 
     if name == "gsm8k-heldout":
         return gsm8k_heldout_rows()
@@ -78,7 +78,7 @@ def load_heldout(files: list[str], tokenizer, max_length: int) -> list[dict]:
     """Tokenised held-out examples ``{id, input_ids, labels}`` from ``files`` (examples without
     an assistant token inside ``max_length`` are skipped, as training skips them)."""
     from plora_ray.config.names import IGNORE
-    from plora_ray.run.data import to_messages, tokenize_dialogue
+    from plora_ray.assets.dialogues import to_messages, tokenize_dialogue
 
     out = []
     for f in files:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from plora_ray.config.io import format_validation_error, read_yaml
 from plora_ray.config.schema import ConfigError
-from plora_ray.run.data import DataError
+from plora_ray.assets.dialogues import DataError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_EXCLUDES = [".git", ".venv", "runs", "outputs", "mlruns", "mlartifacts", "*.db", "__pycache__",

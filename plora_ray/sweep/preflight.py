@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from plora_ray.config.schema import ConfigError, RunConfig
-from plora_ray.run.data import DataError, check_files
+from plora_ray.assets.dialogues import DataError, check_files
 
 # what a run directory holds once it has started (train.py writes them before the first step)
 RUN_MARKERS = ("ray_run_name", "config.yaml")
