@@ -5,7 +5,7 @@
 
 Runs ``python -m plora_ray.tune SWEEP --no-report`` (default: the main command's
 ``search_spaces/unload.yaml``) and times it, then reads each trial's phases from MLflow
-(``phase/<name>_s``, logged by rank 0 of every trial, see ``plora_ray/loop.py``): Train
+(``phase/<name>_s``, logged by rank 0 of every trial, see ``plora_ray/run/loop.py``): Train
 start-up, model load, tokenisation, engine set-up, training steps, unloads, evaluation,
 checkpointing, and the rest of the trial's MLflow run (Tune/Train bookkeeping, teardown).
 

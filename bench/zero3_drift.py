@@ -75,7 +75,7 @@ def train_capturing(run, steps, read_grad):
     def capture_then_step():
         full = {n: read_grad(p).detach().float().cpu().clone()
                 for n, p in run.model.named_parameters() if p.requires_grad}
-        # each of W workers back-propagates W x the one-process loss weight (engines.py): undo it
+        # each of W workers back-propagates W x the one-process loss weight (run/engines.py): undo it
         grads.append({"full": full, "first_micro_batch": {n: v[0] / run.world for n, v in local.items()}})
         local.clear()
         step()

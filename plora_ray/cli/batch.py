@@ -5,14 +5,8 @@
     python -m plora_ray.batch logs   search_spaces/batches/paper.yaml unload [--follow]
     python -m plora_ray.batch stop   search_spaces/batches/paper.yaml [unload | JOB_ID ...]
 
-A batch file lists sweeps, each a search-space file with overrides (``--set`` of the sweep CLI),
-and what they share: the cluster's job address, the working directory uploaded with every job,
-``storage`` and ``tracking_uri`` (see ``search_spaces/batches/example.yaml``). ``submit``
-validates every sweep (the checks of ``python -m plora_ray.tune --dry-run``) before the first
-job is submitted, then submits each as ``python -m plora_ray.tune SPACE --storage ...`` through
-``ray.job_submission.JobSubmissionClient`` (the batch logic: :mod:`plora_ray.sweep.batch`). The job ids are recorded under the batch's name
-(``<state-dir>/<batch>.json``) and in each job's metadata (``plora.batch``, ``plora.sweep``), so
-``status``, ``logs`` and ``stop`` find them later, from any machine that reaches the cluster.
+argparse -> exit codes only: the batch file, validation, submission and the job records are
+:mod:`plora_ray.sweep.batch`.
 """
 
 from __future__ import annotations

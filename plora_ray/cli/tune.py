@@ -6,21 +6,8 @@
     python -m plora_ray.tune FILE --address auto --storage /shared/sweeps --tracking-uri http://mlflow:5000
     ray job submit --working-dir . -- python -m plora_ray.tune FILE --storage s3://bucket/sweeps ...
 
-One trial = one Ray Train TorchTrainer run (``ray/trainer.py: trainer_for``) built by a Tune
-function that asks for a sliver of memory and no CPU (Train V2 refuses ``Tuner(TorchTrainer)``);
-its workers take the trial's resources, so a node's CPUs all go to workers. On a cluster
-(``--address``, or inside a Ray Job) the sweep refuses a tracking store only one machine
-reaches once it sees more than one node, before any trial starts (``cluster.py``); failures
-are handled at two levels (``failures`` in the sweep file): Train restarts a trial's worker
-group from its last checkpoint when a worker or node is lost, Tune retries a trial that
-failed anyway, and ``--resume`` continues a sweep whose driver died. The driver creates the MLflow experiment, a parent run for the
-sweep and one nested run per trial (idempotent per trial id, so a restarted trial continues its
-run, named from its searched values: ``u16 m0.1 r1 s0``); rank 0 of each trial logs the curves
-into it. ``repeats: N`` runs every configuration with N seeds (separate trials). When Tune is
-done, or the driver stops for any reason, every trial still RUNNING gets its end (finished /
-stopped_early / failed), and the closing table (``summary.py``: each configuration's metric
-with its 95 % interval, its difference to the best with a paired interval) is printed last
-and stored on the sweep's run.
+argparse -> exit codes only: the sweep itself (Tune, trials, tracking, the closing table) is
+:mod:`plora_ray.sweep.tune`.
 """
 
 from __future__ import annotations

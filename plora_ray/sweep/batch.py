@@ -10,8 +10,8 @@ and what they share: the cluster's job address, the working directory uploaded w
 ``storage`` and ``tracking_uri`` (see ``search_spaces/batches/example.yaml``). ``submit``
 validates every sweep (the checks of ``python -m plora_ray.tune --dry-run``) before the first
 job is submitted, then submits each as ``python -m plora_ray.tune SPACE --storage ...`` through
-``ray.job_submission.JobSubmissionClient`` (the command line: :mod:`plora_ray.cli.batch`). The job ids are recorded under the batch's name
-(``<state-dir>/<batch>.json``) and in each job's metadata (``plora.batch``, ``plora.sweep``), so
+``ray.job_submission.JobSubmissionClient`` (the command line: :mod:`plora_ray.cli.batch`). The
+job ids are recorded under the batch's name (``<state-dir>/<batch>.json``) and in each job's metadata (``plora.batch``, ``plora.sweep``), so
 ``status``, ``logs`` and ``stop`` find them later, from any machine that reaches the cluster.
 """
 
