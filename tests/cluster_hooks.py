@@ -1,7 +1,7 @@
 """Fault injection for the cluster tests, run after every step by the Ray Train workers of
 the test cluster's nodes (their ``ray start`` environment sets
-``PLORA_RAY_STEP_HOOK=cluster_hooks:on_step``, ``PLORA_TEST_NODE`` and ``PLORA_TEST_DIR``; see
-plora_ray/ray/worker.py).
+``PLORA_TEST_STEP_FAULT=cluster_hooks:on_step``, ``PLORA_TEST_NODE`` and ``PLORA_TEST_DIR``;
+tests/faults.py puts it into the workers from outside the library).
 
 Rank 0 appends ``<run name> <node> <step>`` to ``$PLORA_TEST_DIR/steps.log`` (which node ran
 which step of which trial). While ``$PLORA_TEST_DIR/hold`` exists and names this node, a

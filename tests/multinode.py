@@ -131,8 +131,10 @@ class LocalCluster:
         return node
 
     def node_env(self, i: int) -> dict[str, str]:
-        """What the workers of node ``i`` inherit: the fault-injection hook (cluster_hooks.py)."""
-        return {"PLORA_RAY_STEP_HOOK": "cluster_hooks:on_step", "PLORA_TEST_NODE": f"node{i}",
+        """What the processes of node ``i`` inherit: a ``sitecustomize`` that puts
+        ``cluster_hooks.on_step`` after every step of its workers (tests/faults.py)."""
+        return {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}:{ROOT / 'tests' / 'faults_site'}",
+                "PLORA_TEST_STEP_FAULT": "cluster_hooks:on_step", "PLORA_TEST_NODE": f"node{i}",
                 "PLORA_TEST_DIR": str(self.tmp)}
 
     def start_head(self) -> Node:

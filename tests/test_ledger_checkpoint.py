@@ -9,22 +9,38 @@ import uuid
 import pytest
 from safetensors.torch import load_file
 
+import faults
 from plora_ray.config.io import build_run_config
-from plora_ray.ray.local import ensure_ray
+from plora_ray.ray.local import LOCAL_SETTINGS
 from plora_ray.ray.trainer import trainer_for
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
+@pytest.fixture
+def ray_with_fault(tmp_path):
+    """A local cluster whose workers kill rank 1 after its step 5, once (tests/faults.py)."""
     import ray
+    from ray import cloudpickle
 
-    ensure_ray(num_cpus=2)
-    yield
+    marker = tmp_path / "killed"
+
+    def hook():  # run as each worker process starts; shipped by value, tests/ is not on its path
+        def kill_rank_1_at_step_5_once(rec, rank):
+            if rec["step"] == 5 and rank == 1 and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        faults.install(kill_rank_1_at_step_5_once)
+
+    cloudpickle.register_pickle_by_value(faults)
+    ray.shutdown()
+    ray.init(num_cpus=2, object_store_memory=1 << 30, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": LOCAL_SETTINGS, "worker_process_setup_hook": hook})
+    yield marker
     ray.shutdown()
 
 
-def final_checkpoint(cfg, tmp_path, on_step=None):
-    result = trainer_for(cfg, str(tmp_path / "ray"), f"l-{uuid.uuid4().hex[:8]}", on_step=on_step).fit()
+def final_checkpoint(cfg, tmp_path):
+    result = trainer_for(cfg, str(tmp_path / "ray"), f"l-{uuid.uuid4().hex[:8]}").fit()
     assert result.error is None
     with result.checkpoint.as_directory() as d:
         files = sorted(os.listdir(d))
@@ -35,14 +51,8 @@ def final_checkpoint(cfg, tmp_path, on_step=None):
     return files, tensors, state
 
 
-def test_killed_worker_resumes_from_a_ledger_checkpoint_bit_exactly(ray_cluster, tmp_path):
-    marker = tmp_path / "killed"
-
-    def kill_rank_1_at_step_5_once(rec, rank):  # shipped to the workers by value (a closure)
-        if rec["step"] == 5 and rank == 1 and not marker.exists():
-            marker.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
-
+def test_killed_worker_resumes_from_a_ledger_checkpoint_bit_exactly(ray_with_fault, tmp_path):
+    marker = ray_with_fault
     cfg = build_run_config({
         "name": "ledger", "seed": 0, "checkpoint_every_steps": 3,
         "model": {"dtype": "bfloat16"}, "plora": {"unload_every_steps": 2, "momentum": 0.1},
@@ -50,12 +60,12 @@ def test_killed_worker_resumes_from_a_ledger_checkpoint_bit_exactly(ray_cluster,
         "data": {"max_length": 64, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 6},
         "distributed": {"workers": 2, "engine": "deepspeed", "zero_stage": 2, "max_failures": 1}})
     # rank 1 dies at step 5: the group restarts from the step-3 checkpoint
-    files, resumed, state = final_checkpoint(cfg, tmp_path, on_step=kill_rank_1_at_step_5_once)
+    files, resumed, state = final_checkpoint(cfg, tmp_path)
     assert marker.exists()  # the worker really died
     assert "backbone.safetensors" not in files and state["backbone"] == "ledger"
     assert [h["step"] for h in state["history"]] == list(range(1, 7))  # no step lost or repeated
     assert [e["step"] for e in state["unloads"]] == [2, 4, 6]
-    _, clean, clean_state = final_checkpoint(cfg, tmp_path)
+    _, clean, clean_state = final_checkpoint(cfg, tmp_path)  # the marker is there: no fault
     assert [h["loss"] for h in state["history"]] == [h["loss"] for h in clean_state["history"]]
     assert [e["ranks"] for e in state["unloads"]] == [e["ranks"] for e in clean_state["unloads"]]
     for kind in ("trainable", "ledger"):

