@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 from analysis import stats
-from analysis.results import LEVEL, checkpoint_step, eval_metric_keys, paired_items
+from analysis.results import checkpoint_step, eval_metric_keys, paired_items
+from analysis.stats import LEVEL
 from analysis.store import Trial, client_for, load_run, lower_is_better
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from analysis import stats
 from analysis.learning import _method, _reference
-from analysis.results import LEVEL, Config, checkpoint_step, eval_metric_keys, group_configs, item_scores
+from analysis.results import Config, checkpoint_step, eval_metric_keys, group_configs, item_scores
+from analysis.stats import LEVEL
 from analysis.store import Sweep, lower_is_better
 
 DEFINITION = __doc__.split("\n", 2)[2].strip()

@@ -17,7 +17,8 @@ from analysis.importance import MIN_TRIALS, param_importances
 from analysis.learning import DEFINITION, learning_ability
 from analysis.paired import DEFINITION as PAIRED_DEFINITION
 from analysis.paired import method_differences
-from analysis.results import LEVEL, build_table, checkpoint_step, eval_metric_keys, selection_metric, show
+from analysis.results import build_table, checkpoint_step, eval_metric_keys, selection_metric, show
+from analysis.stats import LEVEL
 from analysis.store import Sweep, load_sweep
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"

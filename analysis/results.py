@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from analysis import stats
+from analysis.stats import LEVEL
 from analysis.store import SEED_KEYS, Sweep, Trial, lower_is_better
 
-LEVEL = 0.95
 # column order of the paper's tables; anything else follows alphabetically
 PAPER_ORDER = ("eval/gsm8k/", "eval/mmlu/", "eval/arc_easy/", "eval/arc_challenge/",
                "eval/heldout/")

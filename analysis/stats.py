@@ -12,6 +12,7 @@ from statistics import NormalDist
 import numpy as np
 
 __all__ = [
+    "LEVEL",
     "mean_stderr",
     "stderr",
     "with_stderr",
@@ -21,6 +22,8 @@ __all__ = [
     "distinguishable",
     "t_quantile",
 ]
+
+LEVEL = 0.95  # every interval the product prints, unless a caller asks for another
 
 
 def mean_stderr(values) -> tuple[float, float]:
@@ -61,7 +64,7 @@ def _check_level(level: float) -> None:
         raise ValueError(f"level must lie in (0, 1), got {level}")
 
 
-def normal_interval(mean: float, stderr: float, level: float = 0.95) -> tuple[float, float]:
+def normal_interval(mean: float, stderr: float, level: float = LEVEL) -> tuple[float, float]:
     """mean ± z·stderr (the interval lm-eval's stderr implies)."""
     half = _z(level) * stderr
     return mean - half, mean + half
@@ -72,7 +75,7 @@ def _weighted_mean(x: np.ndarray, w: np.ndarray) -> float:
 
 
 def paired_bootstrap(a, b, weights=None, n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict:
+                     level: float = LEVEL) -> dict:
     """diff = mean(a) - mean(b) over paired items, with a percentile bootstrap interval.
 
     a[i] and b[i] are the same item scored by two runs; items are resampled together so the
@@ -136,7 +139,7 @@ def t_quantile(p: float, df: float) -> float:
     return (lo + hi) / 2
 
 
-def seed_difference(xs, ys, level: float = 0.95) -> dict:
+def seed_difference(xs, ys, level: float = LEVEL) -> dict:
     """mean(xs) - mean(ys) across seeds with a Welch t interval.
 
     Needs at least two seeds on each side; otherwise the interval is nan (unknown), which

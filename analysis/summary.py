@@ -21,10 +21,9 @@ from typing import Any
 
 from analysis.labels import config_label
 from analysis.results import item_scores
-from analysis.stats import distinguishable, mean_stderr, normal_interval, paired_bootstrap, seed_difference, t_quantile
+from analysis.stats import LEVEL, distinguishable, mean_stderr, normal_interval, paired_bootstrap, seed_difference, t_quantile
 from analysis.store import client_for, no_progress_bar, retry, sweep_trials
 
-LEVEL = 0.95
 N_BOOT = 2000
 
 

@@ -88,6 +88,11 @@ def parse_override(item: str) -> tuple[str, Any]:
         return key.strip(), raw
 
 
+def flow(value: Any) -> str:
+    """A value as one line of YAML (flow style): what ``key=value`` needs to read it back."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+
 def apply_override(data: dict, key: str, value: Any) -> None:
     node = data
     parts = key.split(".")

@@ -28,11 +28,13 @@ class ConfigError(Exception):
     """A user-facing configuration problem; ``str(err)`` is one line naming field and fix."""
 
 
-class _Section(BaseModel):
+class Strict(BaseModel):
+    """Every config model: an unknown key is an error, and so is a bad value set later."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class TinyModelConfig(_Section):
+class TinyModelConfig(Strict):
     """Shape of the random-init ``tiny`` Llama used by tests and the quick example."""
 
     hidden_size: int = Field(64, ge=8, description="hidden width (d_model)")
@@ -43,7 +45,7 @@ class TinyModelConfig(_Section):
     max_position_embeddings: int = Field(1024, ge=16)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Strict):
     name_or_path: str = Field(
         "tiny",
         description="'tiny' (random-init Llama built from `tiny`), a local directory, "
@@ -61,7 +63,7 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig = TinyModelConfig()
 
 
-class LoraConfig(_Section):
+class LoraConfig(Strict):
     rank: int = Field(8, ge=1, description="LoRA rank r")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale s = alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -71,7 +73,7 @@ class LoraConfig(_Section):
     )
 
 
-class PLoraConfig(_Section):
+class PLoraConfig(Strict):
     unload_every_samples: int | None = Field(
         None, ge=1, description="unload after this many training samples (paper: 4800)"
     )
@@ -103,7 +105,7 @@ class PLoraConfig(_Section):
         "(two extra forward passes per unload; ~0 for the preserve rule)")
 
 
-class OptimConfig(_Section):
+class OptimConfig(Strict):
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1e-8, gt=0)
@@ -120,7 +122,7 @@ class OptimConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(Strict):
     train_files: list[str] = Field(
         default_factory=lambda: ["tiny-dialogues"],
         min_length=1,
@@ -144,7 +146,7 @@ class DataConfig(_Section):
         "<PLORA_RAY_CACHE or ~/.cache/plora_ray>/datasets")
 
 
-class HeldoutConfig(_Section):
+class HeldoutConfig(Strict):
     """Held-out dialogues scored by teacher-forced loss at every checkpoint (``eval/heldout/loss``)."""
 
     files: list[str] | None = Field(
@@ -166,7 +168,7 @@ class HeldoutConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(Strict):
     """Benchmarks scored at every checkpoint (defined as lm-evaluation-harness defines them)."""
 
     tasks: list[Task] = Field(
@@ -195,7 +197,7 @@ class EvalConfig(_Section):
         return self
 
 
-class DistributedConfig(_Section):
+class DistributedConfig(Strict):
     """How a run is executed: one process, or N Ray Train workers with DDP or DeepSpeed."""
 
     workers: int = Field(1, ge=1, description="data-parallel workers (1: no Ray, one process)")
@@ -226,7 +228,7 @@ class DistributedConfig(_Section):
         return self
 
 
-class RunConfig(_Section):
+class RunConfig(Strict):
     name: str = "plora-run"
     method: Literal["plora", "lora", "full"] = "plora"
     seed: int = Field(0, ge=0, le=2**64 - 1, description="torch / data-order seed (a 64-bit "
@@ -272,9 +274,12 @@ class RunConfig(_Section):
             raise ValueError("distributed.offload_optimizer needs engine deepspeed with zero_stage >= 1")
         return self
 
+    def samples_per_step(self, world: int) -> int:
+        """Sequences in one optimizer step over ``world`` data-parallel ranks."""
+        return self.data.micro_batch_size * self.data.gradient_accumulation_steps * world
+
     @property
     def global_batch_size(self) -> int:
-        d = self.data
-        return d.micro_batch_size * d.gradient_accumulation_steps * self.distributed.workers
+        return self.samples_per_step(self.distributed.workers)
 
 

@@ -24,9 +24,10 @@ import difflib
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from plora_ray.config.names import METRICS, direction
+from plora_ray.config.schema import Strict
 
 Kind = Literal["choice", "grid", "uniform", "loguniform", "int"]
 KINDS = typing.get_args(Kind)
@@ -40,11 +41,7 @@ RESOURCE_PATHS = {"distributed.workers": "resources.workers",
 DEFAULT_WORKER_RESTARTS = 1  # a lost worker or node: once from the last checkpoint, then Tune's retry
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class Distribution(_Strict):
+class Distribution(Strict):
     """One ``space`` entry, ``{kind: values}`` in YAML: ``{int: [1, 8]}`` is inclusive."""
 
     kind: Kind
@@ -94,14 +91,14 @@ def _bound(value: Any, kind: str) -> float | int:
     raise ValueError(f"{kind} needs {'whole-number' if kind == 'int' else 'number'} bounds (got {value!r})")
 
 
-class Searcher(_Strict):
+class Searcher(Strict):
     type: Literal["optuna", "random", "grid"] | None = Field(
         None, description="optuna (seeded TPE) | random | grid; default grid if every space "
         "entry is a grid, else optuna")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="searcher seed (numpy's range: 0 to 2**32 - 1)")
 
 
-class Scheduler(_Strict):
+class Scheduler(Strict):
     type: Literal["asha", "none"] = "none"
     grace_period: int = Field(1, ge=1, description="reports (checkpoints) before a trial can stop")
     reduction_factor: float = Field(2.0, gt=1)
@@ -115,7 +112,7 @@ class Scheduler(_Strict):
         return self
 
 
-class Resources(_Strict):
+class Resources(Strict):
     """Per trial; written into the run's ``distributed`` section. Unset: the base's values."""
 
     workers: int | None = Field(None, ge=1, description="Ray Train workers per trial")
@@ -126,7 +123,7 @@ class Resources(_Strict):
         None, description="placement of a trial's workers (STRICT_PACK: one node per trial)")
 
 
-class Failures(_Strict):
+class Failures(Strict):
     """What a sweep does when something dies; unset: the defaults below."""
 
     trial_retries: int = Field(1, ge=-1, description="Tune reruns a failed trial (its driver-side "
@@ -138,7 +135,7 @@ class Failures(_Strict):
                                         f"{DEFAULT_WORKER_RESTARTS}; -1: without limit")
 
 
-class SweepSpec(_Strict):
+class SweepSpec(Strict):
     name: str | None = Field(None, description="sweep name; default the file's stem")
     base: dict[str, Any] = Field(description="run config (a path in the file is read first)")
     metric: str

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 
 class UnloadClock:
     """Decides when to unload, from samples actually consumed or optimizer steps.
@@ -50,3 +52,10 @@ class UnloadClock:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, int(v))
+
+
+def lap(times: dict[str, float], key: str, since: float) -> float:
+    """Add the wall time since ``since`` to ``times[key]``; the time now, for the next lap."""
+    now = time.perf_counter()
+    times[key] = times.get(key, 0.0) + now - since
+    return now

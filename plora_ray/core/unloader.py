@@ -42,7 +42,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from plora_ray.core.access import LocalAccess
-from plora_ray.core.clock import UnloadClock
+from plora_ray.core.clock import UnloadClock, lap
 from plora_ray.core.schedule import StageLR, refresh_lr
 
 MOMENTUM_RULES = ("preserve", "paper")
@@ -81,12 +81,6 @@ def init_lora_a(shape, rank: int, how: str, generator: torch.Generator) -> torch
     else:
         raise ValueError(f"unknown init {how!r}")
     return a
-
-
-def _lap(parts: dict, key: str, since: float) -> float:
-    now = time.perf_counter()
-    parts[key] += now - since
-    return now
 
 
 class UnloadEvent:
@@ -216,10 +210,10 @@ class PeriodicUnloader:
                 b = b_full * (c * layer.scaling[ad])
                 # fp32 sum, cast once to the backbone dtype: the ledger's replay does the same
                 self.access.merge(base, b, a, getattr(layer, "fan_in_fan_out", False))
-                t = _lap(parts, "merge", t)
+                t = lap(parts, "merge", t)
                 if self.ledger is not None:  # a may be lora_a itself, re-initialised below
                     stage[name] = (b, a.detach().clone())
-                t = _lap(parts, "ledger", t)
+                t = lap(parts, "ledger", t)
                 if m == 0.0:
                     g = torch.Generator().manual_seed(_seed_for(self.seed, self.stage, index))
                     new_a = init_lora_a(a.shape, layer.r[ad], self.init_a, g)
@@ -230,21 +224,21 @@ class PeriodicUnloader:
                     new_a, new_b = a * m, b_full * m
                 self.access.write(lora_a, new_a)
                 self.access.write(lora_b, new_b)
-                _lap(parts, "reinit", t)
+                lap(parts, "reinit", t)
         t = time.perf_counter()
         if self.ledger is not None:
             self.ledger.add_stage(stage)
-        t = _lap(parts, "ledger", t)
+        t = lap(parts, "ledger", t)
         self._reset_optimizer_state(lora_parameters(self.model, ad))
         if self.scheduler is not None:
             for fn in self.scheduler.lr_lambdas:
                 if isinstance(fn, StageLR):
                     fn.mark_unload(self.scheduler.last_epoch)
             refresh_lr(self.scheduler)
-        t = _lap(parts, "optimizer", t)
+        t = lap(parts, "optimizer", t)
         self.stage += 1
         pending = self.meter.submit(self.ledger.num_stages) if self.meter is not None else None
-        _lap(parts, "rank", t)
+        lap(parts, "rank", t)
         return UnloadEvent(stage=self.stage, step=self.clock.steps, samples=self.clock.samples,
                            seconds=time.perf_counter() - t0, parts=parts, pending=pending)
 

@@ -1,6 +1,6 @@
 """Benchmark evaluators (GSM8K, MMLU, ARC-Easy/Challenge) defined as lm-evaluation-harness
 0.4.13 defines them, runnable on an in-memory model and sharded over the ranks of a
-distributed run, plus the held-out loss and lm-eval standard errors. Entry points:
+distributed run, plus the held-out loss (standard errors: :mod:`analysis.stats`). Entry points:
 :func:`evaluate`; in a training run :func:`evaluate_checkpoint` (metrics for MLflow and
 per-item results)."""
 
@@ -10,7 +10,6 @@ from plora_ray.evaluation.multiple_choice import evaluate_arc, evaluate_mmlu, lo
 from plora_ray.evaluation.records import items_record
 from plora_ray.evaluation.run import TASKS, EvalResult, evaluate, evaluate_checkpoint, select
 from plora_ray.evaluation.sharding import Shard
-from analysis.stats import stderr as mean_stderr  # lm-eval's name: the standard error alone
 
 __all__ = [
     "TASKS",
@@ -30,7 +29,6 @@ __all__ = [
     "items_record",
     "load_heldout",
     "loglikelihoods",
-    "mean_stderr",
     "prepare_heldout",
     "score_choices",
     "select",

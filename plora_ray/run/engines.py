@@ -221,7 +221,7 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.data.gradient_accumulation_steps,
-        "train_batch_size": cfg.data.micro_batch_size * cfg.data.gradient_accumulation_steps * world,
+        "train_batch_size": cfg.samples_per_step(world),
         # the loop decides where a step ends (short last steps, uneven token counts)
         "managed_gradient_accumulation": False,
         "gradient_clipping": o.max_grad_norm or 0.0,

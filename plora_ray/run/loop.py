@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from plora_ray.config.schema import RunConfig
 from plora_ray.config.names import IGNORE
+from plora_ray.config.schema import RunConfig
+from plora_ray.core.clock import UnloadClock, lap
+from plora_ray.core.schedule import StageLR, make_scheduler
+from plora_ray.core.unloader import PeriodicUnloader, UnloadEvent
 from plora_ray.run.data import StepPlan, collate, load_examples
 from plora_ray.run.engines import make_engine
 from plora_ray.run.loss import loss_positions, loss_sum
 from plora_ray.run.models import build_model
-from plora_ray.core.clock import UnloadClock
-from plora_ray.core.schedule import StageLR, make_scheduler
-from plora_ray.core.unloader import PeriodicUnloader, UnloadEvent
 from plora_ray.run.unloading import build_unloader
 
 
@@ -98,7 +98,7 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     engine = make_engine(model, cfg, device or torch.device("cpu"), rank, world)
     timings = {"model_load": t1 - t0, "tokenise": t2 - t1, "engine": time.perf_counter() - t2}
     o, p = cfg.optim, cfg.plora
-    global_batch = cfg.data.micro_batch_size * cfg.data.gradient_accumulation_steps * world
+    global_batch = cfg.samples_per_step(world)
     if cfg.method == "plora" and p.scheduler_on_unload == "restart":
         stage_steps = p.unload_every_steps or math.ceil(p.unload_every_samples / global_batch)
         horizon = min(stage_steps, len(steps))
@@ -117,11 +117,6 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
         clock = UnloadClock()  # never fires; counts samples and steps
     return Run(cfg, engine, tokenizer, examples, steps, scheduler, clock, unloader, rank, world,
                heldout=heldout, timings=timings)
-
-
-def causal_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled tokens, and their count (see ``loss``)."""
-    return loss_sum(model, batch), int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def rank_share(micro_batches: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], int]:
@@ -228,18 +223,12 @@ def fit(run: Run, on_step=None, on_unload=None, on_checkpoint=None, progress: bo
     return run
 
 
-def _lap(run: Run, phase: str, since: float) -> float:
-    now = time.perf_counter()
-    run.timings[phase] = run.timings.get(phase, 0.0) + now - since
-    return now
-
-
 def _fit_steps(run: Run, bar, on_step, on_unload, on_checkpoint, progress: bool) -> None:
     every = run.cfg.checkpoint_every_steps
     for index in range(run.start_step, len(run.steps)):
         t0 = time.perf_counter()
         out = train_step(run, run.steps[index])
-        t = _lap(run, "steps", t0)
+        t = lap(run.timings, "steps", t0)
         event = None
         if run.clock.step(out["samples"]) and run.unloader is not None:
             before = probe_logits(run) if run.cfg.plora.measure_output_change else None
@@ -247,7 +236,7 @@ def _fit_steps(run: Run, bar, on_step, on_unload, on_checkpoint, progress: bool)
             if before is not None:
                 after = probe_logits(run)
                 event.output_change = float((after - before).abs().max() / before.abs().max())
-            _lap(run, "unload", t)
+            lap(run.timings, "unload", t)
         dt = time.perf_counter() - t0
         first = run.history[0]["loss"] if run.history else out["loss"]
         limit = run.cfg.diverge_factor * first
@@ -296,7 +285,7 @@ def checkpoint_point(run: Run, final: bool, on_checkpoint, progress: bool) -> No
         print_ranks(run, wait=True)
     t = time.perf_counter()
     scores = evaluate_run(run, final)
-    t = _lap(run, "evaluation", t)
+    t = lap(run.timings, "evaluation", t)
     if scores:
         run.evals.append({"step": run.clock.steps, **scores})
         if progress:
@@ -305,7 +294,7 @@ def checkpoint_point(run: Run, final: bool, on_checkpoint, progress: bool) -> No
                 for k, v in scores.items() if not k.endswith("_stderr")))
     if on_checkpoint:
         on_checkpoint(run, final, scores)
-    _lap(run, "checkpoint", t)
+    lap(run.timings, "checkpoint", t)
 
 
 def event_record(e: UnloadEvent) -> dict:

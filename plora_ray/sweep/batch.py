@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from plora_ray.config.io import format_validation_error, read_yaml
-from plora_ray.config.schema import ConfigError
 from plora_ray.assets.dialogues import DataError
+from plora_ray.config.io import flow, format_validation_error, read_yaml
+from plora_ray.config.schema import ConfigError, Strict
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_EXCLUDES = [".git", ".venv", "runs", "outputs", "mlruns", "mlartifacts", "*.db", "__pycache__",
@@ -39,11 +38,7 @@ META_BATCH, META_SWEEP = "plora.batch", "plora.sweep"
 WAIT_POLL_S = 5
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BatchSweep(_Strict):
+class BatchSweep(Strict):
     space: str = Field(description="search-space file, relative to the batch file")
     name: str | None = Field(None, description="the sweep's name in the batch; default the file's stem")
     set: dict[str, Any] = Field(default_factory=dict, description="overrides, as --set key=value")
@@ -56,7 +51,7 @@ class BatchSweep(_Strict):
         return value
 
 
-class BatchSpec(_Strict):
+class BatchSpec(Strict):
     name: str | None = Field(None, description="batch name; default the file's stem")
     address: str | None = Field(None, description="Ray Jobs address (the dashboard, http://HEAD:8265); "
                                 "default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, else " + DEFAULT_ADDRESS)
@@ -90,7 +85,7 @@ class Batch:
         if not self.spec.report:
             cmd.append("--no-report")
         for key, value in sweep.set.items():
-            cmd += ["--set", f"{key}={_flow(value)}"]
+            cmd += ["--set", f"{key}={flow(value)}"]
         return shlex.join(cmd)
 
     def runtime_env(self) -> dict:
@@ -98,12 +93,6 @@ class Batch:
         if self.spec.env:
             env["env_vars"] = dict(self.spec.env)
         return env
-
-
-def _flow(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
 
 
 def load_batch(path: str | os.PathLike, check_paths: bool = True, storage: str | None = None,
@@ -145,7 +134,7 @@ def load_batch(path: str | os.PathLike, check_paths: bool = True, storage: str |
             raise ConfigError(f"{where}: field 'space': '{space}' is outside working_dir '{batch.working_dir}', "
                               "so the job would not have it: move it under working_dir or change "
                               "working_dir") from None
-        overrides = [f"{k}={_flow(v)}" for k, v in sweep.set.items()]
+        overrides = [f"{k}={flow(v)}" for k, v in sweep.set.items()]
         try:
             sweep_spec = load_sweep(space, overrides, check_paths=check_paths)
             if check_paths:

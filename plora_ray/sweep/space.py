@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
 
-import yaml
-
+from plora_ray.config.io import flow
 from plora_ray.config.spec import SweepSpec
 from plora_ray.config.trials import TRIAL_INDEX
 
@@ -49,12 +47,8 @@ def describe(spec: SweepSpec) -> str:
              f"restart(s), {spec.failures.trial_retries} trial retry(ies)"]
     for key, d in spec.space.items():
         if "," in key:  # a joint key: one table row per line
-            lines += [f"  {key}: {d.kind}"] + [f"    {_flow(v)}" for v in d.values]
+            lines += [f"  {key}: {d.kind}"] + [f"    {flow(v)}" for v in d.values]
         else:
-            lines.append(f"  {key}: {d.kind} {_flow(d.values)}")
-    lines += [f"  {key} = {_flow(v)}" for key, v in spec.fixed.items()]
+            lines.append(f"  {key}: {d.kind} {flow(d.values)}")
+    lines += [f"  {key} = {flow(v)}" for key, v in spec.fixed.items()]
     return "\n".join(lines)
-
-
-def _flow(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
