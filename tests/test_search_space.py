@@ -65,6 +65,8 @@ BAD = [
     ("bad-target-list", sweep(space=space(lora__target_modules={"choice": [["q_proj"], []]})), [], "field 'space.lora.target_modules': value []"),
     ("missing-base-file", sweep(base="no_such_run.yaml"), [], "field 'base': run config"),
     ("missing-base", sweep(base=None), [], "field 'base': Field required"),
+    ("a-run-config", {"method": "lora", "lora": {"rank": 4}, "data": {"max_steps": 1}}, [],
+     "a run config (keys data, lora, method), not a sweep file: train it with python -m plora_ray.train"),
     ("invalid-base", sweep(base={"lora": {"rank": 0}, **BASE}), [], "base: field 'lora.rank'"),
     ("missing-data-file", sweep(base={**BASE, "data": {"train_files": ["nope.jsonl"]}}), [], "file 'nope.jsonl' not found"),
     ("grid-under-optuna", sweep(searcher={"type": "optuna"}, space=space(lora__rank={"grid": [1, 8]})), [], "field 'space.lora.rank': grid cannot be used with searcher optuna"),

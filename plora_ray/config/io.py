@@ -197,6 +197,9 @@ def build_run_config(data: dict, source: str = "config") -> RunConfig:
 def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     """Read, override (``key=value``) and validate a run YAML; raises ConfigError."""
     data = read_yaml(path)
+    if "base" in data:  # every sweep file names its base run; a run config has no such key
+        raise ConfigError(f"{path}: a sweep file (it has a 'base'), not a run config: run it with "
+                          f"python -m plora_ray.tune {path}")
     for item in overrides:
         apply_override(data, *parse_override(item))
     return build_run_config(data, source=str(path))

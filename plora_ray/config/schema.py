@@ -29,9 +29,10 @@ class ConfigError(Exception):
 
 
 class Strict(BaseModel):
-    """Every config model: an unknown key is an error, and so is a bad value set later."""
+    """Every config model: an unknown key is an error, and so is a bad value set later; no
+    number may be inf or nan (``lr: .inf`` would pass ``gt=0`` and fail after a step)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(Strict):

@@ -30,6 +30,11 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), check_paths: 
     checks of model and data paths (the paper-scale files on a machine without them)."""
     path = Path(path)
     data = read_yaml(path)
+    run_keys = sorted(set(data) & (set(RunConfig.model_fields) - set(SweepSpec.model_fields)))
+    if "base" not in data and run_keys:
+        raise ConfigError(f"{path}: a run config (keys {', '.join(run_keys)}), not a sweep file: train it "
+                          f"with python -m plora_ray.train {path}, or name it as a sweep's base "
+                          f"(base: {path.name})")
     base_file = _resolve_base(data, path)
     for item in overrides:
         try:
