@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from plora_ray.config.hardware import resolve_dtype
+from plora_ray.config.names import CHAT_TEMPLATES
 from plora_ray.config.schema import BUNDLED_DATASETS, ConfigError, RunConfig
 
 
@@ -184,6 +185,10 @@ def build_run_config(data: dict, source: str = "config") -> RunConfig:
                 f"{source}: field 'data.train_files': file '{f}' not found: give an existing "
                 f"path or a bundled name ({', '.join(BUNDLED_DATASETS)})"
             )
+    t = cfg.model.chat_template
+    if t is not None and t not in CHAT_TEMPLATES and "{{" not in t and "{%" not in t and not Path(t).expanduser().is_file():
+        raise ConfigError(f"{source}: field 'model.chat_template': '{t}' is not a template name "
+                          f"({', '.join(CHAT_TEMPLATES)}), a Jinja string or an existing .jinja file")
     if cfg.model.name_or_path != "tiny":
         looks_local = cfg.model.name_or_path.startswith((".", "/", "~"))
         if looks_local and not Path(cfg.model.name_or_path).expanduser().exists():

@@ -32,3 +32,4 @@ def direction(metric: str) -> str:
     """The sweep mode of ``metric``: min for a loss (a last path segment containing "loss":
     train/loss, eval/heldout/loss), else max (accuracies, exact matches)."""
     return "min" if "loss" in metric.rsplit("/", 1)[-1] else "max"
+CHAT_TEMPLATES = ("chatml", "llama-2", "vicuna_v1.1", "plain")  # model.chat_template by name (assets/templates.py)

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from plora_ray.config.names import EMBEDDED_MIXES, HELDOUT_NAMES, Task
+from plora_ray.config.names import CHAT_TEMPLATES, EMBEDDED_MIXES, HELDOUT_NAMES, Task
 
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BUNDLED_DATASETS = ("tiny-dialogues", *EMBEDDED_MIXES)  # names resolved by plora_ray.run.data
@@ -61,6 +61,10 @@ class ModelConfig(Strict):
         "run's config.yaml and MLflow params say which",
     )
     trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None, description="null: the tokenizer's own (ChatML where it has none); "
+        f"{', '.join(CHAT_TEMPLATES)} (FastChat's, the paper's; plain: base models, no role "
+        "markers); a Jinja string; or a .jinja file")
     tiny: TinyModelConfig = TinyModelConfig()
 
 

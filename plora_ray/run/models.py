@@ -19,14 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers import PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
+from plora_ray.assets.templates import CHATML, apply_template
 from plora_ray.config.schema import ConfigError, ModelConfig, RunConfig
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The architecture of each embedded model (assets.KNOWN_MODELS), so its module tree can be
 # checked before the weights are fetched and converted (HuggingFaceTB/SmolLM2-135M-Instruct).
@@ -55,7 +50,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
     )
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = CHATML
     return fast
 
 
@@ -102,6 +97,7 @@ def load_base(cfg: ModelConfig, seed: int = 0):
     """(model, tokenizer) for ``cfg``; the tokenizer always has a pad token."""
     if cfg.name_or_path == "tiny":
         tokenizer = tiny_tokenizer()
+        apply_template(tokenizer, cfg.chat_template)
         return tiny_model(cfg, len(tokenizer), seed, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer
     path = resolve_model_path(cfg.name_or_path)
     try:
@@ -117,8 +113,7 @@ def load_base(cfg: ModelConfig, seed: int = 0):
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHATML_TEMPLATE
+    apply_template(tokenizer, cfg.chat_template)
     return model, tokenizer
 
 
