@@ -386,10 +386,10 @@ def test_stderrs_equal_lm_eval_on_the_same_items(tiny):
 
 def test_mean_stderr_equals_lm_eval_formula():
     lm_metrics = pytest.importorskip("lm_eval.api.metrics")
-    from plora_ray.evaluation import mean_stderr
+    from analysis.stats import stderr  # the one standard error every evaluator logs
 
     for values in ([1, 0, 0, 1, 1], [2.5, 0.25, 7.0], [0.0, 0.0]):
-        assert mean_stderr(values) == pytest.approx(lm_metrics.mean_stderr(values), abs=1e-15)
+        assert stderr(values) == pytest.approx(lm_metrics.mean_stderr(values), abs=1e-15)
 
 
 # ------------------------------------------------------------------ CLI
@@ -410,7 +410,7 @@ def test_cli_writes_table_and_json(tmp_path, monkeypatch, capsys):
     from plora_ray.cli import evaluate as cli
     from plora_ray.evaluation import run
 
-    monkeypatch.setattr(run, "default_items", lambda task: {"arc_easy": ARC, "mmlu": MMLU}[task])
+    monkeypatch.setattr(run, "default_items", lambda task, *_: {"arc_easy": ARC, "mmlu": MMLU}[task])
     out = tmp_path / "res.json"
     assert cli.main(["tiny", "--tasks", "arc_easy,mmlu", "--limit", "2", "--prompt-style", "plain",
                      "--output", str(out)]) == 0

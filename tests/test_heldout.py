@@ -171,7 +171,7 @@ def test_embedded_mix_holds_out_the_gsm8k_problems_it_never_trains_on(tiny, tiny
 
 def test_checkpoint_runs_final_only_tasks_at_the_end(tiny, examples, monkeypatch):
     model, tok = tiny
-    monkeypatch.setattr(run_mod, "default_items", lambda task: {"arc_easy": ARC, "gsm8k": GSM}[task])
+    monkeypatch.setattr(run_mod, "default_items", lambda task, *_: {"arc_easy": ARC, "gsm8k": GSM}[task])
     cfg = EvalConfig(tasks=["arc_easy", "gsm8k"], final_only_tasks=["gsm8k"], max_new_tokens=4, limit=None)
     metrics, items = evaluate_checkpoint(model, tok, cfg, examples[:3], final=False)
     assert set(items) == {"heldout", "arc_easy"}
@@ -189,7 +189,7 @@ def test_items_record_matches_the_tracking_layout(tiny, examples, monkeypatch):
     cfg = EvalConfig(tasks=["arc_easy", "gsm8k", "mmlu"], max_new_tokens=4, limit=None)
     items_mmlu = [dict(question="2+2?", subject="anatomy", choices=list("1234"), answer=3)]  # 1 item
     monkeypatch.setattr(run_mod, "default_items",
-                        lambda task: {"arc_easy": ARC, "gsm8k": GSM, "mmlu": items_mmlu}[task])
+                        lambda task, *_: {"arc_easy": ARC, "gsm8k": GSM, "mmlu": items_mmlu}[task])
     _, items = evaluate_checkpoint(model, tok, cfg, examples[:2], final=True)
     assert items["heldout"]["ids"] == [e["id"] for e in examples[:2]]
     assert set(items["heldout"]) == {"ids", "loss", "tokens"}
@@ -225,3 +225,19 @@ def test_load_examples_and_heldout_tokenise_alike(tiny):
     train = load_examples(["tiny-dialogues"], tok, 48)
     held = load_heldout(["tiny-dialogues"], tok, 48)
     assert [(e["input_ids"], e["labels"]) for e in held] == [(e["input_ids"], e["labels"]) for e in train]
+
+
+def test_gsm8k_scores_its_whole_test_set_unless_the_run_trains_on_the_embedded_mix(tiny):
+    from plora_ray.config.io import build_run_config
+
+    own = build_run_config({"method": "lora", "eval": {"tasks": ["gsm8k"]}}, "run")
+    mix = build_run_config({"method": "lora", "data": {"train_files": ["embedded-mix-small"]},
+                            "eval": {"tasks": ["gsm8k"]}}, "run")
+    assert (own.eval.gsm8k_items, mix.eval.gsm8k_items) == ("test", "heldout")  # recorded in config.yaml
+    assert len(run_mod.default_items("gsm8k", "test")) == 1319
+    assert len(run_mod.default_items("gsm8k", "heldout")) == 319
+    model, tok = tiny
+    for cfg, ids in ((own, ["gsm8k-test-0", "gsm8k-test-1"]), (mix, ["gsm8k-heldout-0", "gsm8k-heldout-1"])):
+        ev = cfg.eval.model_copy(update={"limit": 2, "max_new_tokens": 2})
+        _, items = evaluate_checkpoint(model, tok, ev, None, final=True)
+        assert items["gsm8k"]["ids"] == ids  # two item sets never pair up

@@ -411,3 +411,14 @@ def test_study_sweeps_share_one_budget_and_protocol():
     assert methods == {"lora_lr": {"lora"}, "plora": {"plora"}, "final": {"lora", "plora"}}
     final = load_sweep(ROOT / "search_spaces" / "study" / "final.yaml")
     assert final.repeats == 3 and trial_count(final) == 6
+
+
+def test_dry_run_says_which_gsm8k_items_each_run_scores(tmp_path):
+    base = {**BASE, "method": "plora", "eval": {"tasks": ["gsm8k"], "limit": None}}
+    for train_files, expected in ((["tiny-dialogues"], "gsm8k (GSM8K's test set, 1,319 problems: all items)"),
+                                  (["embedded-mix-small"], "gsm8k (the 319 GSM8K problems the embedded mix never trains on")):
+        path = tmp_path / "s.yaml"
+        data = sweep(base={**base, "data": {**BASE["data"], "train_files": train_files}})
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        assert expected in describe(load_sweep(path)).splitlines()[-1]
+

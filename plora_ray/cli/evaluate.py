@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation budget")
+    p.add_argument("--gsm8k-items", choices=("test", "heldout"), default="test",
+                   help="GSM8K's whole test set (1,319), or the 319 problems the embedded mix never trains on")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: a run's own model.dtype, else float32)")
     p.add_argument("--output", help="write metrics and per-item records to this JSON file")
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(model, tokenizer, tasks, args.limit, prompt_style=args.prompt_style,
                               batch_size=args.batch_size, num_fewshot=args.num_fewshot,
                               limit_mode=args.limit_mode, seed=args.seed,
-                              max_new_tokens=args.max_new_tokens)
+                              max_new_tokens=args.max_new_tokens, gsm8k_items=args.gsm8k_items)
         except errors as exc:
             raise UsageError(" ".join(str(exc).split()) or type(exc).__name__) from None
     except UsageError as exc:

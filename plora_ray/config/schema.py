@@ -192,6 +192,11 @@ class EvalConfig(Strict):
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(256, ge=1, description="GSM8K generation length")
+    gsm8k_items: Literal["auto", "test", "heldout"] = Field(
+        "auto", description="GSM8K problems scored: test (the whole 1,319-problem test set, as the "
+        "paper and lm-eval), heldout (the 319 the embedded mix never trains on); auto: heldout when "
+        "training on an embedded mix, else test. Resolved when the config is built, so config.yaml "
+        "and MLflow record which (ids gsm8k-test-<i> / gsm8k-heldout-<i>: two sets never pair)")
 
     @model_validator(mode="after")
     def _final_only_in_tasks(self) -> "EvalConfig":
@@ -277,6 +282,9 @@ class RunConfig(Strict):
                 "update: use distributed.zero_stage 1-3, or model.dtype float32")
         if d.offload_optimizer and (d.engine != "deepspeed" or d.zero_stage == 0):
             raise ValueError("distributed.offload_optimizer needs engine deepspeed with zero_stage >= 1")
+        if self.eval.gsm8k_items == "auto":  # a pure function of the config: resolved here
+            embedded = any(f in EMBEDDED_MIXES for f in self.data.train_files)
+            self.eval.gsm8k_items = "heldout" if embedded else "test"
         return self
 
     def samples_per_step(self, world: int) -> int:

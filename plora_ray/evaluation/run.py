@@ -4,10 +4,10 @@ Why one function: the trainer calls it on every checkpoint (in-memory model, pos
 wrapped) and the CLI calls it on a saved model; both get the same flat metric names, ready for
 MLflow, and the per-item records for JSON output and the lm-eval agreement test.
 
-Items: by default from ``plora_ray.assets.benchmarks`` (MMLU test, ARC test, GSM8K test, or GSM8K's
-319 held-out problems when ``plora_ray.assets.mix.gsm8k_heldout`` exists, so a model trained
-on the embedded mix is never scored on problems it trained on). ``items={"mmlu": [...], ...}``
-overrides per task (tests pass hand-made rows).
+Items: by default from ``plora_ray.assets.benchmarks`` (MMLU test, ARC test, GSM8K's whole test
+set, or with ``gsm8k_items="heldout"`` GSM8K's 319 problems the embedded mix never trains on:
+``eval.gsm8k_items`` picks them for a run on that mix). ``items={"mmlu": [...], ...}`` overrides
+per task (tests pass hand-made rows).
 
 Limit: ``limit`` items per task (a dict ``{task: n, "*": default}`` sets it per task), the first ones (``limit_mode="first"``, lm-eval's ``--limit``)
 or a sample drawn with ``random.Random(seed)`` and kept in source order (``"sample"``). For
@@ -96,19 +96,22 @@ def _pick(indices: list[int], limit: int, mode: str, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(indices, limit))
 
 
-def default_items(task: str) -> list[dict]:
-    """Evaluation rows of ``task`` from the offline benchmark loaders."""
+def default_items(task: str, gsm8k_items: str = "test") -> list[dict]:
+    """Evaluation rows of ``task`` from the offline benchmark loaders; GSM8K's whole test set,
+    or (``gsm8k_items="heldout"``) the 319 problems the embedded mix never trains on."""
     from plora_ray.assets import benchmarks
 
     if task == "mmlu":
         return benchmarks.load_mmlu("test")
     if task in ("arc_easy", "arc_challenge"):
         return benchmarks.load_arc(task.split("_")[1], "test")
-    try:
+    if gsm8k_items == "heldout":
         from plora_ray.assets.mix import gsm8k_heldout
-    except ImportError:
-        return with_ids(benchmarks.load_gsm8k("test"), "gsm8k-test")
-    return with_ids(gsm8k_heldout(), "gsm8k-heldout")
+
+        return with_ids(gsm8k_heldout(), "gsm8k-heldout")
+    if gsm8k_items != "test":
+        raise ValueError(f"gsm8k_items must be test or heldout, got {gsm8k_items!r}")
+    return with_ids(benchmarks.load_gsm8k("test"), "gsm8k-test")
 
 
 def with_ids(rows: list[dict], prefix: str) -> list[dict]:
@@ -139,7 +142,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
              *, limit_mode: str = "first", seed: int = 1234, max_new_tokens: int = 256,
              fewshot_items: dict[str, list[dict]] | None = None,
              categories: dict[str, str] | None = None, heldout: list[dict] | None = None,
-             rank: int = 0, world: int = 1, lockstep: bool = False) -> EvalResult:
+             rank: int = 0, world: int = 1, lockstep: bool = False, gsm8k_items: str = "test") -> EvalResult:
     """Evaluate ``model`` on ``tasks`` (names in ``TASKS``); see the module docstring.
 
     Returns an :class:`EvalResult`: ``gsm8k/strict``, ``gsm8k/flexible``, ``mmlu/acc``,
@@ -171,7 +174,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
                 metrics_h, samples["heldout"] = evaluate_heldout(model, tokenizer, heldout, batch_size, shard)
                 metrics.update(metrics_h)
             for task in tasks:
-                rows = with_ids(items[task] if task in items else default_items(task), task)
+                rows = with_ids(items[task] if task in items else default_items(task, gsm8k_items), task)
                 n = limit.get(task, limit.get("*")) if isinstance(limit, dict) else limit
                 rows = select(rows, n, limit_mode, seed, key="subject" if task == "mmlu" else None)
                 shots = None
@@ -214,7 +217,7 @@ def evaluate_checkpoint(model, tokenizer, cfg, heldout: list[dict] | None = None
     limit = {"*": cfg.limit, **cfg.task_limits} if cfg.task_limits else cfg.limit
     res = evaluate(model, tokenizer, tasks, limit, cfg.prompt_style, cfg.batch_size, cfg.num_fewshot,
                    limit_mode=cfg.limit_mode, seed=seed, max_new_tokens=cfg.max_new_tokens,
-                   heldout=heldout, rank=rank, world=world, lockstep=lockstep)
+                   heldout=heldout, rank=rank, world=world, lockstep=lockstep, gsm8k_items=cfg.gsm8k_items)
     # a standard error over fewer than two items is NaN (lm-eval: N/A): left out of MLflow
     metrics = {f"eval/{k}": float(v) for k, v in res.items()
                if "/subject/" not in k and not k.endswith(("/n", "/tokens"))

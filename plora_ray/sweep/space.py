@@ -9,8 +9,10 @@ import copy
 import math
 
 from plora_ray.config.io import flow
+from plora_ray.config.names import EMBEDDED_MIXES
+from plora_ray.config.schema import RunConfig
 from plora_ray.config.spec import SweepSpec
-from plora_ray.config.trials import TRIAL_INDEX
+from plora_ray.config.trials import TRIAL_INDEX, trial_run_config
 
 
 def tune_param_space(spec: SweepSpec) -> dict[str, object]:
@@ -51,4 +53,23 @@ def describe(spec: SweepSpec) -> str:
         else:
             lines.append(f"  {key}: {d.kind} {flow(d.values)}")
     lines += [f"  {key} = {flow(v)}" for key, v in spec.fixed.items()]
-    return "\n".join(lines)
+    cfg = trial_run_config(spec, {key: d.values[0] for key, d in spec.space.items()})
+    return "\n".join(lines + [f"scored at checkpoints (first trial): {describe_eval(cfg)}"])
+
+
+GSM8K_SETS = {"test": "GSM8K's test set, 1,319 problems", "heldout": "the 319 GSM8K problems the embedded mix never trains on"}
+
+
+def describe_eval(cfg: RunConfig) -> str:
+    """What a run scores at its checkpoints, and on which items."""
+    e, parts = cfg.eval, []
+    h = e.heldout
+    if h.files or h.fraction or (h.files is None and any(f in EMBEDDED_MIXES for f in cfg.data.train_files)):
+        parts.append("held-out loss")
+    for task in e.tasks:
+        n = e.task_limits.get(task, e.limit)
+        items = "all items" if n is None else f"{'the first' if e.limit_mode == 'first' else 'a sample of'} {n}"
+        what = GSM8K_SETS[e.gsm8k_items] if task == "gsm8k" else "test set"
+        when = ", last checkpoint only" if task in e.final_only_tasks else ""
+        parts.append(f"{task} ({what}: {items}{when})")
+    return "; ".join(parts) or "nothing (train/loss only)"
