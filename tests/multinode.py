@@ -30,6 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def worker_port_range(i: int) -> int:
+    """The first of 200 worker ports for node i: below the kernel's ephemeral range, where
+    free_port() draws the other components' ports, so the two never collide (they did in CI)."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low = 20000  # above Ray's own defaults (8265, 10001, local workers 10002-19999)
+    top = max(ephemeral - 200, low + 1000)
+    return low + (os.getpid() * 7 + i * 200) % (top - low)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -111,7 +123,7 @@ class LocalCluster:
         self.nodes_up: list[dict] = []
 
     def _node_args(self, i: int, ip: str) -> list[str]:
-        lo = 30000 + (os.getpid() * 7 + i * 200) % 20000  # a worker-port range of its own
+        lo = worker_port_range(i)
         return ["--node-ip-address", ip, "--num-cpus", "1", "--object-store-memory", str(150 << 20),
                 "--node-manager-port", str(free_port(ip)), "--object-manager-port", str(free_port(ip)),
                 "--dashboard-agent-listen-port", str(free_port(ip)),

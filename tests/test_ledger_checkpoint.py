@@ -34,9 +34,12 @@ def ray_with_fault(tmp_path):
     cloudpickle.register_pickle_by_value(faults)
     ray.shutdown()
     ray.init(num_cpus=2, object_store_memory=1 << 30, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": LOCAL_SETTINGS, "worker_process_setup_hook": hook})
+             runtime_env={"env_vars": dict(LOCAL_SETTINGS), "worker_process_setup_hook": hook})
     yield marker
     ray.shutdown()
+    # Ray writes the hook's key into the env_vars dict it is given: had it been the library's
+    # own LOCAL_SETTINGS, every later ray.init in this process would ask for a dead hook
+    assert not any("SETUP_HOOK" in k for k in LOCAL_SETTINGS), LOCAL_SETTINGS
 
 
 def final_checkpoint(cfg, tmp_path):
