@@ -125,6 +125,14 @@ PREFLIGHT = [
      "field 'model.name_or_path': 'no-such-org/no-such-model' is not a local directory and not in the hub cache (HF_HUB_OFFLINE is set)"),
     ("model-dir-without-config", "model: {name_or_path: ./empty_model}\n" + GOOD, {"empty_model": None}, [],
      "field 'model.name_or_path': './empty_model' is not a model directory"),
+    ("model-dir-without-tokenizer", "model: {name_or_path: ./cfg_only}\n" + GOOD, {"cfg_only": None, "cfg_only/config.json": (
+        '{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, '
+        '"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300}')}, [],
+     "field 'model.name_or_path': './cfg_only' has no tokenizer that loads"),
+    ("template-does-not-render", "model: {chat_template: '{{ messages[0].nope() }}'}\n" + GOOD, {}, [],
+     "field 'model.chat_template': the template does not render a dialogue (UndefinedError"),
+    ("template-drops-replies", "model: {chat_template: '{% for m in messages %}{{ m.role }}: {% endfor %}'}\n" + GOOD,
+     {}, [], "field 'model.chat_template': the template does not write the assistant's replies"),
     ("data-binary", RUN, {"d.jsonl": b"\x1f\x8b\x08\x00\xff\xfe binary"}, [], "d.jsonl: not UTF-8 text (byte 0x8b at offset 1)"),
     ("data-nul-bytes", RUN, {"d.jsonl": CHAT + "\x00\x00\x00"}, [], "d.jsonl: binary content (NUL bytes)"),
     ("data-empty", RUN, {"d.jsonl": ""}, [], "d.jsonl: the file holds no rows"),
@@ -134,6 +142,19 @@ PREFLIGHT = [
     ("data-directory", RUN.replace("d.jsonl", "dd"), {"dd": None}, [], "dd: is a directory"),
     ("data-second-file-no-assistant", RUN.replace("[d.jsonl]", "[d.jsonl, e.jsonl]"),
      {"d.jsonl": CHAT, "e.jsonl": CHAT + '{"messages": [{"role": "user", "content": "hi"}]}\n'}, [], "e.jsonl:2: no assistant message"),
+    ("source-missing-column", "plora: {unload_every_steps: 2}\ndata: {max_steps: 1, sources: [{path: q.jsonl, "
+     "columns: {prompt: question, completion: answr}}]}\n", {"q.jsonl": '{"question": "hi", "answer": "yo"}\n'}, [],
+     "data.sources[0].columns.completion: column 'answr' is not in q.jsonl (its columns: answer, question)"),
+    ("source-unmapped-shape", "plora: {unload_every_steps: 2}\ndata: {max_steps: 1, sources: [{path: q.jsonl}]}\n",
+     {"q.jsonl": '{"question": "hi", "answer": "yo"}\n'}, [], "q.jsonl:1: unknown row format (keys ['answer', 'question'])"),
+    ("source-hub-id-offline", "plora: {unload_every_steps: 2}\ndata: {max_steps: 1, sources: [{path: no-org/no-data}]}\n",
+     {}, [], "data.sources[0].path: 'no-org/no-data' is not a local file or folder, and as a hub dataset it is offline"),
+    ("source-local-missing", "plora: {unload_every_steps: 2}\ndata: {max_steps: 1, sources: [{path: ./nowhere.jsonl}]}\n",
+     {}, [], "field 'data.sources[0].path': './nowhere.jsonl' not found"),
+    ("source-and-train-files", "plora: {unload_every_steps: 2}\ndata: {train_files: [d.jsonl], sources: [{path: d.jsonl}]}\n",
+     {"d.jsonl": CHAT}, [], "give data.sources or data.train_files, not both"),
+    ("source-unknown-row-field", "plora: {unload_every_steps: 2}\ndata: {sources: [{path: d.jsonl, columns: {reply: a}}]}\n",
+     {"d.jsonl": CHAT}, [], "data.sources.0.columns"),
     ("output-is-a-file", GOOD, {"out.txt": "keep me"}, ["--output", "out.txt"], "output directory '"),
     ("output-under-a-file", GOOD, {"out.txt": "keep me"}, ["--output", "out.txt/run"], "cannot be created: '"),
     ("output-not-writable", GOOD, {}, ["--output", "/proc/plora-ray-no-such/run"], "is not writable"),
@@ -156,7 +177,10 @@ def test_preflight_refuses_with_one_line_and_writes_nothing(tmp_path, capsys, mo
                                                             argv, fragment):
     import huggingface_hub.constants
 
+    import datasets.config
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
     for name, content in files.items():

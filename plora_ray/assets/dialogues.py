@@ -5,6 +5,12 @@ Row formats accepted (json array, jsonl or parquet):
 * OpenAI / Tulu: ``{"messages": [{"role": "user", "content": ...}, ...]}``
 * ShareGPT / FastChat: ``{"conversations": [{"from": "human", "value": ...}, ...]}``
 * alpaca: ``{"instruction": ..., "input": ..., "output": ...}``
+* prompt/completion: ``{"prompt": ..., "completion": ...}``
+* multiple choice: ``{"question": ..., "choices": [...], "answer": 2}`` (MMLU's shape; ARC's
+  ``{text, label}`` choices and letter answers too), written as the embedded mix writes it
+
+A ``system`` field, where a row has one, becomes the system message. Other column names are
+mapped onto these by :mod:`plora_ray.assets.sources` (``data.sources[].columns``).
 
 Loss is on assistant tokens only (the reply and its end-of-turn token). The mask comes from
 character spans: the template rendered up to a reply (with the generation prompt) is a
@@ -110,9 +116,17 @@ def to_messages(row: object, where: str) -> list[dict]:
         if row.get("input"):
             prompt += "\n\n" + str(row["input"])
         out = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    elif "prompt" in row and "completion" in row:
+        out = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    elif "question" in row and "choices" in row and "answer" in row:
+        out = _multiple_choice(row, where)
     else:
         raise DataError(f"{where}: unknown row format (keys {sorted(row)}): expected 'messages', "
-                        "'conversations' or 'instruction'/'output'")
+                        "'conversations', 'instruction'/'output', 'prompt'/'completion' or "
+                        "'question'/'choices'/'answer' (map other columns onto these with "
+                        "data.sources[].columns)")
+    if row.get("system") and not any(m["role"] == "system" for m in out):
+        out.insert(0, {"role": "system", "content": row["system"]})
     for i, m in enumerate(out):
         if m["role"] not in ROLES:
             raise DataError(f"{where}: message {i} has role {m['role']!r}: use system, user or assistant")
@@ -121,6 +135,34 @@ def to_messages(row: object, where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no assistant message to learn from")
     return out
+
+
+def _multiple_choice(row: dict, where: str) -> list[dict]:
+    """A multiple-choice row as the embedded mix writes it (:mod:`plora_ray.assets.mix`):
+    ``choices`` a list of texts or ARC's ``{text, label}``; ``answer`` the gold index, or a
+    label / letter (ARC's ``answerKey``)."""
+    from plora_ray.assets.mix import format_multiple_choice, multiple_choice_answer
+
+    choices, labels = row["choices"], None
+    if isinstance(choices, dict) and "text" in choices:
+        choices, labels = choices["text"], choices.get("label")
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: 'choices' must be a list of strings (or ARC's {{text, label}})")
+    answer = row["answer"]
+    keys = [str(x).strip() for x in labels] if labels else [chr(ord("A") + k) for k in range(len(choices))]
+    a = str(answer).strip()
+    gold = None
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        gold = answer
+    elif a in keys:
+        gold = keys.index(a)
+    elif a.isdigit():
+        gold = int(a)
+    if gold is None or not 0 <= gold < len(choices):
+        raise DataError(f"{where}: answer {answer!r} names none of the {len(choices)} choices: give the "
+                        "gold index (0-based) or its label")
+    return [{"role": "user", "content": format_multiple_choice(str(row["question"]), choices, row.get("subject"))},
+            {"role": "assistant", "content": multiple_choice_answer(choices, gold)}]
 
 
 def tokenize_dialogue(tokenizer, messages: list[dict], max_length: int) -> dict:
@@ -157,26 +199,3 @@ def named_rows(name: str) -> list[tuple[str, object]] | None:
     if not Path(name).exists() and path.exists():
         return [(f"{path}:{n}", row) for n, row in read_rows(path)]
     return None
-
-
-def file_rows(name: str) -> list[tuple[str, object]]:
-    """(location, row) pairs of a data.train_files entry; DataError if it holds no row."""
-    rows = named_rows(name)
-    if rows is None:
-        rows = [(f"{name}:{n}", row) for n, row in read_rows(name)]
-    if not rows:
-        raise DataError(f"{name}: the file holds no rows: give a file of conversations or remove it "
-                        "from data.train_files")
-    return rows
-
-
-def check_files(files: list[str]) -> None:
-    """Read and normalise every row, as training will, without a tokenizer: a broken, binary,
-    empty or assistant-less file fails here in the driver (DataError, one line) instead of in
-    every worker. The embedded mixes are skipped: they are built from verified benchmark data."""
-    from plora_ray.config.names import EMBEDDED_MIXES
-
-    for name in dict.fromkeys(files):
-        if name not in EMBEDDED_MIXES:
-            for where, row in file_rows(name):
-                to_messages(row, where)

@@ -185,6 +185,10 @@ def build_run_config(data: dict, source: str = "config") -> RunConfig:
                 f"{source}: field 'data.train_files': file '{f}' not found: give an existing "
                 f"path or a bundled name ({', '.join(BUNDLED_DATASETS)})"
             )
+    for i, src in enumerate(cfg.data.sources or []):
+        if src.path.startswith((".", "/", "~")) and not Path(src.path).expanduser().exists():
+            raise ConfigError(f"{source}: field 'data.sources[{i}].path': '{src.path}' not found: give an "
+                              "existing file or folder, a hub dataset id, or a bundled name")
     t = cfg.model.chat_template
     if t is not None and t not in CHAT_TEMPLATES and "{{" not in t and "{%" not in t and not Path(t).expanduser().is_file():
         raise ConfigError(f"{source}: field 'model.chat_template': '{t}' is not a template name "

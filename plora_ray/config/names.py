@@ -28,8 +28,24 @@ HELDOUT_NAMES = ("gsm8k-heldout",)  # the 319 GSM8K problems the embedded mix ne
 IGNORE = -100  # label of a token that is not scored (the prompt, padding): torch's ignore_index
 
 
+# lower is better when a metric's last path segment contains one of these (train/loss,
+# eval/heldout/loss, lm-eval's perplexity, word_perplexity, byte_perplexity, bits_per_byte)
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte")
+
+
 def direction(metric: str) -> str:
-    """The sweep mode of ``metric``: min for a loss (a last path segment containing "loss":
-    train/loss, eval/heldout/loss), else max (accuracies, exact matches)."""
-    return "min" if "loss" in metric.rsplit("/", 1)[-1] else "max"
+    """The sweep mode of ``metric``: min for a loss, a perplexity or bits per byte (its last
+    path segment contains one of ``LOWER_IS_BETTER``), else max (accuracies, exact matches)."""
+    last = metric.rsplit("/", 1)[-1]
+    return "min" if any(word in last for word in LOWER_IS_BETTER) else "max"
+
+
+def harness_metric_task(metric: str) -> str | None:
+    """The task of an ``eval/<task>/<metric>`` name that is not a built-in one (an
+    lm-evaluation-harness task's metric, e.g. eval/hellaswag/acc_norm), else None. Whether the
+    task is scored is the run config's business (``eval.harness.tasks``)."""
+    parts = metric.split("/")
+    if len(parts) != 3 or parts[0] != "eval" or not parts[1] or not parts[2]:
+        return None
+    return None if parts[1] in TASKS or parts[1] == "heldout" else parts[1]
 CHAT_TEMPLATES = ("chatml", "llama-2", "vicuna_v1.1", "plain")  # model.chat_template by name (assets/templates.py)

@@ -127,13 +127,43 @@ class OptimConfig(Strict):
         return self
 
 
+ROW_FIELDS = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion", "question",
+              "choices", "answer", "subject", "system")
+
+
+class SourceConfig(Strict):
+    """One training-data source, opened through ``datasets`` (``load_dataset`` /
+    ``load_from_disk``) and mapped onto a row shape the loader understands: messages,
+    ShareGPT conversations, alpaca instruction/input/output, prompt/completion, or multiple
+    choice question/choices/answer."""
+
+    path: str = Field(description="a hub dataset id, a local json/jsonl/parquet/csv/arrow file, a "
+                      "save_to_disk folder, a dataset folder, or a bundled name "
+                      f"({', '.join(BUNDLED_DATASETS)})")
+    name: str | None = Field(None, description="the dataset's configuration (load_dataset's name)")
+    split: str = Field("train", description="the split to train on")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="load_dataset's data_files (files inside a hub or folder dataset)")
+    columns: dict[Literal[ROW_FIELDS], str] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="row field -> the source's column, e.g. {prompt: question, "
+        "completion: answer}; fields: " + ", ".join(ROW_FIELDS))
+    where: dict[str, list[str | int | bool]] = Field(
+        default_factory=dict, description="keep rows whose column holds one of these values, e.g. "
+        "{dataset: [open_orca, code_alpaca]} (before the column map)")
+    max_rows: int | None = Field(None, ge=1, description="train on the first N rows only (after where)")
+
+
 class DataConfig(Strict):
     train_files: list[str] = Field(
         default_factory=lambda: ["tiny-dialogues"],
         min_length=1,
-        description="json/jsonl/parquet files (messages, conversations or alpaca rows), "
-        f"or a bundled name: {', '.join(BUNDLED_DATASETS)}",
+        description="json/jsonl/parquet files (messages, conversations, alpaca or prompt/completion "
+        f"rows), or a bundled name: {', '.join(BUNDLED_DATASETS)}; the short form of data.sources",
     )
+    sources: list[SourceConfig] | None = Field(
+        None, min_length=1, description="datasets mixed into one training set, in order (each a "
+        "hub id, file or folder with split, name, data_files, columns, max_rows); replaces "
+        "data.train_files")
     max_length: int = Field(512, ge=8, description="tokens per example (truncated)")
     micro_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(6, ge=1)
@@ -149,6 +179,24 @@ class DataConfig(Strict):
     cache_dir: str | None = Field(
         None, description="where datasets caches raw and tokenised rows; null: "
         "<PLORA_RAY_CACHE or ~/.cache/plora_ray>/datasets")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "DataConfig":
+        if self.sources is not None and "train_files" in self.model_fields_set:
+            raise ValueError("give data.sources or data.train_files, not both (a file in train_files "
+                             "is the source {path: FILE})")
+        return self
+
+    def all_sources(self) -> list[SourceConfig]:
+        """The sources to train on: data.sources, or one per data.train_files entry."""
+        return list(self.sources) if self.sources is not None else [SourceConfig(path=f) for f in self.train_files]
+
+    def paths(self) -> list[str]:
+        return [s.path for s in self.all_sources()]
+
+    def embedded(self) -> bool:
+        """Whether any source is an embedded mix (built from the benchmarks' training splits)."""
+        return any(p in EMBEDDED_MIXES for p in self.paths())
 
 
 class HeldoutConfig(Strict):
@@ -197,6 +245,9 @@ class EvalConfig(Strict):
         "paper and lm-eval), heldout (the 319 the embedded mix never trains on); auto: heldout when "
         "training on an embedded mix, else test. Resolved when the config is built, so config.yaml "
         "and MLflow record which (ids gsm8k-test-<i> / gsm8k-heldout-<i>: two sets never pair)")
+    harness: HarnessConfig = Field(
+        default_factory=lambda: HarnessConfig(), description="any lm-evaluation-harness task by "
+        "name, scored by lm-eval itself on the live model (eval/<task>/<metric>)")
 
     @model_validator(mode="after")
     def _final_only_in_tasks(self) -> "EvalConfig":
@@ -204,6 +255,49 @@ class EvalConfig(Strict):
             if t not in self.tasks:
                 raise ValueError(f"final_only_tasks names '{t}', which is not in eval.tasks: "
                                  "add it to eval.tasks or remove it")
+        for t in self.harness.tasks:
+            if t in self.tasks:
+                raise ValueError(f"harness.tasks names '{t}', which eval.tasks scores too (both log "
+                                 f"eval/{t}/...): keep it in one of them")
+        return self
+
+
+class HarnessConfig(Strict):
+    """lm-evaluation-harness tasks scored with ``lm_eval.simple_evaluate`` on the in-memory model
+    at checkpoints (``plora_ray.evaluation.harness``); names are checked against lm-eval's
+    registry (plus ``include_path``) before any work starts."""
+
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-eval task, group or tag names (e.g. [hellaswag, "
+        "truthfulqa_mc2]); empty: none")
+    include_path: str | None = Field(
+        None, description="a folder of your own lm-eval task YAMLs (lm-eval's --include_path; "
+        "local data: dataset_path: json, dataset_kwargs: {data_files: ...}); made absolute")
+    num_fewshot: int | None = Field(None, ge=0, description="null: each task's own default")
+    limit: int | None = Field(None, ge=1, description="first N documents per task (lm-eval's "
+                              "--limit); null: all")
+    batch_size: int = Field(8, ge=1)
+    at: Literal["every", "last"] = Field("every", description="every checkpoint, or the final one only")
+    apply_chat_template: bool = Field(False, description="lm-eval's --apply_chat_template")
+    bootstrap_iters: int = Field(100000, ge=0, description="lm-eval's bootstrap resamples for the "
+                                 "stderr of non-mean metrics (0: none)")
+
+    @model_validator(mode="after")
+    def _names_and_path(self) -> "HarnessConfig":
+        for t in self.tasks:
+            if not t.strip() or "/" in t or t == "heldout":
+                raise ValueError(f"harness task name {t!r}: give an lm-eval task, group or tag name "
+                                 "(no '/'; 'heldout' is eval.heldout's)")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError("harness.tasks names a task twice: list each once")
+        if self.include_path is not None:
+            path = Path(self.include_path).expanduser()
+            if not path.is_dir():
+                raise ValueError(f"include_path '{self.include_path}' is not a folder: give the folder "
+                                 "that holds your task YAMLs")
+            resolved = str(path.resolve())
+            if resolved != self.include_path:
+                self.include_path = resolved  # workers may run in another directory
         return self
 
 
@@ -283,8 +377,7 @@ class RunConfig(Strict):
         if d.offload_optimizer and (d.engine != "deepspeed" or d.zero_stage == 0):
             raise ValueError("distributed.offload_optimizer needs engine deepspeed with zero_stage >= 1")
         if self.eval.gsm8k_items == "auto":  # a pure function of the config: resolved here
-            embedded = any(f in EMBEDDED_MIXES for f in self.data.train_files)
-            self.eval.gsm8k_items = "heldout" if embedded else "test"
+            self.eval.gsm8k_items = "heldout" if self.data.embedded() else "test"
         return self
 
     def samples_per_step(self, world: int) -> int:

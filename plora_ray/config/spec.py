@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from plora_ray.config.names import METRICS, direction
+from plora_ray.config.names import METRICS, direction, harness_metric_task
 from plora_ray.config.schema import Strict
 
 Kind = Literal["choice", "grid", "uniform", "loguniform", "int"]
@@ -140,7 +140,8 @@ class SweepSpec(Strict):
     base: dict[str, Any] = Field(description="run config (a path in the file is read first)")
     metric: str
     mode: Literal["min", "max"] | None = Field(None, description="default: min for a loss (train/loss, "
-                                               "eval/heldout/loss), else max")
+                                               "eval/heldout/loss), a perplexity or bits_per_byte, "
+                                               "else max")
     searcher: Searcher = Searcher()
     num_samples: int = Field(1, ge=1, description="trials (optuna) or repeats of the grid")
     repeats: int = Field(1, ge=1, description="seeds per configuration (seed = base seed + 0, 1, ...): "
@@ -162,7 +163,7 @@ class SweepSpec(Strict):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
-        if value not in METRICS:
+        if value not in METRICS and harness_metric_task(value) is None:  # harness: see trials.py
             hint = difflib.get_close_matches(value, METRICS, n=1, cutoff=0.4)
             raise ValueError(f"unknown metric: did you mean '{hint[0]}'?" if hint
                              else f"unknown metric: use one of {', '.join(METRICS)}")

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from plora_ray.config.hardware import resolve_dtype
 from plora_ray.config.io import apply_override, build_run_config, format_validation_error
-from plora_ray.config.names import EMBEDDED_MIXES
+from plora_ray.config.names import TASKS
 from plora_ray.config.schema import ConfigError, RunConfig
 from plora_ray.config.spec import SweepSpec
 
@@ -41,12 +41,20 @@ def check_values(spec: SweepSpec) -> None:
     cfg = RunConfig.model_validate(trial_data(spec, {}))  # dtype auto unresolved: not needed here
     if task == "heldout":
         h = cfg.eval.heldout
-        embedded = h.files is None and any(f in EMBEDDED_MIXES for f in cfg.data.train_files)
+        embedded = h.files is None and cfg.data.embedded()
         if not (embedded or h.files or h.fraction > 0):
             raise ConfigError(f"{src}: field 'metric': {spec.metric} is never measured: name held-out "
                               "files (eval: {heldout: {files: [...]}}) or keep a fraction of the training "
                               "rows out (eval: {heldout: {fraction: 0.1}})")
-    elif task and task not in cfg.eval.tasks:
+    elif task and task not in TASKS:  # an lm-evaluation-harness task (names.harness_metric_task)
+        if task not in cfg.eval.harness.tasks:
+            raise ConfigError(f"{src}: field 'metric': {spec.metric} is never measured: add {task} to "
+                              f"the base's eval.harness.tasks (eval: {{harness: {{tasks: [{task}]}}}})")
+        if cfg.eval.harness.at == "last" and cfg.checkpoint_every_steps:  # Tune needs it in every report
+            raise ConfigError(f"{src}: field 'metric': {spec.metric} is scored at the last checkpoint only "
+                              "(eval.harness.at: last), but Tune needs it at every checkpoint: set "
+                              "eval.harness.at: every")
+    elif task and task not in cfg.eval.tasks and task not in cfg.eval.harness.tasks:
         raise ConfigError(f"{src}: field 'metric': {spec.metric} is never measured: add {task} to "
                           f"the base's eval.tasks (eval: {{tasks: [{task}]}})")
     for key, dist in spec.space.items():

@@ -44,14 +44,15 @@ def split_heldout(examples: list, fraction: float, seed: int = 0) -> tuple[list,
         raise ValueError(f"eval.heldout.fraction must be in [0, 1), got {fraction}")
     n_out = round(fraction * len(examples))
     if n_out == 0:
-        return list(examples), []
+        return examples, []
     if n_out >= len(examples):
         raise ValueError(f"eval.heldout.fraction {fraction} leaves no training example of "
                          f"{len(examples)}: lower it")
     out = set(random.Random(seed).sample(range(len(examples)), n_out))
-    train = [e for i, e in enumerate(examples) if i not in out]
+    kept = [i for i in range(len(examples)) if i not in out]
+    train = examples.select(kept) if hasattr(examples, "select") else [examples[i] for i in kept]
     held = [({"id": f"train-{i}", **e} if isinstance(e, dict) else e)
-            for i, e in enumerate(examples) if i in out]
+            for i in sorted(out) for e in [examples[i]]]
     return train, held
 
 
@@ -94,12 +95,10 @@ def prepare_heldout(run_cfg, tokenizer, train_examples: list[dict]) -> tuple[lis
     GSM8K held-out problems when training on an embedded mix) plus the seeded fraction of
     ``train_examples``; ``eval.heldout.limit`` keeps the first N. Call once, before planning
     the training steps, and train on the first element."""
-    from plora_ray.config.names import EMBEDDED_MIXES
-
     h = run_cfg.eval.heldout
     files = h.files
     if files is None:
-        files = ["gsm8k-heldout"] if any(f in EMBEDDED_MIXES for f in run_cfg.data.train_files) else []
+        files = ["gsm8k-heldout"] if run_cfg.data.embedded() else []
     train, held = split_heldout(train_examples, h.fraction, h.seed)
     held = load_heldout(files, tokenizer, run_cfg.data.max_length) + held
     return train, held[:h.limit] if h.limit is not None else held

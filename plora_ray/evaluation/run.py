@@ -210,16 +210,33 @@ def evaluate_checkpoint(model, tokenizer, cfg, heldout: list[dict] | None = None
     part of ``items/step_*.json`` (``records.items_record``). Both are ``{}`` when there is
     nothing to evaluate. Call on every rank (see :func:`evaluate`); every rank gets the same
     result.
+
+    ``cfg.harness`` (lm-evaluation-harness tasks by name, ``harness.harness_scores``) runs
+    after the built-in tasks, at every checkpoint or (``at: last``) only when ``final``; every
+    rank scores every item (in lockstep under ZeRO-3) and gets the same result.
     """
     tasks = [t for t in cfg.tasks if final or t not in cfg.final_only_tasks]
-    if not tasks and not heldout:
-        return {}, {}
-    limit = {"*": cfg.limit, **cfg.task_limits} if cfg.task_limits else cfg.limit
-    res = evaluate(model, tokenizer, tasks, limit, cfg.prompt_style, cfg.batch_size, cfg.num_fewshot,
-                   limit_mode=cfg.limit_mode, seed=seed, max_new_tokens=cfg.max_new_tokens,
-                   heldout=heldout, rank=rank, world=world, lockstep=lockstep, gsm8k_items=cfg.gsm8k_items)
-    # a standard error over fewer than two items is NaN (lm-eval: N/A): left out of MLflow
-    metrics = {f"eval/{k}": float(v) for k, v in res.items()
-               if "/subject/" not in k and not k.endswith(("/n", "/tokens"))
-               and not (k.endswith("_stderr") and math.isnan(v))}
-    return metrics, items_record(res)
+    metrics, items = {}, {}
+    if tasks or heldout:
+        limit = {"*": cfg.limit, **cfg.task_limits} if cfg.task_limits else cfg.limit
+        res = evaluate(model, tokenizer, tasks, limit, cfg.prompt_style, cfg.batch_size, cfg.num_fewshot,
+                       limit_mode=cfg.limit_mode, seed=seed, max_new_tokens=cfg.max_new_tokens,
+                       heldout=heldout, rank=rank, world=world, lockstep=lockstep,
+                       gsm8k_items=cfg.gsm8k_items)
+        # a standard error over fewer than two items is NaN (lm-eval: N/A): left out of MLflow
+        metrics = {f"eval/{k}": float(v) for k, v in res.items()
+                   if "/subject/" not in k and not k.endswith(("/n", "/tokens"))
+                   and not (k.endswith("_stderr") and math.isnan(v))}
+        items = items_record(res)
+    if cfg.harness.tasks and (final or cfg.harness.at == "every"):
+        from plora_ray.evaluation.harness import harness_scores
+
+        h_metrics, h_items = harness_scores(model, tokenizer, cfg.harness, rank=rank, world=world,
+                                            lockstep=lockstep)
+        clash = sorted(set(h_metrics) & set(metrics)) or sorted(set(h_items) & set(items))
+        if clash:  # a harness group expanding into a task eval.tasks scores as well
+            raise ValueError(f"eval.harness.tasks and eval.tasks both report {clash[0]}: keep the "
+                             "task in one of them")
+        metrics.update(h_metrics)
+        items.update(h_items)
+    return metrics, items

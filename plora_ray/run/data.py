@@ -1,5 +1,5 @@
-"""Training data: conversation files -> tokenised examples with an assistant-only loss mask
-(rows read by :mod:`plora_ray.assets.dialogues`), and the step plan (micro-batches grouped into
+"""Training data: sources (:mod:`plora_ray.assets.sources`) -> tokenised examples with an
+assistant-only loss mask (rows normalised by :mod:`plora_ray.assets.dialogues`), and the step plan (micro-batches grouped into
 optimizer steps, short last step kept).
 """
 
@@ -8,13 +8,19 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from plora_ray.assets.dialogues import DataError, file_rows, named_rows, to_messages, tokenize_dialogue
+from plora_ray.assets.dialogues import DataError, to_messages, tokenize_dialogue
+from plora_ray.assets.sources import open_source, plain_rows, quiet
 from plora_ray.config.names import IGNORE
+from plora_ray.config.schema import SourceConfig
 
 TOKENIZE_VERSION = 1  # part of the cache key: bump when tokenize_dialogue's output changes
 
@@ -31,58 +37,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def _row_dataset(name: str, cache: Path):
-    """(rows as a ``datasets.Dataset``, a fingerprint of the data alone): json/jsonl/parquet
-    through ``load_dataset`` (fingerprint: the file's content), a ``save_to_disk`` directory
-    through ``load_from_disk`` (its saved fingerprint), bundled and embedded names from their
-    rows (fingerprint: the rows' content)."""
-    import datasets
-
-    rows = named_rows(name)
-    if rows is not None:
-        plain = [row for _, row in rows]
-        digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
-        return datasets.Dataset.from_list(plain), f"rows-{digest}"
-    p = Path(name)
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-        ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-        return ds, f"disk-{ds._fingerprint}"
-    builder = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}[p.suffix.lower()]
-    ds = datasets.load_dataset(builder, data_files=str(p.resolve()), split="train", cache_dir=str(cache / "raw"))
-    return ds, f"file-{_file_digest(p)}"
-
-
-def _tokenized(name: str, tokenizer, max_length: int, cache: Path) -> list[dict]:
+def _tokenized(src: SourceConfig, i: int | None, tokenizer, max_length: int, cache: Path):
     """Tokenise with ``datasets``' fingerprinted ``map``: the result is cached under ``cache``
-    and a second load with the same data, tokenizer and max_length reads it back."""
-    import datasets
-
-    verbose = not datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # no bars in workers' logs
-    try:
-        return _tokenize_rows(name, tokenizer, max_length, cache)
-    finally:
-        if verbose:
-            datasets.enable_progress_bars()
+    and a second load with the same data, mapping, tokenizer and max_length reads it back."""
+    with quiet():  # no bars in workers' logs
+        return _tokenize_rows(src, i, tokenizer, max_length, cache)
 
 
-def _tokenize_rows(name: str, tokenizer, max_length: int, cache: Path) -> list[dict]:
-    rows, source = _row_dataset(name, cache)
+def _tokenize_rows(src: SourceConfig, i: int | None, tokenizer, max_length: int, cache: Path):
+    rows, source = open_source(src, i, cache)
     key = hashlib.sha256(json.dumps([TOKENIZE_VERSION, source, tokenizer_fingerprint(tokenizer),
                                      max_length]).encode()).hexdigest()[:24]
 
     def encode(row, index):
         row = {k: v for k, v in row.items() if v is not None}  # columns other row formats add
-        return tokenize_dialogue(tokenizer, to_messages(row, f"{name}[{index}]"), max_length)
+        return tokenize_dialogue(tokenizer, to_messages(row, f"{src.path}[{index}]"), max_length)
 
     cache_file = None
     if not rows.cache_files:  # an in-memory dataset caches where it is told to
@@ -90,8 +59,7 @@ def _tokenize_rows(name: str, tokenizer, max_length: int, cache: Path) -> list[d
         cache_file = str(cache / "tokenized" / f"{key}.arrow")
     out = rows.map(encode, with_indices=True, remove_columns=rows.column_names, new_fingerprint=key,
                    cache_file_name=cache_file, load_from_cache_file=True)
-    cols = out.to_dict()
-    return [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"])]
+    return out.data.table  # memory-mapped from datasets' cache file where it has one
 
 
 def default_cache_dir() -> Path:
@@ -100,34 +68,98 @@ def default_cache_dir() -> Path:
     return cache_dir() / "datasets"
 
 
-def load_examples(files: list[str], tokenizer, max_length: int, cache_dir: str | Path | None = None,
-                  cache: bool = True) -> list[dict]:
-    """Tokenised examples of every file, in order; rows without a labelled token (after
-    truncation) are dropped.
+class Examples(Sequence):
+    """Tokenised examples kept as Arrow (``input_ids``, ``labels``), memory-mapped from
+    ``datasets``' cache where there is one, with an index of the rows in use: a worker holds no
+    Python list of the whole set, and selecting rows (the held-out split, dropping unlabelled
+    rows) copies no data. ``examples[i]`` is ``{"input_ids": [...], "labels": [...]}``; a slice
+    is a list of those."""
 
-    With ``cache`` (the default) each file is loaded and tokenised through ``datasets`` and
-    its cache under ``cache_dir`` (default ``<plora_ray cache>/datasets``), so the trials of a
-    sweep tokenise a file once. Whatever ``datasets`` cannot read (or a bad row) goes through
-    the plain reader, which names the file and line of the problem.
+    # what datasets writes for tokenize_dialogue's output: any other integer lists are cast (a copy)
+    SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))])
+
+    def __init__(self, table: pa.Table, rows: np.ndarray | None = None):
+        if table.column_names != ["input_ids", "labels"]:
+            table = table.select(["input_ids", "labels"])
+        self.table = table if table.schema.equals(self.SCHEMA, check_metadata=False) else table.cast(self.SCHEMA)
+        self._ids, self._labels = self.table.column("input_ids"), self.table.column("labels")
+        self.rows = np.arange(self.table.num_rows, dtype=np.int64) if rows is None else \
+            np.asarray(rows, dtype=np.int64)
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "Examples":
+        return cls(pa.Table.from_pylist([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows],
+                                        schema=cls.SCHEMA))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        j = int(self.rows[i])
+        return {"input_ids": self._ids[j].as_py(), "labels": self._labels[j].as_py()}
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (Examples, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None
+
+    def lengths(self) -> list[int]:
+        return np.asarray(pc.list_value_length(self._ids))[self.rows].tolist()
+
+    def select(self, indices) -> "Examples":
+        return Examples(self.table, self.rows[np.asarray(indices, dtype=np.int64)])
+
+    def labelled(self) -> "Examples":
+        """The rows with a labelled token after the first (a row whose only label is its first
+        token has nothing to predict)."""
+        keep = []
+        for chunk in self._labels.chunks:
+            offsets = chunk.offsets.to_numpy()
+            hit = np.concatenate([[0], np.cumsum(chunk.values.to_numpy(zero_copy_only=False) != IGNORE)])
+            starts, ends = offsets[:-1], offsets[1:]
+            keep.append(hit[ends] - hit[np.minimum(starts + 1, ends)] > 0)
+        mask = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
+        return Examples(self.table, self.rows[mask[self.rows]])
+
+
+def load_examples(sources: list[str | SourceConfig], tokenizer, max_length: int,
+                  cache_dir: str | Path | None = None, cache: bool = True) -> Examples:
+    """Tokenised examples of every source, in order (a plain string is a data.train_files
+    entry); rows without a labelled token (after truncation) are dropped.
+
+    With ``cache`` (the default) each source is loaded, mapped and tokenised through
+    ``datasets`` and its cache under ``cache_dir`` (default ``<plora_ray cache>/datasets``), so
+    the trials of a sweep tokenise a source once. A local file ``datasets`` cannot read (or a
+    bad row) goes through the plain reader, which names the file and line of the problem.
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    examples = []
-    for f in files:
-        encoded = None
-        if cache:
+    tables = []
+    for i, src in enumerate(sources):
+        i, src = (None, SourceConfig(path=src)) if isinstance(src, str) else (i, src)
+        plain = plain_rows(src, i)
+        table = None
+        if cache or plain is None:
             from datasets.exceptions import DatasetsError
 
             try:
-                encoded = _tokenized(f, tokenizer, max_length, root)
-            except (DataError, DatasetsError, ValueError, TypeError, KeyError, OSError):
-                encoded = None  # the plain path below reports data errors precisely
-        if encoded is None:
-            encoded = [tokenize_dialogue(tokenizer, to_messages(row, where), max_length)
-                       for where, row in file_rows(f)]
-        examples += [ex for ex in encoded if any(label != IGNORE for label in ex["labels"][1:])]
-    if not examples:
-        raise DataError(f"{', '.join(files)}: no example with assistant tokens within "
-                        "data.max_length: raise data.max_length or check the files")
+                table = _tokenized(src, i, tokenizer, max_length, root)
+            except (DataError, DatasetsError, ValueError, TypeError, KeyError, OSError) as exc:
+                if plain is None:  # no plain reader to say more: say what datasets said
+                    if isinstance(exc, DataError):
+                        raise
+                    raise DataError(f"{src.path}: {' '.join(str(exc).split())[:240]}") from None
+        if table is None:
+            table = Examples.from_rows([tokenize_dialogue(tokenizer, to_messages(row, where), max_length)
+                                        for where, row in plain]).table
+        tables.append(Examples(table).table)
+    examples = Examples(pa.concat_tables(tables)).labelled()
+    if not len(examples):
+        raise DataError(f"{', '.join(s if isinstance(s, str) else s.path for s in sources)}: no example "
+                        "with assistant tokens within data.max_length: raise data.max_length or check the data")
     return examples
 
 

@@ -82,8 +82,9 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     t0 = time.perf_counter()
     model, tokenizer = build_model(cfg)
     t1 = time.perf_counter()
-    examples = load_examples(cfg.data.train_files, tokenizer, cfg.data.max_length, cfg.data.cache_dir,
-                             cfg.data.tokenize_cache) if data else []
+    d = cfg.data
+    examples = load_examples(d.sources or d.train_files, tokenizer, d.max_length, d.cache_dir,
+                             d.tokenize_cache) if data else []
     heldout = []
     if data:  # rows kept out of training are chosen before the plan, identically on every rank
         from plora_ray.evaluation.heldout import prepare_heldout
@@ -93,7 +94,7 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     # one global plan; each rank takes its share of every step's micro-batches
     plan = StepPlan(len(examples), cfg.data.micro_batch_size, cfg.data.gradient_accumulation_steps * world,
                     cfg.data.epochs, cfg.seed, cfg.data.shuffle,
-                    [len(e["input_ids"]) for e in examples] if cfg.data.group_by_length else None)
+                    examples.lengths() if cfg.data.group_by_length else None)
     steps = plan.steps()[: cfg.data.max_steps]
     engine = make_engine(model, cfg, device or torch.device("cpu"), rank, world)
     timings = {"model_load": t1 - t0, "tokenise": t2 - t1, "engine": time.perf_counter() - t2}

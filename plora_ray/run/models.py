@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
 from plora_ray.assets.templates import CHATML, apply_template
+from plora_ray.config.names import IGNORE
 from plora_ray.config.schema import ConfigError, ModelConfig, RunConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -148,6 +149,52 @@ def base_config(cfg: ModelConfig):
         raise ConfigError(f"field 'model.name_or_path': {fix}") from None
     finally:
         hub_logging.set_verbosity(verbosity)
+
+
+PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+         {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3 + 3?"},
+         {"role": "assistant", "content": "6."}]
+
+
+def check_tokenizer(cfg: ModelConfig) -> None:
+    """The tokenizer loads (files only, no weights) and the chat template renders a two-turn
+    dialogue prefix-consistently with both replies labelled: ConfigError (one line) if not. An
+    embedded model's own tokenizer is known good; a template given with it is rendered with the
+    tiny tokenizer's special tokens (no fetch)."""
+    from huggingface_hub import constants
+
+    from plora_ray.assets.dialogues import DataError, tokenize_dialogue
+
+    name = cfg.name_or_path
+    if name == "tiny" or name in EMBEDDED_CONFIGS:
+        if name != "tiny" and cfg.chat_template is None:
+            return
+        tokenizer = tiny_tokenizer()
+    else:
+        local = Path(name).expanduser()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(local) if local.is_dir() else name, trust_remote_code=cfg.trust_remote_code,
+                local_files_only=bool(constants.HF_HUB_OFFLINE) and not local.is_dir())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            first = " ".join(str(exc).strip().split("\n")[0].split())[:200] or type(exc).__name__
+            raise ConfigError(f"field 'model.name_or_path': '{name}' has no tokenizer that loads ({first}): "
+                              "save the tokenizer beside the model (tokenizer.save_pretrained)") from None
+    apply_template(tokenizer, cfg.chat_template)
+    where = "field 'model.chat_template'" if cfg.chat_template is not None else \
+        f"field 'model.chat_template' (null: the tokenizer of '{name}''s own)"
+    try:
+        ex = tokenize_dialogue(tokenizer, PROBE, 4096)
+    except DataError as exc:
+        raise ConfigError(f"{where}: {exc}: give another template (e.g. chatml)") from None
+    except Exception as exc:  # jinja2's errors, a template raising on purpose
+        first = " ".join(str(exc).strip().split("\n")[0].split())[:200] or type(exc).__name__
+        raise ConfigError(f"{where}: the template does not render a dialogue ({type(exc).__name__}: "
+                          f"{first}): fix it, or name one of chatml, llama-2, vicuna_v1.1, plain") from None
+    text = tokenizer.decode([t for t in ex["labels"] if t != IGNORE])
+    if "4." not in text or "6." not in text:
+        raise ConfigError(f"{where}: the template does not write the assistant's replies (they would "
+                          "never be trained on): fix it, or name one of chatml, llama-2, vicuna_v1.1, plain")
 
 
 def model_skeleton(cfg: ModelConfig) -> torch.nn.Module:

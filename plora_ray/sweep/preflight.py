@@ -21,13 +21,15 @@ import os
 import tempfile
 from pathlib import Path
 
+from plora_ray.config.paths import cache_root
 from plora_ray.config.schema import ConfigError, RunConfig
-from plora_ray.assets.dialogues import DataError, check_files
+from plora_ray.assets.dialogues import DataError
+from plora_ray.assets.sources import check_data
 
 # what a run directory holds once it has started (train.py writes them before the first step)
 RUN_MARKERS = ("ray_run_name", "config.yaml")
 # run-config paths whose values decide what check_model / check_files look at
-MODEL_AND_DATA_PATHS = ("model", "method", "lora.target_modules", "data.train_files")
+MODEL_AND_DATA_PATHS = ("model", "method", "lora.target_modules", "data.train_files", "data.sources")
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
@@ -50,14 +52,34 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
     os.unlink(probe)
 
 
+def data_cache(cfg: RunConfig) -> Path:
+    """Where datasets caches what preflight reads (the run's own cache: read once, reused)."""
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else cache_root() / "datasets"
+
+
 def check_model(cfg: RunConfig) -> None:
-    """The base model exists and every ``lora.target_modules`` name matches a layer LoRA can
-    wrap: checked on a meta-device skeleton, so even a 7B model costs a fraction of a second."""
-    from plora_ray.run.models import check_target_modules, model_skeleton  # torch / transformers: only here
+    """The base model exists, every ``lora.target_modules`` name matches a layer LoRA can wrap
+    (checked on a meta-device skeleton, so even a 7B model costs a fraction of a second), and its
+    tokenizer loads and renders the chat template with an assistant-only mask."""
+    from plora_ray.run.models import check_target_modules, check_tokenizer, model_skeleton  # torch: only here
 
     skeleton = model_skeleton(cfg.model)
     if cfg.method != "full":
         check_target_modules(skeleton, cfg.lora.target_modules)
+    check_tokenizer(cfg.model)
+
+
+def check_harness(cfg: RunConfig) -> None:
+    """Every ``eval.harness.tasks`` name is a task, group or tag lm-eval knows (its registry
+    plus ``eval.harness.include_path``); ConfigError naming the field, with a did-you-mean."""
+    if not cfg.eval.harness.tasks:
+        return
+    from plora_ray.evaluation.harness import check_harness_tasks  # lm-eval: only here
+
+    try:
+        check_harness_tasks(cfg.eval.harness.tasks, cfg.eval.harness.include_path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_run(cfg: RunConfig, output_dir: str | os.PathLike, resume: bool = False) -> None:
@@ -73,7 +95,8 @@ def check_run(cfg: RunConfig, output_dir: str | os.PathLike, resume: bool = Fals
     if cfg.distributed.storage_path:
         check_writable(cfg.distributed.storage_path, "field 'distributed.storage_path':")
     check_model(cfg)
-    check_files(cfg.data.train_files)
+    check_harness(cfg)
+    check_data(cfg.data, data_cache(cfg))
 
 
 def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
@@ -98,6 +121,10 @@ def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
         check_writable(Path(tracking_uri.removeprefix("sqlite:///")).parent, "--tracking-uri directory")
     if not spec._check_paths:
         return
+    try:
+        check_harness(trial_run_config(spec, {}))  # the base's lm-eval tasks
+    except ConfigError as exc:
+        raise ConfigError(f"{spec._source}: base: {exc}") from None
     src, models, files = spec._source, set(), set()
     for point in trial_points(spec, MODEL_AND_DATA_PATHS):
         cfg = trial_run_config(spec, point)
@@ -109,7 +136,7 @@ def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
                 check_model(cfg)
             if tuple(cfg.data.train_files) not in files:
                 files.add(tuple(cfg.data.train_files))
-                check_files(cfg.data.train_files)
+                check_data(cfg.data, data_cache(cfg))
         except (ConfigError, DataError) as exc:
             raise type(exc)(f"{src}: {where}: {exc}") from None
 

@@ -9,7 +9,6 @@ import copy
 import math
 
 from plora_ray.config.io import flow
-from plora_ray.config.names import EMBEDDED_MIXES
 from plora_ray.config.schema import RunConfig
 from plora_ray.config.spec import SweepSpec
 from plora_ray.config.trials import TRIAL_INDEX, trial_run_config
@@ -54,7 +53,24 @@ def describe(spec: SweepSpec) -> str:
             lines.append(f"  {key}: {d.kind} {flow(d.values)}")
     lines += [f"  {key} = {flow(v)}" for key, v in spec.fixed.items()]
     cfg = trial_run_config(spec, {key: d.values[0] for key, d in spec.space.items()})
-    return "\n".join(lines + [f"scored at checkpoints (first trial): {describe_eval(cfg)}"])
+    return "\n".join(lines + [f"trains on (first trial): {describe_data(cfg)}",
+                              f"scored at checkpoints (first trial): {describe_eval(cfg)}"])
+
+
+def describe_data(cfg: RunConfig) -> str:
+    """The training sources, each with what narrows or maps it, and the chat template."""
+    parts = []
+    for src in cfg.data.all_sources():
+        bits = [f"name {src.name}" if src.name else "", f"split {src.split}" if src.split != "train" else "",
+                f"data_files {flow(src.data_files)}" if src.data_files else "",
+                "where " + flow(src.where) if src.where else "",
+                "columns " + ", ".join(f"{v}->{k}" for k, v in src.columns.items()) if src.columns else "",
+                f"first {src.max_rows} rows" if src.max_rows else ""]
+        bits = [b for b in bits if b]
+        parts.append(src.path + (f" ({'; '.join(bits)})" if bits else ""))
+    t = cfg.model.chat_template
+    template = "the tokenizer's own" if t is None else (t if len(t) < 40 else "a Jinja template")
+    return f"{' + '.join(parts)}; chat template {template}; max_length {cfg.data.max_length}"
 
 
 GSM8K_SETS = {"test": "GSM8K's test set, 1,319 problems", "heldout": "the 319 GSM8K problems the embedded mix never trains on"}
@@ -64,7 +80,7 @@ def describe_eval(cfg: RunConfig) -> str:
     """What a run scores at its checkpoints, and on which items."""
     e, parts = cfg.eval, []
     h = e.heldout
-    if h.files or h.fraction or (h.files is None and any(f in EMBEDDED_MIXES for f in cfg.data.train_files)):
+    if h.files or h.fraction or (h.files is None and cfg.data.embedded()):
         parts.append("held-out loss")
     for task in e.tasks:
         n = e.task_limits.get(task, e.limit)
