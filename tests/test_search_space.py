@@ -422,3 +422,14 @@ def test_dry_run_says_which_gsm8k_items_each_run_scores(tmp_path):
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         assert expected in describe(load_sweep(path)).splitlines()[-1]
 
+
+
+def test_dry_run_names_harness_tasks_and_when_they_run():
+    from plora_ray.config.io import build_run_config
+    from plora_ray.sweep.space import describe_eval
+
+    cfg = build_run_config({"plora": {"unload_every_steps": 2},
+                            "eval": {"tasks": ["arc_easy"], "limit": 5, "harness": {"tasks": ["hellaswag"], "limit": 7,
+                                                                                    "at": "last"}}})
+    assert describe_eval(cfg) == ("arc_easy (test set: the first 5); hellaswag (lm-eval: the first 7, last "
+                                  "checkpoint only)")

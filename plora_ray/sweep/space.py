@@ -88,4 +88,9 @@ def describe_eval(cfg: RunConfig) -> str:
         what = GSM8K_SETS[e.gsm8k_items] if task == "gsm8k" else "test set"
         when = ", last checkpoint only" if task in e.final_only_tasks else ""
         parts.append(f"{task} ({what}: {items}{when})")
+    hz = e.harness
+    for task in hz.tasks:
+        items = "all items" if hz.limit is None else f"the first {hz.limit}"
+        when = ", last checkpoint only" if hz.at == "last" else ""
+        parts.append(f"{task} (lm-eval: {items}{when})")
     return "; ".join(parts) or "nothing (train/loss only)"
