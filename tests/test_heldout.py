@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plora_ray.config.schema import ConfigError, EvalConfig, ModelConfig
+from plora_ray.config.evaluation import EvalConfig
+from plora_ray.config.schema import ConfigError, ModelConfig
 from plora_ray.config.names import IGNORE
 from plora_ray.run.data import load_examples
 from plora_ray.evaluation import (

@@ -9,7 +9,7 @@ import pytest
 
 from plora_ray.assets.dialogues import DataError
 from plora_ray.assets.sources import check_data
-from plora_ray.config.schema import DataConfig, SourceConfig
+from plora_ray.config.data import DataConfig, SourceConfig
 from plora_ray.run.data import load_examples
 from plora_ray.run.models import tiny_tokenizer
 

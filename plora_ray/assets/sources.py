@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from plora_ray.assets.dialogues import DataError, named_rows, read_rows, to_messages
-from plora_ray.config.schema import ROW_FIELDS, SourceConfig
+from plora_ray.config.data import ROW_FIELDS, SourceConfig
 
 # local files datasets reads, by suffix -> its packaged builder
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from plora_ray.config.hardware import resolve_dtype
 from plora_ray.config.names import CHAT_TEMPLATES
-from plora_ray.config.schema import BUNDLED_DATASETS, ConfigError, RunConfig
+from plora_ray.config.data import BUNDLED_DATASETS
+from plora_ray.config.schema import ConfigError, RunConfig
 
 
 def _known_paths(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -13,26 +13,20 @@ problem into :class:`ConfigError`); ``model.dtype: auto`` is resolved there thro
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from plora_ray.config.names import CHAT_TEMPLATES, EMBEDDED_MIXES, HELDOUT_NAMES, Task
+from plora_ray.config.data import DataConfig
+from plora_ray.config.evaluation import EvalConfig
+from plora_ray.config.names import CHAT_TEMPLATES
+from plora_ray.config.strict import Strict
 
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BUNDLED_DATASETS = ("tiny-dialogues", *EMBEDDED_MIXES)  # names resolved by plora_ray.run.data
 
 
 class ConfigError(Exception):
     """A user-facing configuration problem; ``str(err)`` is one line naming field and fix."""
-
-
-class Strict(BaseModel):
-    """Every config model: an unknown key is an error, and so is a bad value set later; no
-    number may be inf or nan (``lr: .inf`` would pass ``gt=0`` and fail after a step)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(Strict):
@@ -124,180 +118,6 @@ class OptimConfig(Strict):
         for b in self.betas:
             if not 0 <= b < 1:
                 raise ValueError("each of optim.betas must be in [0, 1)")
-        return self
-
-
-ROW_FIELDS = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion", "question",
-              "choices", "answer", "subject", "system")
-
-
-class SourceConfig(Strict):
-    """One training-data source, opened through ``datasets`` (``load_dataset`` /
-    ``load_from_disk``) and mapped onto a row shape the loader understands: messages,
-    ShareGPT conversations, alpaca instruction/input/output, prompt/completion, or multiple
-    choice question/choices/answer."""
-
-    path: str = Field(description="a hub dataset id, a local json/jsonl/parquet/csv/arrow file, a "
-                      "save_to_disk folder, a dataset folder, or a bundled name "
-                      f"({', '.join(BUNDLED_DATASETS)})")
-    name: str | None = Field(None, description="the dataset's configuration (load_dataset's name)")
-    split: str = Field("train", description="the split to train on")
-    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
-        None, description="load_dataset's data_files (files inside a hub or folder dataset)")
-    columns: dict[Literal[ROW_FIELDS], str] = Field(  # type: ignore[valid-type]
-        default_factory=dict, description="row field -> the source's column, e.g. {prompt: question, "
-        "completion: answer}; fields: " + ", ".join(ROW_FIELDS))
-    where: dict[str, list[str | int | bool]] = Field(
-        default_factory=dict, description="keep rows whose column holds one of these values, e.g. "
-        "{dataset: [open_orca, code_alpaca]} (before the column map)")
-    max_rows: int | None = Field(None, ge=1, description="train on the first N rows only (after where)")
-
-
-class DataConfig(Strict):
-    train_files: list[str] = Field(
-        default_factory=lambda: ["tiny-dialogues"],
-        min_length=1,
-        description="json/jsonl/parquet files (messages, conversations, alpaca or prompt/completion "
-        f"rows), or a bundled name: {', '.join(BUNDLED_DATASETS)}; the short form of data.sources",
-    )
-    sources: list[SourceConfig] | None = Field(
-        None, min_length=1, description="datasets mixed into one training set, in order (each a "
-        "hub id, file or folder with split, name, data_files, columns, max_rows); replaces "
-        "data.train_files")
-    max_length: int = Field(512, ge=8, description="tokens per example (truncated)")
-    micro_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(6, ge=1)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
-    shuffle: bool = True
-    group_by_length: bool = Field(
-        False, description="length-grouped micro-batches (rows of similar length together: "
-        "less padding, faster steps; the step order stays seeded and shuffled)")
-    tokenize_cache: bool = Field(
-        True, description="tokenise each file once through the datasets cache (every trial of "
-        "a sweep reads it back)")
-    cache_dir: str | None = Field(
-        None, description="where datasets caches raw and tokenised rows; null: "
-        "<PLORA_RAY_CACHE or ~/.cache/plora_ray>/datasets")
-
-    @model_validator(mode="after")
-    def _one_form(self) -> "DataConfig":
-        if self.sources is not None and "train_files" in self.model_fields_set:
-            raise ValueError("give data.sources or data.train_files, not both (a file in train_files "
-                             "is the source {path: FILE})")
-        return self
-
-    def all_sources(self) -> list[SourceConfig]:
-        """The sources to train on: data.sources, or one per data.train_files entry."""
-        return list(self.sources) if self.sources is not None else [SourceConfig(path=f) for f in self.train_files]
-
-    def paths(self) -> list[str]:
-        return [s.path for s in self.all_sources()]
-
-    def embedded(self) -> bool:
-        """Whether any source is an embedded mix (built from the benchmarks' training splits)."""
-        return any(p in EMBEDDED_MIXES for p in self.paths())
-
-
-class HeldoutConfig(Strict):
-    """Held-out dialogues scored by teacher-forced loss at every checkpoint (``eval/heldout/loss``)."""
-
-    files: list[str] | None = Field(
-        None, description="dialogue files (data.train_files formats) or a bundled name "
-        f"({', '.join(BUNDLED_DATASETS + HELDOUT_NAMES)}); null: gsm8k-heldout when training on "
-        "an embedded mix, else none; []: none")
-    fraction: float = Field(0.0, ge=0, lt=1, description="seeded fraction of the training "
-                            "examples kept out of training and scored as held-out")
-    seed: int = Field(0, description="seed of the fraction split (fixed, so trials of "
-                      "different run seeds hold out the same examples)")
-    limit: int | None = Field(None, ge=1, description="score only the first N held-out examples")
-
-    @model_validator(mode="after")
-    def _files_exist(self) -> "HeldoutConfig":
-        for f in self.files or []:
-            if f not in BUNDLED_DATASETS + HELDOUT_NAMES and not Path(f).exists():
-                raise ValueError(f"file '{f}' not found: give an existing path or a bundled name "
-                                 f"({', '.join(BUNDLED_DATASETS + HELDOUT_NAMES)})")
-        return self
-
-
-class EvalConfig(Strict):
-    """Benchmarks scored at every checkpoint (defined as lm-evaluation-harness defines them)."""
-
-    tasks: list[Task] = Field(
-        default_factory=list, description="empty: no benchmark (the held-out loss may still run)")
-    final_only_tasks: list[Task] = Field(
-        default_factory=list, description="tasks of eval.tasks scored only at the final "
-        "checkpoint (e.g. [gsm8k]: generation is slow); the others run at every checkpoint")
-    heldout: HeldoutConfig = HeldoutConfig()
-    limit: int | None = Field(20, ge=1, description="items per task (MMLU: spread over subjects); "
-                              "null: the whole test set")
-    task_limits: dict[Task, int | None] = Field(
-        default_factory=dict, description="per-task items, overriding eval.limit (e.g. {gsm8k: 5}: "
-        "generation is slow)")
-    limit_mode: Literal["first", "sample"] = "first"
-    prompt_style: Literal["chat", "plain"] = Field("chat", description="chat: the training template")
-    num_fewshot: int = Field(0, ge=0)
-    batch_size: int = Field(8, ge=1)
-    max_new_tokens: int = Field(256, ge=1, description="GSM8K generation length")
-    gsm8k_items: Literal["auto", "test", "heldout"] = Field(
-        "auto", description="GSM8K problems scored: test (the whole 1,319-problem test set, as the "
-        "paper and lm-eval), heldout (the 319 the embedded mix never trains on); auto: heldout when "
-        "training on an embedded mix, else test. Resolved when the config is built, so config.yaml "
-        "and MLflow record which (ids gsm8k-test-<i> / gsm8k-heldout-<i>: two sets never pair)")
-    harness: HarnessConfig = Field(
-        default_factory=lambda: HarnessConfig(), description="any lm-evaluation-harness task by "
-        "name, scored by lm-eval itself on the live model (eval/<task>/<metric>)")
-
-    @model_validator(mode="after")
-    def _final_only_in_tasks(self) -> "EvalConfig":
-        for t in self.final_only_tasks:
-            if t not in self.tasks:
-                raise ValueError(f"final_only_tasks names '{t}', which is not in eval.tasks: "
-                                 "add it to eval.tasks or remove it")
-        for t in self.harness.tasks:
-            if t in self.tasks:
-                raise ValueError(f"harness.tasks names '{t}', which eval.tasks scores too (both log "
-                                 f"eval/{t}/...): keep it in one of them")
-        return self
-
-
-class HarnessConfig(Strict):
-    """lm-evaluation-harness tasks scored with ``lm_eval.simple_evaluate`` on the in-memory model
-    at checkpoints (``plora_ray.evaluation.harness``); names are checked against lm-eval's
-    registry (plus ``include_path``) before any work starts."""
-
-    tasks: list[str] = Field(
-        default_factory=list, description="lm-eval task, group or tag names (e.g. [hellaswag, "
-        "truthfulqa_mc2]); empty: none")
-    include_path: str | None = Field(
-        None, description="a folder of your own lm-eval task YAMLs (lm-eval's --include_path; "
-        "local data: dataset_path: json, dataset_kwargs: {data_files: ...}); made absolute")
-    num_fewshot: int | None = Field(None, ge=0, description="null: each task's own default")
-    limit: int | None = Field(None, ge=1, description="first N documents per task (lm-eval's "
-                              "--limit); null: all")
-    batch_size: int = Field(8, ge=1)
-    at: Literal["every", "last"] = Field("every", description="every checkpoint, or the final one only")
-    apply_chat_template: bool = Field(False, description="lm-eval's --apply_chat_template")
-    bootstrap_iters: int = Field(100000, ge=0, description="lm-eval's bootstrap resamples for the "
-                                 "stderr of non-mean metrics (0: none)")
-
-    @model_validator(mode="after")
-    def _names_and_path(self) -> "HarnessConfig":
-        for t in self.tasks:
-            if not t.strip() or "/" in t or t == "heldout":
-                raise ValueError(f"harness task name {t!r}: give an lm-eval task, group or tag name "
-                                 "(no '/'; 'heldout' is eval.heldout's)")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError("harness.tasks names a task twice: list each once")
-        if self.include_path is not None:
-            path = Path(self.include_path).expanduser()
-            if not path.is_dir():
-                raise ValueError(f"include_path '{self.include_path}' is not a folder: give the folder "
-                                 "that holds your task YAMLs")
-            resolved = str(path.resolve())
-            if resolved != self.include_path:
-                self.include_path = resolved  # workers may run in another directory
         return self
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from plora_ray.config.names import METRICS, direction, harness_metric_task
-from plora_ray.config.schema import Strict
+from plora_ray.config.strict import Strict
 
 Kind = Literal["choice", "grid", "uniform", "loguniform", "int"]
 KINDS = typing.get_args(Kind)

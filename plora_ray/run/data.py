@@ -20,7 +20,7 @@ import torch
 from plora_ray.assets.dialogues import DataError, to_messages, tokenize_dialogue
 from plora_ray.assets.sources import open_source, plain_rows, quiet
 from plora_ray.config.names import IGNORE
-from plora_ray.config.schema import SourceConfig
+from plora_ray.config.data import SourceConfig
 
 TOKENIZE_VERSION = 1  # part of the cache key: bump when tokenize_dialogue's output changes
 

@@ -28,7 +28,8 @@ from pydantic import Field, ValidationError, field_validator
 
 from plora_ray.assets.dialogues import DataError
 from plora_ray.config.io import flow, format_validation_error, read_yaml
-from plora_ray.config.schema import ConfigError, Strict
+from plora_ray.config.schema import ConfigError
+from plora_ray.config.strict import Strict
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_EXCLUDES = [".git", ".venv", "runs", "outputs", "mlruns", "mlartifacts", "*.db", "__pycache__",
