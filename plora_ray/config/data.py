@@ -35,6 +35,8 @@ class SourceConfig(Strict):
         default_factory=dict, description="keep rows whose column holds one of these values, e.g. "
         "{dataset: [open_orca, code_alpaca]} (before the column map)")
     max_rows: int | None = Field(None, ge=1, description="train on the first N rows only (after where)")
+    weight: float = Field(1.0, gt=0, description="how many times each row is used per epoch: 2: "
+                          "twice, 0.5: a seeded half (after max_rows); the mix's proportions")
 
 
 class DataConfig(Strict):
@@ -57,6 +59,13 @@ class DataConfig(Strict):
     group_by_length: bool = Field(
         False, description="length-grouped micro-batches (rows of similar length together: "
         "less padding, faster steps; the step order stays seeded and shuffled)")
+    packing: bool = Field(
+        False, description="pack several examples into each row of a micro-batch (up to "
+        "data.max_length tokens): no padding. Every example keeps its own loss and position ids "
+        "restarting at 0; where the attention backend isolates them (transformers' padding-free "
+        "path: sdpa, eager, flash_attention_2) each attends only to itself")
+    num_proc: int | None = Field(None, ge=1, description="processes that tokenise a source "
+                                 "(datasets' map num_proc); null: one")
     tokenize_cache: bool = Field(
         True, description="tokenise each file once through the datasets cache (every trial of "
         "a sweep reads it back)")

@@ -13,9 +13,10 @@ problem into :class:`ConfigError`); ``model.dtype: auto`` is resolved there thro
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from plora_ray.config.data import DataConfig
 from plora_ray.config.evaluation import EvalConfig
@@ -59,6 +60,13 @@ class ModelConfig(Strict):
         None, description="null: the tokenizer's own (ChatML where it has none); "
         f"{', '.join(CHAT_TEMPLATES)} (FastChat's, the paper's; plain: base models, no role "
         "markers); a Jinja string; or a .jinja file")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass "
+        "(transformers' gradient checkpointing, non-reentrant): activation memory ~one layer's "
+        "instead of all layers', for ~1/3 more compute; unloads stay exact")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="transformers' attention backend: sdpa (PyTorch's fused attention), "
+        "flash_attention_2 (needs the flash-attn package and a GPU), eager (plain matmuls)")
     tiny: TinyModelConfig = TinyModelConfig()
 
 
@@ -129,6 +137,11 @@ class DistributedConfig(Strict):
         "ddp", description="with workers > 1 (or always for deepspeed): torch DDP or DeepSpeed")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
     offload_optimizer: bool = Field(False, description="DeepSpeed: optimizer state on the CPU")
+    deepspeed_config: str | None = Field(
+        None, description="your own DeepSpeed JSON (buckets, overlap, offload, communication dtype); "
+        "merged with what the run config sets (batch sizes, precision, stage, optimizer, clipping): a "
+        "key both set to different values is refused, naming both; \"auto\" takes the run config's "
+        "value. Read by every worker: on a cluster, a path every node can read")
     use_gpu: bool = Field(False, description="GPU workers (nccl); CPU uses gloo")
     gpus_per_worker: float | None = Field(
         None, gt=0, description="with use_gpu: GPUs each worker reserves (Ray resources); a fraction "
@@ -140,6 +153,22 @@ class DistributedConfig(Strict):
     max_failures: int = Field(0, ge=-1, description="restarts from the last checkpoint; -1: unlimited")
     storage_path: str | None = Field(None, description="Ray storage (shared on a cluster: a path "
                                      "every node mounts, s3://, gs://); default <output_dir>/ray")
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _deepspeed_json(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        if not p.is_file():
+            raise ValueError(f"file '{value}' not found: give the path of your DeepSpeed JSON")
+        return str(p.resolve())  # workers may run in another directory
+
+    @model_validator(mode="after")
+    def _deepspeed(self) -> "DistributedConfig":
+        if self.deepspeed_config and self.engine != "deepspeed":
+            raise ValueError("distributed.deepspeed_config needs distributed.engine: deepspeed (or leave it out)")
+        return self
 
     @model_validator(mode="after")
     def _gpus(self) -> "DistributedConfig":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +38,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def _tokenized(src: SourceConfig, i: int | None, tokenizer, max_length: int, cache: Path):
+def _tokenized(src: SourceConfig, i: int | None, tokenizer, max_length: int, cache: Path,
+               num_proc: int | None = None):
     """Tokenise with ``datasets``' fingerprinted ``map``: the result is cached under ``cache``
     and a second load with the same data, mapping, tokenizer and max_length reads it back."""
     with quiet():  # no bars in workers' logs
-        return _tokenize_rows(src, i, tokenizer, max_length, cache)
+        return _tokenize_rows(src, i, tokenizer, max_length, cache, num_proc)
 
 
-def _tokenize_rows(src: SourceConfig, i: int | None, tokenizer, max_length: int, cache: Path):
+def _tokenize_rows(src: SourceConfig, i: int | None, tokenizer, max_length: int, cache: Path,
+                   num_proc: int | None = None):
     rows, source = open_source(src, i, cache)
     key = hashlib.sha256(json.dumps([TOKENIZE_VERSION, source, tokenizer_fingerprint(tokenizer),
                                      max_length]).encode()).hexdigest()[:24]
@@ -58,7 +61,8 @@ def _tokenize_rows(src: SourceConfig, i: int | None, tokenizer, max_length: int,
         (cache / "tokenized").mkdir(parents=True, exist_ok=True)
         cache_file = str(cache / "tokenized" / f"{key}.arrow")
     out = rows.map(encode, with_indices=True, remove_columns=rows.column_names, new_fingerprint=key,
-                   cache_file_name=cache_file, load_from_cache_file=True)
+                   cache_file_name=cache_file, load_from_cache_file=True,
+                   num_proc=num_proc if num_proc and num_proc > 1 and len(rows) >= num_proc else None)
     return out.data.table  # memory-mapped from datasets' cache file where it has one
 
 
@@ -126,10 +130,24 @@ class Examples(Sequence):
         return Examples(self.table, self.rows[mask[self.rows]])
 
 
+def weighted_rows(n: int, weight: float, key: str) -> np.ndarray:
+    """Row indices of a source of ``n`` rows used ``weight`` times per epoch: each row
+    ``floor(weight)`` times, plus a seeded choice (by ``key``) of ``round(frac * n)`` rows."""
+    whole, frac = int(weight), weight - int(weight)
+    rows = [np.tile(np.arange(n, dtype=np.int64), whole)]
+    extra = round(frac * n)
+    if extra:
+        rng = np.random.default_rng(zlib.crc32(key.encode()))
+        rows.append(np.sort(rng.choice(n, size=extra, replace=False)))
+    return np.concatenate(rows)
+
+
 def load_examples(sources: list[str | SourceConfig], tokenizer, max_length: int,
-                  cache_dir: str | Path | None = None, cache: bool = True) -> Examples:
+                  cache_dir: str | Path | None = None, cache: bool = True,
+                  num_proc: int | None = None) -> Examples:
     """Tokenised examples of every source, in order (a plain string is a data.train_files
-    entry); rows without a labelled token (after truncation) are dropped.
+    entry), each source's rows used ``weight`` times (:func:`weighted_rows`: an index, no
+    copy); rows without a labelled token (after truncation) are dropped.
 
     With ``cache`` (the default) each source is loaded, mapped and tokenised through
     ``datasets`` and its cache under ``cache_dir`` (default ``<plora_ray cache>/datasets``), so
@@ -137,7 +155,7 @@ def load_examples(sources: list[str | SourceConfig], tokenizer, max_length: int,
     bad row) goes through the plain reader, which names the file and line of the problem.
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    tables = []
+    tables, rows, offset = [], [], 0
     for i, src in enumerate(sources):
         i, src = (None, SourceConfig(path=src)) if isinstance(src, str) else (i, src)
         plain = plain_rows(src, i)
@@ -146,7 +164,7 @@ def load_examples(sources: list[str | SourceConfig], tokenizer, max_length: int,
             from datasets.exceptions import DatasetsError
 
             try:
-                table = _tokenized(src, i, tokenizer, max_length, root)
+                table = _tokenized(src, i, tokenizer, max_length, root, num_proc)
             except (DataError, DatasetsError, ValueError, TypeError, KeyError, OSError) as exc:
                 if plain is None:  # no plain reader to say more: say what datasets said
                     if isinstance(exc, DataError):
@@ -156,7 +174,11 @@ def load_examples(sources: list[str | SourceConfig], tokenizer, max_length: int,
             table = Examples.from_rows([tokenize_dialogue(tokenizer, to_messages(row, where), max_length)
                                         for where, row in plain]).table
         tables.append(Examples(table).table)
-    examples = Examples(pa.concat_tables(tables)).labelled()
+        n = tables[-1].num_rows
+        rows.append(offset + (weighted_rows(n, src.weight, f"{i}/{src.path}") if src.weight != 1
+                              else np.arange(n, dtype=np.int64)))
+        offset += n
+    examples = Examples(pa.concat_tables(tables), np.concatenate(rows)).labelled()
     if not len(examples):
         raise DataError(f"{', '.join(s if isinstance(s, str) else s.path for s in sources)}: no example "
                         "with assistant tokens within data.max_length: raise data.max_length or check the data")
@@ -173,7 +195,46 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tokens": mask.sum()}
+
+
+def pack(examples: list[dict], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch with its examples packed into rows of at most ``max_length`` tokens
+    (first fit, longest first) instead of each padded to the longest: no attention mask;
+    ``position_ids`` restart at 0 for every example (transformers' padding-free format: its
+    attention then keeps each example to itself), and each example's first label is
+    ``IGNORE``, so no example's token is predicted from another's: the targets are exactly
+    the unpacked batch's. A row's unused tail is padding, a segment of its own that no real
+    token attends to (it comes last) and that has no target."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        r = next((r for r, free in enumerate(room) if n <= free), None)
+        if r is None:
+            rows.append([i])
+            room.append(max(max_length, n) - n)
+        else:
+            rows[r].append(i)
+            room[r] -= n
+    used = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
+    width = max(used)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e = examples[i]
+            n = len(e["input_ids"])
+            ids[r, at: at + n] = torch.tensor(e["input_ids"])
+            labels[r, at + 1: at + n] = torch.tensor(e["labels"][1:], dtype=torch.long)
+            position[r, at: at + n] = torch.arange(n)
+            at += n
+        position[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": position,
+            "tokens": torch.tensor(sum(used))}
 
 
 @dataclass

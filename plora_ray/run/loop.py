@@ -21,9 +21,9 @@ from plora_ray.config.schema import RunConfig
 from plora_ray.core.clock import UnloadClock, lap
 from plora_ray.core.schedule import StageLR, make_scheduler
 from plora_ray.core.unloader import PeriodicUnloader, UnloadEvent
-from plora_ray.run.data import StepPlan, collate, load_examples
+from plora_ray.run.data import StepPlan, collate, load_examples, pack
 from plora_ray.run.engines import make_engine
-from plora_ray.run.loss import loss_positions, loss_sum
+from plora_ray.run.loss import loss_positions, loss_sum, packing_isolated
 from plora_ray.run.models import build_model
 from plora_ray.run.unloading import build_unloader
 
@@ -70,6 +70,15 @@ def warn_slow_bf16(cfg: RunConfig, device: torch.device, rank: int = 0) -> None:
               "float32", file=sys.stderr, flush=True)
 
 
+def check_packing(cfg: RunConfig, engine, examples, pad_id: int, rank: int) -> None:
+    """Say on stderr when the model's attention does not keep packed examples apart."""
+    if not packing_isolated(engine.model, examples, pad_id, engine.device) and rank == 0:
+        print(f"warning: field 'data.packing': {cfg.model.attn_implementation} attention of this model "
+              "does not keep packed examples apart (each attends to those before it in its row; its "
+              "loss stays its own); use a transformers model with sdpa, eager or flash_attention_2 "
+              "(padding-free position ids), or data.packing: false", file=sys.stderr, flush=True)
+
+
 def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | None = None,
           data: bool = True) -> Run:
     """Build everything a run needs; identical on every data-parallel rank.
@@ -80,11 +89,11 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     torch.manual_seed(cfg.seed)
     warn_slow_bf16(cfg, device or torch.device("cpu"), rank)
     t0 = time.perf_counter()
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(cfg, world)  # world: ZeRO-3 builds it partitioned
     t1 = time.perf_counter()
     d = cfg.data
     examples = load_examples(d.sources or d.train_files, tokenizer, d.max_length, d.cache_dir,
-                             d.tokenize_cache) if data else []
+                             d.tokenize_cache, d.num_proc) if data else []
     heldout = []
     if data:  # rows kept out of training are chosen before the plan, identically on every rank
         from plora_ray.evaluation.heldout import prepare_heldout
@@ -97,6 +106,8 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
                     examples.lengths() if cfg.data.group_by_length else None)
     steps = plan.steps()[: cfg.data.max_steps]
     engine = make_engine(model, cfg, device or torch.device("cpu"), rank, world)
+    if d.packing and len(examples) >= 2:
+        check_packing(cfg, engine, examples, tokenizer.pad_token_id, rank)
     timings = {"model_load": t1 - t0, "tokenise": t2 - t1, "engine": time.perf_counter() - t2}
     o, p = cfg.optim, cfg.plora
     global_batch = cfg.samples_per_step(world)
@@ -139,16 +150,18 @@ def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
     accumulation, a short last batch and any number of workers weigh tokens equally.
     """
     engine, pad = run.engine, run.tokenizer.pad_token_id
+    d = run.cfg.data
 
     def host_batch(indices):  # counts and loss positions on the host: no device sync
-        batch = collate([run.examples[i] for i in indices], pad)
+        rows = [run.examples[i] for i in indices]
+        batch = pack(rows, d.max_length, pad) if d.packing else collate(rows, pad)
         batch["positions"], batch["targets"] = loss_positions(batch["labels"])
         return batch
 
     def on_device(batch):
         non_blocking = engine.device.type == "cuda"
         return {k: v.to(engine.device, non_blocking=non_blocking) for k, v in batch.items()
-                if k in ("input_ids", "attention_mask", "positions", "targets")}
+                if k in ("input_ids", "attention_mask", "position_ids", "positions", "targets")}
 
     mine, padding = rank_share(micro_batches, run.rank, run.world)
     batches = [host_batch(mb) for mb in mine]
@@ -165,7 +178,7 @@ def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
             engine.backward(loss * w)
         if w:
             loss_local += loss.detach().double()
-            tokens += int(b["attention_mask"].sum())
+            tokens += int(b["tokens"])
     lr = engine.optimizer.param_groups[0]["lr"]
     engine.step()
     run.scheduler.step()

@@ -94,11 +94,20 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
+def model_inputs(batch: dict) -> dict:
+    """What the model is given of ``batch``: ``input_ids`` and ``attention_mask`` (padded) or
+    ``position_ids`` (packed: :func:`plora_ray.run.data.pack`); no KV cache (a cache would
+    also turn off transformers' packed-sequence attention)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch} | \
+        {"use_cache": False}
+
+
 def loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Sum of next-token cross-entropy over the labelled tokens of ``batch``.
 
-    ``batch`` holds ``input_ids``, ``attention_mask`` and either ``positions`` and
-    ``targets`` (:func:`loss_positions`, computed on the host: no device sync) or ``labels``.
+    ``batch`` holds ``input_ids``, ``attention_mask`` or ``position_ids``, and either
+    ``positions`` and ``targets`` (:func:`loss_positions`, computed on the host: no device
+    sync) or ``labels``.
     """
     if "positions" in batch:
         positions, targets = batch["positions"], batch["targets"]
@@ -106,9 +115,35 @@ def loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         device = batch["labels"].device
         positions, targets = (t.to(device) for t in loss_positions(batch["labels"].cpu()))
     if accepts_logits_to_keep(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=positions).logits
+        logits = model(**model_inputs(batch), logits_to_keep=positions).logits
     else:  # full logits, then the needed positions
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
         logits = torch.take_along_dim(logits, positions[..., None], dim=1)
     return cross_entropy_sum(logits, targets)
+
+
+@torch.no_grad()
+def packing_isolated(model: torch.nn.Module, examples: list[dict], pad_id: int, device,
+                     tokens: int = 12) -> bool:
+    """Whether ``model`` keeps packed examples apart: two examples' first ``tokens`` tokens are
+    packed into one row (:func:`plora_ray.run.data.pack`); the second one's logits must be
+    closer to its logits alone than the same row's logits with an all-ones attention mask (which
+    lets it attend to the first) are, by far. A relative test, so bf16 rounding does not
+    count as mixing. Every rank runs it (ZeRO-3 gathers in a forward)."""
+    from plora_ray.run.data import pack
+
+    rows = [{"input_ids": e["input_ids"][:tokens], "labels": e["labels"][:tokens]} for e in examples[:2]]
+    packed = pack(rows, sum(len(r["input_ids"]) for r in rows), pad_id)
+    ids, position = packed["input_ids"].to(device), packed["position_ids"].to(device)
+    first = int(position[0, 1:].eq(0).nonzero()[0]) + 1  # where the row's second example starts
+    second = ids[:, first:]
+    was_training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=second, use_cache=False).logits[0, :].float()
+        apart = model(input_ids=ids, position_ids=position, use_cache=False).logits[0, first:].float()
+        mixed = model(input_ids=ids, position_ids=position, attention_mask=torch.ones_like(ids),
+                      use_cache=False).logits[0, first:].float()
+    finally:
+        model.train(was_training)
+    return bool((apart - alone).abs().mean() < 0.25 * (mixed - alone).abs().mean())
