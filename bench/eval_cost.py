@@ -61,7 +61,8 @@ def main() -> None:
         tasks, held = ([], examples) if job == "heldout" else ([job], None)
         t = time.perf_counter()
         res = run.evaluate(model, tok, tasks, limit, ev.prompt_style, ev.batch_size, ev.num_fewshot,
-                           max_new_tokens=ev.max_new_tokens, heldout=held, gsm8k_items=ev.gsm8k_items)
+                           max_new_tokens=ev.max_new_tokens, heldout=held, gsm8k_items=ev.gsm8k_items,
+                           datasets=ev.datasets)
         return time.perf_counter() - t, (dict(res), res.samples)
 
     one(jobs[0])  # warm-up

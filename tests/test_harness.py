@@ -169,6 +169,29 @@ def test_harness_task_scored_at_every_checkpoint_of_a_2_worker_run_equals_lm_eva
     assert expected.keys() == {k for k in evals[-1] if k.startswith("eval/")}
     for key, value in expected.items():
         assert evals[-1][key] == pytest.approx(value, abs=1e-6), key
+    # the evaluate CLI scores the same task on the saved model, through the same lm-eval call
+    from plora_ray.cli.evaluate import main as evaluate
+
+    scores = tmp_path / "scores.json"
+    assert evaluate([str(out / "merged"), "--tasks", "", "--harness", TASK, "--include-path", str(task_dir),
+                     "--batch-size", "4", "--output", str(scores)]) == 0
+    written = json.loads(scores.read_text())
+    for key, value in expected.items():
+        assert written["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert len(written["samples"][f"harness/{TASK}"]["ids"]) == len(ITEMS)
+
+
+def test_evaluate_cli_refuses_an_unknown_harness_task_before_loading(tmp_path, task_dir, capsys):
+    from plora_ray.cli.evaluate import main as evaluate
+
+    assert evaluate(["/nonexistent-but-unread", "--tasks", "", "--harness", "plora_tiny_mcq",
+                     "--include-path", str(task_dir)]) == 2
+    assert capsys.readouterr().err.startswith("error: model path not found")
+    assert evaluate(["tiny", "--tasks", "", "--harness", "plora_tiny_mcq", "--include-path", str(task_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "plora_tiny_mcq" in err and TASK in err  # did you mean
+    assert evaluate(["tiny", "--tasks", "", "--harness", TASK, "--include-path", str(tmp_path / "no")]) == 2
+    assert "--include-path" in capsys.readouterr().err
 
 
 def test_a_sweep_optimises_a_harness_metric(tmp_path, task_dir, capsys):

@@ -42,6 +42,7 @@ __all__ = [
     "load_arc",
     "load_gsm8k",
     "load_mmlu",
+    "task_rows",
 ]
 
 
@@ -247,9 +248,7 @@ def load_mmlu(split: str = "test", *, path: str | Path | None = None) -> list[di
     if p.is_dir() and not (p / "state.json").is_file() and not (p / "dataset_dict.json").is_file():
         if any((d / split / "state.json").is_file() for d in p.iterdir() if d.is_dir()):
             return _mmlu_from_subject_dirs(p, split)
-    rows = [_mmlu_row(r, p) for r in _read_rows(p, split)]
-    rows.sort(key=lambda r: r["subject"])  # stable: keeps the source order inside a subject
-    return rows
+    return task_rows("mmlu", _read_rows(p, split), p)
 
 
 def _mmlu_from_subject_dirs(root: Path, split: str) -> list[dict[str, Any]]:
@@ -374,10 +373,27 @@ def load_gsm8k(split: str = "test", *, path: str | Path | None = None) -> list[d
             _need(doc, ("id", "question", "answer"), where)
             by_id.setdefault(doc["id"], doc)
         raw = [by_id[k] for k in sorted(by_id)]
+    return _gsm8k_rows(raw, where)
+
+
+def _gsm8k_rows(raw: list[dict[str, Any]], where: Any) -> list[dict[str, Any]]:
     rows = []
     for r in raw:
         _need(r, ("question", "answer"), where)
         if gsm8k_final_answer(str(r["answer"])) is None:
-            raise BenchmarkFormatError(f"{where}: GSM8K answer without a '#### N' line")
+            raise BenchmarkFormatError(f"{where}: a GSM8K answer without a '#### N' line (row {len(rows)}): "
+                                       "give openai/gsm8k's answers (the solution, then '#### N')")
         rows.append({"question": str(r["question"]), "answer": str(r["answer"])})
     return rows
+
+
+def task_rows(task: str, raw: list[dict[str, Any]], where: Any) -> list[dict[str, Any]]:
+    """A built-in task's rows in this module's schema from the hub dataset's (openai/gsm8k,
+    cais/mmlu, allenai/ai2_arc); MMLU by subject, then source order. Errors name ``where``."""
+    if task == "gsm8k":
+        return _gsm8k_rows(raw, where)
+    if task == "mmlu":  # sorted is stable: the source order inside a subject
+        return sorted((_mmlu_row(r, where) for r in raw), key=lambda r: r["subject"])
+    if task in ("arc_easy", "arc_challenge"):
+        return [_arc_row(r, where) for r in raw]
+    raise ValueError(f"unknown task {task!r}")

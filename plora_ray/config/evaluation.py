@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from plora_ray.config.data import BUNDLED_DATASETS
-from plora_ray.config.names import HELDOUT_NAMES, Task
+from plora_ray.config.names import HELDOUT_NAMES, TASKS, Task
 from plora_ray.config.strict import Strict
 
 class HeldoutConfig(Strict):
@@ -33,6 +33,43 @@ class HeldoutConfig(Strict):
         return self
 
 
+# the columns each built-in task reads from a user's copy: the hub datasets' own schemas
+# (openai/gsm8k main, cais/mmlu, allenai/ai2_arc), so a copy of the hub dataset works as-is
+COPY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "gsm8k": ("question", "answer"), "mmlu": ("question", "subject", "choices", "answer"),
+    "arc_easy": ("question", "choices", "answerKey"), "arc_challenge": ("question", "choices", "answerKey")}
+COPY_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".arrow", ".gz")  # names that must exist
+
+
+class BenchmarkCopy(Strict):
+    """A user's own copy of a built-in task's items, read through ``datasets`` instead of the
+    bundled one: a local json/jsonl/parquet/csv/arrow file (taken as the split), a
+    ``save_to_disk`` folder, a dataset folder or a hub id. A plain string is the ``path``."""
+
+    path: str = Field(description="a local file, a save_to_disk or dataset folder, or a hub dataset id "
+                      "(e.g. openai/gsm8k); made absolute when it is local")
+    name: str | None = Field(None, description="the dataset's configuration (load_dataset's name, e.g. "
+                             "main for openai/gsm8k, ARC-Easy for allenai/ai2_arc, all for cais/mmlu)")
+    split: str = Field("test", description="the split scored (a DatasetDict folder or a hub dataset; a "
+                       "file is its own split)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value):
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _local_path(self) -> "BenchmarkCopy":
+        p = Path(self.path).expanduser()
+        if p.exists():
+            resolved = str(p.resolve())
+            if resolved != self.path:
+                self.path = resolved  # workers may run in another directory
+        elif self.path.startswith((".", "/", "~")) or p.name.lower().endswith(COPY_SUFFIXES):
+            raise ValueError(f"'{self.path}' not found: give an existing file or folder, or a hub dataset id")
+        return self
+
+
 class EvalConfig(Strict):
     """Benchmarks scored at every checkpoint (defined as lm-evaluation-harness defines them)."""
 
@@ -52,14 +89,32 @@ class EvalConfig(Strict):
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(256, ge=1, description="GSM8K generation length")
-    gsm8k_items: Literal["auto", "test", "heldout"] = Field(
+    gsm8k_items: Literal["auto", "test", "heldout", "custom"] = Field(
         "auto", description="GSM8K problems scored: test (the whole 1,319-problem test set, as the "
-        "paper and lm-eval), heldout (the 319 the embedded mix never trains on); auto: heldout when "
+        "paper and lm-eval), heldout (the 319 the embedded mix never trains on), custom (your copy, "
+        "eval.datasets.gsm8k: set by it); auto: custom with eval.datasets.gsm8k, else heldout when "
         "training on an embedded mix, else test. Resolved when the config is built, so config.yaml "
-        "and MLflow record which (ids gsm8k-test-<i> / gsm8k-heldout-<i>: two sets never pair)")
+        "and MLflow record which (ids gsm8k-test-<i> / gsm8k-heldout-<i> / gsm8k-custom-<digest>-<i>: "
+        "two sets never pair)")
+    datasets: dict[Task, BenchmarkCopy] = Field(
+        default_factory=dict, description="your own copy of a built-in task's items instead of the "
+        "bundled one, e.g. {gsm8k: data/gsm8k_test.jsonl, arc_easy: {path: allenai/ai2_arc, name: "
+        "ARC-Easy}}: a file, a save_to_disk or dataset folder, or a hub id (string, or {path, name, "
+        "split}; split default test), with the hub dataset's columns (gsm8k: question, answer; mmlu: "
+        "question, subject, choices, answer; ARC: question, choices {text, label}, answerKey); read "
+        "before any work starts; item ids <task>-custom-<digest of the set>-<i>")
     harness: HarnessConfig = Field(
         default_factory=lambda: HarnessConfig(), description="any lm-evaluation-harness task by "
         "name, scored by lm-eval itself on the live model (eval/<task>/<metric>)")
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _builtin_tasks(cls, value):
+        for t in value if isinstance(value, dict) else ():
+            if t not in TASKS:
+                raise ValueError(f"'{t}' is not a built-in task ({', '.join(TASKS)}): an lm-eval task reads "
+                                 "its own data (eval.harness.tasks, include_path for your own YAML)")
+        return value
 
     @model_validator(mode="after")
     def _final_only_in_tasks(self) -> "EvalConfig":
@@ -67,6 +122,19 @@ class EvalConfig(Strict):
             if t not in self.tasks:
                 raise ValueError(f"final_only_tasks names '{t}', which is not in eval.tasks: "
                                  "add it to eval.tasks or remove it")
+        for t in self.datasets:
+            if t not in self.tasks:
+                raise ValueError(f"eval.datasets.{t} is given, but eval.tasks does not score {t}: add it "
+                                 f"to eval.tasks or remove eval.datasets.{t}")
+        if "gsm8k" in self.datasets and self.gsm8k_items in ("test", "heldout"):
+            raise ValueError(f"eval.gsm8k_items {self.gsm8k_items} scores the bundled GSM8K, but "
+                             "eval.datasets.gsm8k gives your own copy: set eval.gsm8k_items custom (or "
+                             "auto), or remove eval.datasets.gsm8k")
+        if "gsm8k" not in self.datasets and self.gsm8k_items == "custom":
+            raise ValueError("eval.gsm8k_items custom scores your own GSM8K copy: give it in "
+                             "eval.datasets.gsm8k, or set eval.gsm8k_items test, heldout or auto")
+        if "gsm8k" in self.datasets and self.gsm8k_items != "custom":
+            self.gsm8k_items = "custom"  # resolved here, so config.yaml and MLflow record it
         for t in self.harness.tasks:
             if t in self.tasks:
                 raise ValueError(f"harness.tasks names '{t}', which eval.tasks scores too (both log "

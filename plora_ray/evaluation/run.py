@@ -6,8 +6,9 @@ MLflow, and the per-item records for JSON output and the lm-eval agreement test.
 
 Items: by default from ``plora_ray.assets.benchmarks`` (MMLU test, ARC test, GSM8K's whole test
 set, or with ``gsm8k_items="heldout"`` GSM8K's 319 problems the embedded mix never trains on:
-``eval.gsm8k_items`` picks them for a run on that mix). ``items={"mmlu": [...], ...}`` overrides
-per task (tests pass hand-made rows).
+``eval.gsm8k_items`` picks them for a run on that mix); ``datasets={task: copy}``
+(``eval.datasets``) reads a user's own copy of a task instead (a file, folder or hub id, through
+``datasets``). ``items={"mmlu": [...], ...}`` overrides per task (tests pass hand-made rows).
 
 Limit: ``limit`` items per task (a dict ``{task: n, "*": default}`` sets it per task), the first ones (``limit_mode="first"``, lm-eval's ``--limit``)
 or a sample drawn with ``random.Random(seed)`` and kept in source order (``"sample"``). For
@@ -15,8 +16,10 @@ MMLU the limit is spread evenly over its 57 subjects (see ``select``), so every 
 represented at any limit.
 
 Ids: every item gets a stable ``id`` before selection (ARC's own id; otherwise
-``<task>-<position in the task's full item list>``, ``gsm8k-heldout-<i>`` for the default
-GSM8K items), so per-item results of two runs pair up (``records.items_record``).
+``<task>-<position in the task's full item list>``, ``gsm8k-test-<i>`` / ``gsm8k-heldout-<i>``
+for the bundled GSM8K items, ``<task>-custom-<digest of the set>-<i>`` for a user's copy,
+``eval.datasets``), so per-item results of two runs pair up (``records.items_record``) and
+items of two different sets never do.
 
 Distributed (``rank``, ``world``, ``lockstep``): each rank scores its share of every task and
 the records are gathered; every rank returns the same complete result (``sharding.py``).
@@ -25,6 +28,7 @@ At a training checkpoint call :func:`evaluate_checkpoint`.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import Any
@@ -36,7 +40,7 @@ from plora_ray.evaluation.multiple_choice import evaluate_arc, evaluate_mmlu
 from plora_ray.evaluation.records import items_record
 from plora_ray.evaluation.sharding import Shard
 
-__all__ = ["TASKS", "EvalResult", "default_items", "evaluate", "evaluate_checkpoint", "select"]
+__all__ = ["TASKS", "EvalResult", "custom_items", "default_items", "evaluate", "evaluate_checkpoint", "select"]
 
 from plora_ray.config.names import TASKS
 PROMPT_STYLES = ("chat", "plain")
@@ -96,11 +100,14 @@ def _pick(indices: list[int], limit: int, mode: str, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(indices, limit))
 
 
-def default_items(task: str, gsm8k_items: str = "test") -> list[dict]:
-    """Evaluation rows of ``task`` from the offline benchmark loaders; GSM8K's whole test set,
-    or (``gsm8k_items="heldout"``) the 319 problems the embedded mix never trains on."""
+def default_items(task: str, gsm8k_items: str = "test", datasets: dict | None = None) -> list[dict]:
+    """Evaluation rows of ``task``: the user's copy when ``datasets`` (``eval.datasets``) has
+    one (:func:`custom_items`), else the offline benchmark loaders': GSM8K's whole test set, or
+    (``gsm8k_items="heldout"``) the 319 problems the embedded mix never trains on."""
     from plora_ray.assets import benchmarks
 
+    if datasets and task in datasets:
+        return custom_items(task, datasets[task])
     if task == "mmlu":
         return benchmarks.load_mmlu("test")
     if task in ("arc_easy", "arc_challenge"):
@@ -110,8 +117,26 @@ def default_items(task: str, gsm8k_items: str = "test") -> list[dict]:
 
         return with_ids(gsm8k_heldout(), "gsm8k-heldout")
     if gsm8k_items != "test":
-        raise ValueError(f"gsm8k_items must be test or heldout, got {gsm8k_items!r}")
+        raise ValueError(f"gsm8k_items must be test or heldout (custom: give eval.datasets.gsm8k), got "
+                         f"{gsm8k_items!r}")
     return with_ids(benchmarks.load_gsm8k("test"), "gsm8k-test")
+
+
+def custom_items(task: str, copy) -> list[dict]:
+    """Rows of a user's copy of ``task`` (``eval.datasets.<task>``: a ``BenchmarkCopy`` or a
+    path / hub id) with ids ``<task>-custom-<digest>-<i>``: the digest names the set by its
+    content, so items of two different sets never pair (and the same set pairs however it was
+    stored). Read once per process; errors (one line, naming the field) as ``load_copy``'s."""
+    path, name, split = (copy, None, "test") if isinstance(copy, str) else (copy.path, copy.name, copy.split)
+    rows, digest = _read_copy(task, path, name, split)
+    return [{**r, "id": f"{task}-custom-{digest}-{i}"} for i, r in enumerate(rows)]
+
+
+@functools.lru_cache(maxsize=8)
+def _read_copy(task: str, path: str, name: str | None, split: str) -> tuple[list[dict], str]:
+    from plora_ray.assets.copies import load_copy
+
+    return load_copy(task, path, name, split)
 
 
 def with_ids(rows: list[dict], prefix: str) -> list[dict]:
@@ -142,7 +167,8 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
              *, limit_mode: str = "first", seed: int = 1234, max_new_tokens: int = 256,
              fewshot_items: dict[str, list[dict]] | None = None,
              categories: dict[str, str] | None = None, heldout: list[dict] | None = None,
-             rank: int = 0, world: int = 1, lockstep: bool = False, gsm8k_items: str = "test") -> EvalResult:
+             rank: int = 0, world: int = 1, lockstep: bool = False, gsm8k_items: str = "test",
+             datasets: dict | None = None) -> EvalResult:
     """Evaluate ``model`` on ``tasks`` (names in ``TASKS``); see the module docstring.
 
     Returns an :class:`EvalResult`: ``gsm8k/strict``, ``gsm8k/flexible``, ``mmlu/acc``,
@@ -154,6 +180,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
 
     ``world`` > 1: call on every rank of an initialised ``torch.distributed`` group with the
     same arguments; each scores its share and every rank returns the full result.
+    ``datasets`` (``eval.datasets``): the user's copy of a task, read instead of the bundled one.
     ``lockstep=True`` under DeepSpeed ZeRO-3 (every rank joins every forward pass); pass the
     model itself (``engine.module``; for DDP the unwrapped module), not the training wrapper.
     """
@@ -174,7 +201,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
                 metrics_h, samples["heldout"] = evaluate_heldout(model, tokenizer, heldout, batch_size, shard)
                 metrics.update(metrics_h)
             for task in tasks:
-                rows = with_ids(items[task] if task in items else default_items(task, gsm8k_items), task)
+                rows = with_ids(items[task] if task in items else default_items(task, gsm8k_items, datasets), task)
                 n = limit.get(task, limit.get("*")) if isinstance(limit, dict) else limit
                 rows = select(rows, n, limit_mode, seed, key="subject" if task == "mmlu" else None)
                 shots = None
@@ -222,7 +249,7 @@ def evaluate_checkpoint(model, tokenizer, cfg, heldout: list[dict] | None = None
         res = evaluate(model, tokenizer, tasks, limit, cfg.prompt_style, cfg.batch_size, cfg.num_fewshot,
                        limit_mode=cfg.limit_mode, seed=seed, max_new_tokens=cfg.max_new_tokens,
                        heldout=heldout, rank=rank, world=world, lockstep=lockstep,
-                       gsm8k_items=cfg.gsm8k_items)
+                       gsm8k_items=cfg.gsm8k_items, datasets=cfg.datasets)
         # a standard error over fewer than two items is NaN (lm-eval: N/A): left out of MLflow
         metrics = {f"eval/{k}": float(v) for k, v in res.items()
                    if "/subject/" not in k and not k.endswith(("/n", "/tokens"))

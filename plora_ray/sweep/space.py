@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 from plora_ray.config.io import flow
 from plora_ray.config.schema import RunConfig
@@ -76,6 +77,18 @@ def describe_data(cfg: RunConfig) -> str:
 GSM8K_SETS = {"test": "GSM8K's test set, 1,319 problems", "heldout": "the 319 GSM8K problems the embedded mix never trains on"}
 
 
+def describe_copy(task: str, copy) -> str:
+    """A user's copy of ``task`` (``eval.datasets``): where, how many items, the set's digest
+    (its items' ids are ``<task>-custom-<digest>-<i>``)."""
+    from plora_ray.assets.copies import load_copy
+
+    rows, digest = load_copy(task, copy.path, copy.name, copy.split)
+    where = [f"name {copy.name}" if copy.name else "",
+             "" if Path(copy.path).is_file() else f"split {copy.split}"]
+    return (f"your copy {copy.path}" + "".join(f", {w}" for w in where if w)
+            + f", {len(rows):,} items, set custom-{digest}")
+
+
 def describe_eval(cfg: RunConfig) -> str:
     """What a run scores at its checkpoints, and on which items."""
     e, parts = cfg.eval, []
@@ -85,7 +98,8 @@ def describe_eval(cfg: RunConfig) -> str:
     for task in e.tasks:
         n = e.task_limits.get(task, e.limit)
         items = "all items" if n is None else f"{'the first' if e.limit_mode == 'first' else 'a sample of'} {n}"
-        what = GSM8K_SETS[e.gsm8k_items] if task == "gsm8k" else "test set"
+        what = describe_copy(task, e.datasets[task]) if task in e.datasets else \
+            GSM8K_SETS[e.gsm8k_items] if task == "gsm8k" else "test set"
         when = ", last checkpoint only" if task in e.final_only_tasks else ""
         parts.append(f"{task} ({what}: {items}{when})")
     hz = e.harness
