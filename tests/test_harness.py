@@ -104,6 +104,12 @@ def test_sweep_metric_of_an_unscored_harness_task_is_refused(tmp_path, task_dir)
     from plora_ray.config.sweep import load_sweep
 
     base = yaml.safe_load(run_yaml(tmp_path, task_dir).read_text())
+    # the sweep trains on a prompt/completion file of its own through a column map, packed
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"q": f"What is {i} + {i}?", "a": f"It is {2 * i}."}) + "\n" for i in range(40)))
+    base["data"].pop("train_files", None)
+    base["data"].update({"sources": [{"path": str(qa), "columns": {"prompt": "q", "completion": "a"}}],
+                         "packing": True})
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"metric": "eval/other_task/acc", "base": base,
                                      "space": {"optim.lr": {"choice": [1e-3]}}}))
@@ -202,6 +208,12 @@ def test_a_sweep_optimises_a_harness_metric(tmp_path, task_dir, capsys):
     from plora_ray.tracking.driver import default_tracking_uri
 
     base = yaml.safe_load(run_yaml(tmp_path, task_dir).read_text())
+    # the sweep trains on a prompt/completion file of its own through a column map, packed
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"q": f"What is {i} + {i}?", "a": f"It is {2 * i}."}) + "\n" for i in range(40)))
+    base["data"].pop("train_files", None)
+    base["data"].update({"sources": [{"path": str(qa), "columns": {"prompt": "q", "completion": "a"}}],
+                         "packing": True})
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "name": "h", "metric": f"eval/{TASK}/acc_norm", "searcher": {"type": "grid"},

@@ -259,3 +259,14 @@ def test_examples_are_arrow_memory_mapped_from_the_cache(tmp_path, tok):
     train, held = split_heldout(again, 0.25, seed=1)
     assert isinstance(train, Examples) and train.table is again.table and len(train) + len(held) == 1200
     assert train.lengths() == [len(e["input_ids"]) for e in train]
+
+
+def test_a_sources_config_survives_its_trip_to_the_workers():
+    """The run config is dumped whole (default train_files included) and validated again on
+    every worker: that must not read as giving both forms."""
+    from plora_ray.config.io import build_run_config
+    from plora_ray.config.schema import RunConfig
+
+    cfg = build_run_config({"name": "x", "method": "lora", "data": {"sources": [{"path": "tiny-dialogues"}]}})
+    assert RunConfig.model_validate(cfg.model_dump()).data.all_sources() == cfg.data.all_sources()
+    assert RunConfig.model_validate_json(cfg.model_dump_json()) == cfg

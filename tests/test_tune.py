@@ -58,8 +58,9 @@ def test_optuna_asha_sweep_logs_one_run_per_trial_with_curves(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("compare the runs: mlflow ui --backend-store-uri sqlite:////")
     assert out[-2].startswith("report: ") and Path(out[-2].split(": ", 1)[1]).is_file()  # analysis/
-    assert out[-3].startswith("checkpoint of the top trial: ") and Path(out[-3].split(": ", 1)[1]).is_dir()
-    assert out[-4].startswith(("Best: ", "No configuration is distinguishable", "Only one configuration"))
+    assert out[-3].startswith(f"export it: python -m plora_ray.export {out[-4].split(': ', 1)[1]} exports/t-")
+    assert out[-4].startswith("checkpoint of the top trial: ") and Path(out[-4].split(": ", 1)[1]).is_dir()
+    assert out[-5].startswith(("Best: ", "No configuration is distinguishable", "Only one configuration"))
     uri = default_tracking_uri(tmp_path / "sweeps")
     sweep = json.loads((tmp_path / "sweeps" / "t.latest.json").read_text())
     trials = sweep_trials(uri, sweep["parent_run_id"])

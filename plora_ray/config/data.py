@@ -75,7 +75,9 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _one_form(self) -> "DataConfig":
-        if self.sources is not None and "train_files" in self.model_fields_set:
+        # a dumped config (on its way to the workers) carries the default train_files: not a choice
+        if self.sources is not None and "train_files" in self.model_fields_set and \
+                self.train_files != DataConfig.model_fields["train_files"].get_default(call_default_factory=True):
             raise ValueError("give data.sources or data.train_files, not both (a file in train_files "
                              "is the source {path: FILE})")
         return self

@@ -8,10 +8,13 @@ there would be start-up paid twice per trial. The workers import it when they ru
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from plora_ray.config.names import direction
 from plora_ray.config.paths import CACHE_ENV, cache_root
 from plora_ray.config.schema import RunConfig
 
@@ -54,24 +57,66 @@ def worker_resources(cfg: RunConfig) -> dict[str, float]:
     return res
 
 
+# the key under which each checkpoint's report carries its score: the sweep's metric where that
+# checkpoint measured it, else NaN (a diverged step, a task scored at the last checkpoint only).
+# Not the metric's own key: Ray 2.60 scores a report that lacks the attribute as -inf times the
+# order, i.e. as the *best* under "min" (ray/train/_internal/checkpoint_manager.py,
+# _get_checkpoint_score), and a NaN under the metric's name would reach Tune's searcher; a NaN
+# score ranks below every number, so such a checkpoint is dropped once it is not the latest
+CHECKPOINT_SCORE = "checkpoint_score"
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Train V2's record of the checkpoints it keeps
+
+
+def checkpoint_config(metric: str | None = None, mode: str | None = None):
+    """Which checkpoints a run keeps. With a sweep's ``metric``: the best by it and the latest
+    (for resume): ``num_to_keep=1`` ranks by :data:`CHECKPOINT_SCORE` in ``mode`` and Train
+    never deletes the latest checkpoint, whatever its score (``_save_state_and_delete_old_checkpoints``),
+    so at most two stay. Without one (a single run): the latest two."""
+    from ray.train import CheckpointConfig
+
+    if metric is None:
+        return CheckpointConfig(num_to_keep=2)
+    return CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_SCORE,
+                            checkpoint_score_order=mode or direction(metric))
+
+
+def kept_checkpoints(run_dir: str | Path) -> tuple[Path | None, Path | None]:
+    """(best, latest) checkpoint directories of a Train run's directory (``<storage>/<name>``),
+    from Train's snapshot; (None, None) where there is none. Without a score the best is the
+    latest."""
+    run_dir = Path(run_dir)
+    try:
+        state = json.loads((run_dir / SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return None, None
+    ranked = [r["checkpoint_dir_name"] for r in state.get("checkpoint_results") or []]  # worst .. best
+    latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    best = ranked[-1] if ranked else latest
+    return (run_dir / best if best else None), (run_dir / latest if latest else None)
+
+
 def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None,
-                tracking: TrialRecord | None = None):
+                tracking: TrialRecord | None = None, metric: str | None = None, mode: str | None = None):
     """The TorchTrainer for ``cfg`` (used by the CLI and by each Tune trial); ``tracking`` names
-    the trial's MLflow run, into which rank 0 logs."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    the trial's MLflow run, into which rank 0 logs; ``metric`` and ``mode`` (a sweep's): keep
+    the best checkpoint by it besides the latest (:func:`checkpoint_config`)."""
+    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.distributed
+    loop_config = {"run": cfg.model_dump(mode="json"), "tracking": tracking, "submitted": time.time()}
+    if metric is not None:  # each checkpoint's report carries it as its score
+        loop_config["score"] = {"metric": metric, "key": CHECKPOINT_SCORE}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "tracking": tracking, "submitted": time.time()},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
                                      resources_per_worker=worker_resources(cfg),
                                      placement_strategy=d.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         run_config=RayRunConfig(name=name, storage_path=storage_path,
                                 failure_config=FailureConfig(max_failures=d.max_failures),
-                                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                checkpoint_config=checkpoint_config(metric, mode),
                                 callbacks=callbacks,
                                 worker_runtime_env={"env_vars": worker_env(cfg)}),
     )

@@ -72,7 +72,12 @@ def train_loop_per_worker(config: dict) -> None:
     if tracker.logger:  # rank 0 of a trial: where it runs (a lost node moves it)
         add_trial_node(config["tracking"].uri, config["tracking"].run_id, node_id)
     tracker.trainable_params(sum(p.numel() for p in run.model.parameters() if p.requires_grad))
+    score = config.get("score")  # a sweep's trial: each checkpoint's score (ray/trainer.py)
+
     def report(run, metrics):
+        if score:  # NaN where not measured (or diverged): never ranked the best
+            value = metrics.get(score["metric"]) if not metrics.get("diverged") else None
+            metrics[score["key"]] = float("nan") if value is None else float(value)
         with tempfile.TemporaryDirectory() as tmp:
             written = save_run_checkpoint(run, tmp)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if written else None)

@@ -110,10 +110,16 @@ def merged_model(run: Run):
     return model
 
 
-def save_merged(run: Run, directory: Path) -> Path:
-    """A Hugging Face model directory (``from_pretrained``, lm-eval ``--model hf``, vLLM)."""
+def save_merged(run: Run, directory: Path, dtype: str | None = None, max_shard_size: str | None = None) -> Path:
+    """A Hugging Face model directory (``from_pretrained``, lm-eval ``--model hf``, vLLM): in the
+    run's dtype or ``dtype``, in safetensors shards of ``max_shard_size`` (transformers' default)."""
+    from plora_ray.run.models import DTYPES
+
     model = merged_model(run)
-    model.save_pretrained(str(directory), safe_serialization=True)  # handles tied embeddings
+    if dtype is not None:
+        model.to(DTYPES[dtype])
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(directory), safe_serialization=True, **shards)  # handles tied embeddings
     run.tokenizer.save_pretrained(str(directory))
     return directory
 

@@ -41,6 +41,7 @@ from plora_ray.sweep.preflight import raise_if_every_trial_failed
 # and a sliver of memory (Tune refuses a request with nothing in it)
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20}
 DIVERGED_PENALTY = {"min": 1e6, "max": -1.0}  # what the searcher sees for a diverged trial
+TRIALS = "trials"  # under the sweep's storage: each trial's Train run, <sweep name>-<trial id>
 
 
 def trial_function(config: dict, sweep: SweepContext) -> None:
@@ -65,12 +66,16 @@ def trial_function(config: dict, sweep: SweepContext) -> None:
     run_id = trial_run(sweep.tracking_uri, sweep.experiment_id, sweep.parent_run_id, trial_id,
                        name, active_params(run_cfg), trial_tags(values, cfg.seed), run_cfg)
     tracking = TrialRecord(sweep.tracking_uri, run_id)
-    trainer = trainer_for(cfg, storage_join(sweep.storage, "trials"), f"{sweep.name}-{trial_id}",
+    trainer = trainer_for(cfg, storage_join(sweep.storage, TRIALS), f"{sweep.name}-{trial_id}",
                           callbacks=[TuneReportCallback()],
-                          tracking=tracking)
+                          tracking=tracking, metric=spec.metric, mode=spec.mode)
     result = trainer.fit()  # a failure or an early stop is recorded by the driver (reconcile)
     metrics = dict(result.metrics or {})
-    metrics["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""
+    metrics["checkpoint_path"] = result.checkpoint.path if result.checkpoint else ""  # the latest
+    # the trial's best checkpoint by the sweep's metric (kept besides the latest: ray/trainer.py)
+    metrics["best_checkpoint_path"] = (result.best_checkpoints[-1][0].path if result.best_checkpoints
+                                       else metrics["checkpoint_path"])
+    metrics["sweep_metric"], metrics["sweep_mode"] = spec.metric, spec.mode  # for the export of a sweep dir
     if metrics.get("diverged"):
         set_trial_status(sweep.tracking_uri, run_id, "diverged")
         metrics[spec.metric] = DIVERGED_PENALTY[spec.mode]  # the searcher sees it as bad
@@ -162,11 +167,36 @@ def summarize(spec, sweep: SweepContext, results=None) -> str:
     lines = [f"sweep {sweep.name}: {spec.mode} {spec.metric}", table]
     try:  # the single best trial's weights, whatever the intervals say about its lead
         best = results.get_best_result(metric=spec.metric, mode=spec.mode, filter_nan_and_inf=True)
-        if (best.metrics or {}).get("checkpoint_path"):
-            lines.append(f"checkpoint of the top trial: {best.metrics['checkpoint_path']}")
+        m = best.metrics or {}
+        path = m.get("best_checkpoint_path") or trial_best_checkpoint(sweep.storage, sweep.name, m.get("trial_id"))
+        if path:
+            lines.append(f"checkpoint of the top trial: {path}")
+            lines.append(export_command(path, sweep))
     except Exception:  # no results, or no trial reported the metric
         pass
     return "\n".join([*lines, f"compare the runs: {mlflow_ui_command(sweep.tracking_uri)}"])
+
+
+def trial_best_checkpoint(storage: str, sweep_name: str, trial_id: str | None) -> str | None:
+    """The best checkpoint a trial's Train run kept (for a trial stopped early, whose function
+    never reported it), read from local storage; None where unknown."""
+    from plora_ray.ray.cluster import is_uri, storage_join
+    from plora_ray.ray.trainer import kept_checkpoints
+
+    if not trial_id or is_uri(storage):
+        return None
+    best, _ = kept_checkpoints(storage_join(storage, TRIALS, f"{sweep_name}-{trial_id}"))
+    return str(best) if best is not None and best.is_dir() else None
+
+
+def export_command(checkpoint: str, sweep: SweepContext) -> str:
+    """The command that turns the top trial's best checkpoint into a Hugging Face model folder
+    (``python -m plora_ray.export``); a checkpoint in remote storage is named by its URI."""
+    from plora_ray.ray.cluster import is_uri
+
+    if is_uri(sweep.storage) and "://" not in checkpoint:
+        checkpoint = f"{sweep.storage.split('://', 1)[0]}://{checkpoint}"
+    return f"export it: python -m plora_ray.export {checkpoint} exports/{sweep.name}"
 
 
 def run_sweep(spec, space: str, storage: str, resume: bool = False, address: str | None = None,
