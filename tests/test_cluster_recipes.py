@@ -1,11 +1,15 @@
 """The cluster recipes of cluster/ and the shipped batch files, checked where a checker exists:
 Ray's own cluster-config schema, the structure KubeRay's CRDs require, ``bash -n`` and the
-commands of the Slurm script; the batch files through the batch CLI's validation. (Seconds.)"""
+commands of the Slurm script; the batch files through the batch CLI's validation; the torch
+range of pyproject.toml and cluster/Dockerfile (structurally: no Docker here) through pip's
+own resolver. (Seconds; two pip dry-runs read the package index.)"""
 
 import copy
+import json
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +156,139 @@ def test_bad_batch_files_exit_2_with_one_line_before_any_submission(tmp_path, ca
         assert batch_main(["submit", str(path), "--address", "http://127.0.0.1:9"]) == 2, case
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], (case, err)
+
+
+# ---------------------------------------------------------------- the GPU install and its image
+
+IMAGE_TAG = re.compile(r"docker build -f cluster/Dockerfile -t (\S+) \.")
+
+
+def _torch_requirement():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    [req] = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    return req
+
+
+def test_torch_requirement_is_a_range_that_admits_the_local_build_and_the_gpu_runs():
+    import torch
+
+    spec = _torch_requirement().specifier
+    assert spec and not any(s.operator in ("==", "===") for s in spec), spec  # a range, not one build
+    assert spec.contains(torch.__version__), (spec, torch.__version__)  # this machine's CPU build
+    assert spec.contains("2.11.0+cu130")  # the GPU runs' build (bench/RESULTS.md)
+    base = re.search(r"^ARG BASE=\S+:(\d+\.\d+\.\d+)-cuda", (CLUSTER / "Dockerfile").read_text(), re.M)
+    assert base and spec.contains(base.group(1)), "cluster/Dockerfile's base torch is outside the range"
+
+
+def _pip(*args):
+    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode and re.search(r"NewConnectionError|Max retries|Temporary failure in name resolution",
+                                     done.stderr):
+        pytest.skip("no package index reachable: " + done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_a_fresh_install_here_resolves_torch_to_the_local_cpu_build(tmp_path):
+    """What a fresh venv's `pip install -e .` would take for torch here (bench/RESULTS.md has the
+    real fresh-venv install): the local CPU wheel, not a multi-GB CUDA build from the index."""
+    import torch
+
+    if "+cpu" not in torch.__version__:
+        pytest.skip(f"torch {torch.__version__} here is not a local CPU build")
+    report = tmp_path / "report.json"
+    _pip("install", "--dry-run", "--ignore-installed", "--no-deps", "-q", "--report", str(report),
+         str(_torch_requirement()))
+    [torch_pick] = json.loads(report.read_text())["install"]
+    assert torch_pick["metadata"]["version"] == torch.__version__, torch_pick["download_info"]["url"]
+
+
+def test_the_project_installs_over_a_pinned_torch_without_replacing_it(tmp_path):
+    """cluster/Dockerfile's install step, with this venv's torch as the image's: under the
+    image's constraints (cluster/constraints.txt plus torch==the installed build) pip resolves
+    the project without touching torch or anything installed."""
+    import torch
+
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text((CLUSTER / "constraints.txt").read_text() + f"torch=={torch.__version__}\n")
+    report = tmp_path / "report.json"
+    _pip("install", "--dry-run", "-q", "--report", str(report), "-e", str(ROOT), "-c", str(constraints))
+    from importlib.metadata import distributions
+
+    from packaging.utils import canonicalize_name
+
+    installs = {canonicalize_name(i["metadata"]["name"]) for i in json.loads(report.read_text())["install"]}
+    assert "torch" not in installs and "plora-ray" in installs, installs
+    replaced = installs & {canonicalize_name(d.metadata["Name"]) for d in distributions()} - {"plora-ray"}
+    assert not replaced, replaced  # nothing already installed is swapped for another version
+
+
+def _dockerfile_steps():
+    """(instruction, argument) of cluster/Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (CLUSTER / "Dockerfile").read_text())
+    return [tuple(line.split(None, 1)) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_keeps_the_base_images_cuda_torch_and_runs_pip_check():
+    steps = _dockerfile_steps()
+    args = dict(a.split("=", 1) for op, a in steps if op == "ARG")
+    froms = [a for op, a in steps if op == "FROM"]
+    assert froms == ["${BASE}"]
+    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-devel", args["BASE"]), args["BASE"]
+    runs = [(i, a) for i, (op, a) in enumerate(steps) if op == "RUN"]
+    [(install_at, install)] = [(i, a) for i, a in runs if re.search(r"pip install .*-e \.", a)]
+    # the constraint file gets the image's own torch, exactly, and is in force for the install
+    env = {a.split("=", 1)[0]: (i, a.split("=", 1)[1]) for i, (op, a) in enumerate(steps) if op == "ENV"}
+    env_at, constraint_file = env["PIP_CONSTRAINT"]
+    assert env_at < install_at
+    writes = [a for i, a in runs if i < env_at and f">> {constraint_file}" in a]
+    assert writes and "torch=={torch.__version__}" in writes[0] and "torch.version.cuda" in writes[0]
+    copies = [a.split() for op, a in steps if op == "COPY"]
+    assert ["cluster/constraints.txt", constraint_file] in copies
+    for i, a in runs:  # nothing installs, upgrades or reinstalls torch
+        assert not re.search(r"pip install[^&]*(\btorch\b|--upgrade|-U\b|--force-reinstall|--no-constraint)", a), a
+    parts = [part.strip() for part in install.split("&&")]
+    at = next(i for i, part in enumerate(parts) if part.startswith("pip install"))
+    assert parts[at + 1] == "pip check"  # right after the install, in the same layer
+    assert "torch was replaced" in install
+
+
+def test_every_recipe_runs_the_image_the_dockerfile_builds():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    tags = set(IMAGE_TAG.findall(dockerfile))
+    assert len(tags) == 1, tags
+    [tag] = tags
+    assert f"docker push {tag}" in dockerfile
+    # the tag says which torch and CUDA the base has
+    torch_v, cuda_major, cuda_minor = re.search(r"^ARG BASE=\S+:(\d+\.\d+)\.\d+-cuda(\d+)\.(\d+)", dockerfile,
+                                                re.M).groups()
+    assert tag.endswith(f":torch{torch_v}-cu{cuda_major}{cuda_minor}"), tag
+    # KubeRay: head, GPU workers and MLflow
+    docs = _docs(CLUSTER / "kuberay" / "raycluster.yaml")
+    rc = next(d for d in docs if d["kind"] == "RayCluster")["spec"]
+    pods = [rc["headGroupSpec"]["template"]] + [g["template"] for g in rc["workerGroupSpecs"]] + \
+        [d["spec"]["template"] for d in docs if d["kind"] == "Deployment"]
+    assert {c["image"] for p in pods for c in _containers(p)} == {tag}
+    # ray up: every node in the image, nothing pip-installed over it
+    ray_up = yaml.safe_load((CLUSTER / "ray-up-a100.yaml").read_text())
+    assert ray_up["docker"]["image"] == tag
+    commands = [c for key in ("setup_commands", "head_setup_commands", "worker_setup_commands",
+                              "initialization_commands") for c in ray_up.get(key, [])]
+    assert not any("pip install" in c for c in commands), commands
+    # Slurm: the image by default, and every Ray / MLflow / Python command inside it
+    slurm = (CLUSTER / "slurm" / "plora_batch.sbatch").read_text()
+    assert f"IMAGE=${{PLORA_IMAGE:-{tag}}}" in slurm
+    code = [line for line in slurm.replace("\\\n", " ").splitlines() if not line.lstrip().startswith("#")]
+    tools = [line for line in code if re.search(r"\b(ray start|mlflow server|python)\b", line)]
+    assert len(tools) == 6 and all('"${IN_IMAGE[@]}" ' in line for line in tools), tools
+    assert "pip install" not in slurm
+    # Ray in the image is the version the RayCluster names
+    import ray
+
+    assert f"ray=={rc['rayVersion']}" in (CLUSTER / "constraints.txt").read_text().split()
+    assert rc["rayVersion"] == ray.__version__
