@@ -18,6 +18,9 @@ ENGINES = {
     "ddp": {"engine": "ddp"},
     "zero2": {"engine": "deepspeed", "zero_stage": 2},
     "zero3": {"engine": "deepspeed", "zero_stage": 3},
+    # a user's DeepSpeed JSON ("auto" values, overlap_comm, partitioned weights) drives ZeRO-3
+    "zero3-json": {"engine": "deepspeed", "zero_stage": 3,
+                   "deepspeed_config": os.path.join(os.path.dirname(__file__), "..", "examples", "deepspeed_zero3.json")},
 }
 
 
@@ -113,7 +116,7 @@ def test_two_workers_match_single_process_after_several_unloads(ray_cluster, tmp
     # DDP and ZeRO-2 are bit-identical to one process. ZeRO-3 (measured: 1.5e-5 on the merged
     # weights, 6e-5 on one B, after 4 unloads at lr 1e-2) drifts only when the LoRA optimizer
     # state is reset at unloads (with optimizer_on_unload=keep: 9e-7): not yet explained.
-    tol = 1e-4 if engine == "zero3" else 1e-5
+    tol = 1e-4 if engine.startswith("zero3") else 1e-5
     assert worst_merged < tol and worst_factor < 10 * tol
 
 

@@ -1,7 +1,8 @@
 """Execution engines: how one optimizer step's gradients are computed, reduced and applied.
 
 * :class:`TorchEngine` — one process, or torch DDP across data-parallel workers.
-* :class:`DeepSpeedEngine` — DeepSpeed ZeRO 0-3 (fp32 or bf16, optional CPU offload).
+* :class:`DeepSpeedEngine` — DeepSpeed ZeRO 0-3 (fp32 or bf16, optional CPU offload); its config
+  is :func:`plora_ray.run.dsconfig.deepspeed_config` (the run config merged with the user's JSON).
 
 Both expose the same small surface to the training loop (``model``, ``module``,
 ``optimizer``, ``accumulating``, ``backward``, ``step``, ``all_reduce_sum``) and an
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from plora_ray.config.schema import RunConfig
 from plora_ray.core.access import LocalAccess, prune_by_magnitude
 from plora_ray.kernels.merge_bf16 import merge_bf16_
+from plora_ray.run.dsconfig import deepspeed_config
+from plora_ray.run.models import DTYPES
 
 
 def dist_ready() -> bool:
@@ -142,6 +145,9 @@ class DeepSpeedAccess(TorchAccess):
             self.dsu.safe_set_full_fp32_param(param, value.float().to(param.device))
 
     def _set_step(self, value: float) -> None:
+        for group in self.optimizer.param_groups:  # FusedAdam counts steps per group
+            if "step" in group:
+                group["step"] = int(value)
         for state in self.optimizer.state.values():
             if "step" in state:
                 if torch.is_tensor(state["step"]):
@@ -162,6 +168,7 @@ class DeepSpeedAccess(TorchAccess):
         only_lora = all(id(p) in ids for p in trainable(self.engine.module))
         if policy == "reset" and only_lora:
             # every flat fp32 partition holds LoRA factors only: reset it whole, step included
+            self._set_step(0)
             for state in self.optimizer.state.values():
                 for key, value in state.items():
                     if torch.is_tensor(value):
@@ -213,26 +220,18 @@ class DeepSpeedAccess(TorchAccess):
         self._set_step(float(state["step"]))
 
 
-def deepspeed_config(cfg: RunConfig, world: int) -> dict:
-    d, o = cfg.distributed, cfg.optim
-    zero = {"stage": d.zero_stage}
-    if d.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": cfg.data.gradient_accumulation_steps,
-        "train_batch_size": cfg.samples_per_step(world),
-        # the loop decides where a step ends (short last steps, uneven token counts)
-        "managed_gradient_accumulation": False,
-        "gradient_clipping": o.max_grad_norm or 0.0,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-            "torch_adam": not d.offload_optimizer}},
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+def hidden_size(model: torch.nn.Module) -> int | None:
+    """The width of ``model`` (a transformers model, maybe inside peft), for "auto" bucket sizes."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return getattr(config, "hidden_size", None)
+
+
+def built_partitioned(model: torch.nn.Module) -> bool:
+    """Whether ``model`` was built inside ``deepspeed.zero.Init`` (its weights are ZeRO-3
+    partitions already; ``run.models.build_model`` under ZeRO-3)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 class DeepSpeedEngine(_Engine):
@@ -243,9 +242,16 @@ class DeepSpeedEngine(_Engine):
 
         self.device, self.rank, self.world = device, rank, world
         self.stage = cfg.distributed.zero_stage
-        model = model.to(device)
+        if built_partitioned(model):  # zero.Init placed the partitions; what peft added is not one yet
+            dtype = DTYPES[cfg.model.dtype]
+            for p in model.parameters():
+                if not hasattr(p, "ds_id"):  # as DeepSpeed casts every parameter of a model it did not build
+                    p.data = p.data.to(device=device, dtype=dtype)
+        else:
+            model = model.to(device)
+        self.config = deepspeed_config(cfg, world, hidden_size(model))
         engine, ds_opt, _, _ = deepspeed.initialize(
-            model=model, model_parameters=trainable(model), config=deepspeed_config(cfg, world))
+            model=model, model_parameters=trainable(model), config=self.config)
         self.model = engine
         self.module = engine.module
         # the torch optimizer the LR schedule drives (ZeRO wraps it)

@@ -45,6 +45,7 @@ class Run:
     unloads: list = field(default_factory=list)  # UnloadEvent
     evals: list = field(default_factory=list)  # {"step": n, "eval/<task>/<metric>": v} per checkpoint
     heldout: list = field(default_factory=list)  # held-out examples, scored at every checkpoint
+    train_eval: list = field(default_factory=list)  # eval.train_loss's training examples, likewise
     items: dict = field(default_factory=dict)  # the last checkpoint's per-item results (items_record)
     # wall seconds per phase of this process: model_load, tokenise, engine (setup), steps,
     # unload, evaluation, checkpoint (fit); bench/sweep_efficiency.py reads them from MLflow
@@ -94,10 +95,11 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     d = cfg.data
     examples = load_examples(d.sources or d.train_files, tokenizer, d.max_length, d.cache_dir,
                              d.tokenize_cache, d.num_proc) if data else []
-    heldout = []
+    heldout, train_eval = [], []
     if data:  # rows kept out of training are chosen before the plan, identically on every rank
-        from plora_ray.evaluation.heldout import prepare_heldout
+        from plora_ray.evaluation.heldout import prepare_heldout, prepare_train_eval
 
+        train_eval = prepare_train_eval(cfg, examples)
         examples, heldout = prepare_heldout(cfg, tokenizer, examples)
     t2 = time.perf_counter()
     # one global plan; each rank takes its share of every step's micro-batches
@@ -128,7 +130,7 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     else:
         clock = UnloadClock()  # never fires; counts samples and steps
     return Run(cfg, engine, tokenizer, examples, steps, scheduler, clock, unloader, rank, world,
-               heldout=heldout, timings=timings)
+               heldout=heldout, train_eval=train_eval, timings=timings)
 
 
 def rank_share(micro_batches: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], int]:
@@ -200,7 +202,7 @@ def probe_logits(run: Run) -> torch.Tensor:
 
 
 def evaluate_run(run: Run, final: bool = False) -> dict[str, float]:
-    """Held-out loss and the configured benchmarks on the model as it is now.
+    """Held-out loss, training-set loss and the configured benchmarks on the model as it is now.
 
     Called on every rank at each checkpoint point: each rank scores its share of the items
     and all get the gathered result (under ZeRO-3 the ranks' forward calls are kept in
@@ -212,7 +214,8 @@ def evaluate_run(run: Run, final: bool = False) -> dict[str, float]:
     d = run.cfg.distributed
     zero3 = d.engine == "deepspeed" and d.zero_stage == 3
     metrics, run.items = evaluate_checkpoint(run.model, run.tokenizer, run.cfg.eval, run.heldout,
-                                             rank=run.rank, world=run.world, lockstep=zero3, final=final)
+                                             rank=run.rank, world=run.world, lockstep=zero3, final=final,
+                                             train=run.train_eval)
     return metrics
 
 

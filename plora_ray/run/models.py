@@ -8,6 +8,7 @@ assets (``plora_ray.assets.fetch``) resolve to their cached directory.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import warnings
 from pathlib import Path
@@ -56,8 +57,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, eos_token_id: int = 256,
-               pad_token_id: int = 257) -> LlamaForCausalLM:
-    """Random-init Llama; the special ids default to ``tiny_tokenizer``'s."""
+               pad_token_id: int = 257, zero3: dict | None = None) -> LlamaForCausalLM:
+    """Random-init Llama; the special ids default to ``tiny_tokenizer``'s. ``zero3`` (a DeepSpeed
+    config): built inside ``deepspeed.zero.Init``, each module's weights partitioned as it is
+    made, then initialised gathered module by module (:func:`partitioned_tiny`)."""
     t = cfg.tiny
     if t.hidden_size % t.num_attention_heads or t.num_attention_heads % t.num_key_value_heads:
         raise ConfigError(
@@ -76,11 +79,35 @@ def tiny_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, eos_token_id: i
         bos_token_id=None,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
+        attn_implementation=cfg.attn_implementation,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        if zero3 is not None:
+            return partitioned_tiny(config, zero3)
         model = LlamaForCausalLM(config)
     return model.to(DTYPES[cfg.dtype])
+
+
+def partitioned_tiny(config: LlamaConfig, zero3: dict) -> LlamaForCausalLM:
+    """The tiny Llama built ZeRO-3 partitioned, with the weights the one-process build draws (on
+    the CPU; a GPU's generator draws others): each module's constructor draws on its full
+    tensors before ``zero.Init`` partitions them (rank 0's values are broadcast), and each
+    ``post_init`` weight pass (the inner model's, then the head's) runs where the one-process
+    build runs it, module by module on gathered weights (transformers' ``initialize_weights_zero3``)
+    instead of on the empty partitions."""
+    import deepspeed
+    from unittest import mock
+    from transformers import PreTrainedModel
+    from transformers.integrations.deepspeed import initialize_weights_zero3, prevent_arange_dtype_change
+
+    def init_weights_gathered(self):  # PreTrainedModel.init_weights, on gathered weights
+        initialize_weights_zero3(self)
+        self.tie_weights(recompute_mapping=False)
+
+    with prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=zero3), \
+            mock.patch.object(PreTrainedModel, "init_weights", init_weights_gathered):
+        return LlamaForCausalLM(config)
 
 
 def resolve_model_path(name: str) -> str:
@@ -94,19 +121,41 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_base(cfg: ModelConfig, seed: int = 0):
-    """(model, tokenizer) for ``cfg``; the tokenizer always has a pad token."""
+@contextlib.contextmanager
+def hf_zero3(zero3: dict | None):
+    """Inside: transformers' ``from_pretrained`` builds in ``deepspeed.zero.Init`` and loads each
+    module's weights into its partitions (``HfDeepSpeedConfig`` alive); after: off again, so
+    nothing else (generation, resizing) changes behaviour."""
+    if zero3 is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(zero3)  # transformers keeps only a weak reference
+    try:
+        yield alive
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def load_base(cfg: ModelConfig, seed: int = 0, zero3: dict | None = None):
+    """(model, tokenizer) for ``cfg``; the tokenizer always has a pad token. ``zero3`` (a
+    DeepSpeed ZeRO-3 config): the model is built partitioned, no rank holding all of it."""
     if cfg.name_or_path == "tiny":
         tokenizer = tiny_tokenizer()
         apply_template(tokenizer, cfg.chat_template)
-        return tiny_model(cfg, len(tokenizer), seed, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer
+        model = tiny_model(cfg, len(tokenizer), seed, tokenizer.eos_token_id, tokenizer.pad_token_id, zero3)
+        return model, tokenizer
     path = resolve_model_path(cfg.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-        )
+        with hf_zero3(zero3):
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=cfg.attn_implementation)
     except (OSError, ValueError) as exc:
+        attention_error(cfg, exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"field 'model.name_or_path': cannot load '{cfg.name_or_path}' ({first}): give a "
@@ -116,6 +165,14 @@ def load_base(cfg: ModelConfig, seed: int = 0):
         tokenizer.pad_token = tokenizer.eos_token
     apply_template(tokenizer, cfg.chat_template)
     return model, tokenizer
+
+
+def attention_error(cfg: ModelConfig, exc: Exception) -> None:
+    """ConfigError (one line) when transformers refused ``exc`` for the attention backend."""
+    text = " ".join(str(exc).split())
+    if cfg.attn_implementation in text or "attention implementation" in text:
+        raise ConfigError(f"field 'model.attn_implementation': '{cfg.name_or_path}' cannot use "
+                          f"{cfg.attn_implementation} ({text[:200]}): use eager") from None
 
 
 def base_config(cfg: ModelConfig):
@@ -200,6 +257,8 @@ def check_tokenizer(cfg: ModelConfig) -> None:
 def model_skeleton(cfg: ModelConfig) -> torch.nn.Module:
     """The base model's module tree on the meta device: no weight is read or allocated, so
     checking module names costs milliseconds even for a large model."""
+    if cfg.attn_implementation == "flash_attention_2":  # module names only: checked by check_attention
+        cfg = cfg.model_copy(update={"attn_implementation": "sdpa"})
     if cfg.name_or_path == "tiny":
         with torch.device("meta"):
             tok = tiny_tokenizer()
@@ -207,8 +266,10 @@ def model_skeleton(cfg: ModelConfig) -> torch.nn.Module:
     config = base_config(cfg)
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code,
+                                                    attn_implementation=cfg.attn_implementation)
     except (ValueError, KeyError) as exc:  # a config of an architecture with no causal-LM head
+        attention_error(cfg, exc)
         first = " ".join(str(exc).strip().split("\n")[0].split()) or type(exc).__name__
         raise ConfigError(f"field 'model.name_or_path': '{cfg.name_or_path}' is not a causal language "
                           f"model ({first}): give a decoder model") from None
@@ -264,7 +325,57 @@ def apply_method(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
         raise
 
 
-def build_model(cfg: RunConfig):
-    """(model ready to train, tokenizer)."""
-    model, tokenizer = load_base(cfg.model, cfg.seed)
+def check_attention(cfg: RunConfig) -> None:
+    """``model.attn_implementation: flash_attention_2`` where it cannot run (no flash-attn
+    package, no GPU workers, a float32 backbone): ConfigError (one line) before any work."""
+    import importlib.util
+
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return
+    field = "field 'model.attn_implementation': flash_attention_2"
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(f"{field} needs the flash-attn package, which is not installed here (pip install "
+                          "flash-attn on a CUDA machine): install it, or use sdpa")
+    if not cfg.distributed.use_gpu:
+        raise ConfigError(f"{field} runs on GPUs only, but distributed.use_gpu is false: set "
+                          "distributed.use_gpu: true, or use sdpa")
+    if cfg.model.dtype != "bfloat16":
+        raise ConfigError(f"{field} computes in 16-bit only, but model.dtype is {cfg.model.dtype}: set "
+                          "model.dtype: bfloat16, or use sdpa")
+
+
+def enable_checkpointing(model) -> None:
+    """Transformers' gradient (activation) checkpointing, non-reentrant: each decoder layer's
+    activations are recomputed in the backward pass. Non-reentrant checkpointing needs no input
+    that requires grad (frozen embeddings under LoRA are fine); transformers also hooks the
+    embeddings' output to require it, as peft expects."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def hidden_width(cfg: ModelConfig) -> int | None:
+    """The base model's hidden size, from its config (no weights read)."""
+    if cfg.name_or_path == "tiny":
+        return cfg.tiny.hidden_size
+    config = base_config(cfg)
+    return getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
+
+
+def build_model(cfg: RunConfig, world: int = 1):
+    """(model ready to train, tokenizer). Under DeepSpeed ZeRO-3 (``world`` workers, the process
+    group up) the base is built partitioned (``deepspeed.zero.Init``): no rank ever holds it all."""
+    d, zero3 = cfg.distributed, None
+    if d.engine == "deepspeed" and d.zero_stage == 3:
+        import deepspeed
+
+        from plora_ray.run.dsconfig import deepspeed_config
+
+        zero3 = deepspeed_config(cfg, world, hidden_width(cfg.model))
+        deepspeed.init_distributed()  # zero.Init reads the world size from DeepSpeed's comm
+    model, tokenizer = load_base(cfg.model, cfg.seed, zero3)
+    if cfg.model.gradient_checkpointing:
+        enable_checkpointing(model)
     return apply_method(model, cfg), tokenizer
