@@ -42,7 +42,7 @@ class Ability:
     plora: Config
     lora: Config
     metric: str
-    target: str            # "held-out loss" | "benchmark"
+    target: str            # "held-out loss" | "training-set loss" | "benchmark"
     speed: list[float | None]   # per seed pair; None: never reached
     quality: list[float]
 
@@ -96,13 +96,11 @@ def learning_ability(sweep: Sweep) -> list[Ability]:
     loras = [c for c in configs if _method(c) == "lora"]
     ploras = [c for c in configs if _method(c) == "plora"]
     keys = eval_metric_keys(sweep.trials)
-    targets = []
-    if "eval/heldout/loss" in keys:
-        targets.append(("held-out loss", "eval/heldout/loss"))
+    targets = [(label, metric) for label, metric in LOSS_TARGETS if metric in keys]
     select, _ = selection_metric(sweep)
     # a benchmark curve: a task's own score (not an MMLU category) logged at two checkpoints or
     # more (a benchmark scored only at the end has no "samples to reach")
-    curves = [k for k in keys if not k.startswith("eval/heldout/") and not _category(k)
+    curves = [k for k in keys if not k.startswith(("eval/heldout/", "eval/train/")) and not _category(k)
               and any(len(t.history(k)[0]) >= 2 for t in sweep.trials)]
     bench = select if select in curves else next(iter(curves), None)
     if bench:
@@ -113,18 +111,29 @@ def learning_ability(sweep: Sweep) -> list[Ability]:
         if ref is None:
             continue
         for label, metric in targets:
-            lower = lower_is_better(metric, sweep)
-            speed, quality = [], []
-            for tp in p.trials:
-                tl = next((t for t in ref.trials if t.seed == tp.seed), ref.trials[0])
-                target = best_value(tl, metric, lower)
-                if math.isnan(target):
-                    continue
-                n_lora = first_reaching(tl, metric, target, lower)
-                n_plora = first_reaching(tp, metric, target, lower)
-                speed.append(None if n_plora is None or not n_plora or n_lora is None
-                             else n_lora / n_plora)
-                quality.append(best_value(tp, metric, lower) / target if target else math.nan)
-            if speed:
-                out.append(Ability(p, ref, metric, label, speed, quality))
+            found = ability(sweep, p, ref, metric, label)
+            if found is not None:
+                out.append(found)
     return out
+
+
+# the losses scored at every checkpoint (eval.heldout, eval.train_loss): targets when logged
+LOSS_TARGETS = (("held-out loss", "eval/heldout/loss"), ("training-set loss", "eval/train/loss"))
+
+
+def ability(sweep: Sweep, p: Config, ref: Config, metric: str, label: str) -> Ability | None:
+    """(a) and (b) of PLoRA configuration ``p`` against LoRA configuration ``ref`` on ``metric``
+    (None when no seed pair has a value)."""
+    lower = lower_is_better(metric, sweep)
+    speed, quality = [], []
+    for tp in p.trials:
+        tl = next((t for t in ref.trials if t.seed == tp.seed), ref.trials[0])
+        target = best_value(tl, metric, lower)
+        if math.isnan(target):
+            continue
+        n_lora = first_reaching(tl, metric, target, lower)
+        n_plora = first_reaching(tp, metric, target, lower)
+        speed.append(None if n_plora is None or not n_plora or n_lora is None
+                     else n_lora / n_plora)
+        quality.append(best_value(tp, metric, lower) / target if target else math.nan)
+    return Ability(p, ref, metric, label, speed, quality) if speed else None

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis import figures
+from analysis.headroom import section as headroom_section
 from analysis.importance import MIN_TRIALS, param_importances
 from analysis.learning import DEFINITION, learning_ability
 from analysis.paired import DEFINITION as PAIRED_DEFINITION
@@ -206,6 +207,9 @@ def _evaluated_sections(sweep: Sweep, out_dir: Path, numbers: dict) -> list[str]
                                            "seeds": d.seeds, "items": d.items,
                                            "better": d.better})
         md.append("")
+
+    # full FT vs LoRA, and the gap PLoRA closes (only when the sweep ran full FT and LoRA)
+    md += headroom_section(sweep, out_dir, numbers)
 
     # importance
     imp = param_importances(sweep)

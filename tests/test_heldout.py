@@ -242,3 +242,24 @@ def test_gsm8k_scores_its_whole_test_set_unless_the_run_trains_on_the_embedded_m
         ev = cfg.eval.model_copy(update={"limit": 2, "max_new_tokens": 2})
         _, items = evaluate_checkpoint(model, tok, ev, None, final=True)
         assert items["gsm8k"]["ids"] == ids  # two item sets never pair up
+    # GSM8K scores problems the held-out loss does not (here it takes the first two)
+    held = load_heldout(["gsm8k-heldout"], tok, 1024)[:2]
+    _, items = evaluate_checkpoint(model, tok, ev, held, final=True)
+    assert items["heldout"]["ids"] == ["gsm8k-heldout-0", "gsm8k-heldout-1"]
+    assert items["gsm8k"]["ids"] == ["gsm8k-heldout-2", "gsm8k-heldout-3"]
+
+
+def test_training_set_loss_is_the_heldout_loss_on_training_examples(tiny, examples):
+    """eval.train_loss scores its examples with the held-out code: the same numbers, under
+    train/ (metrics) and "train" (per-item results, for pairing across trials)."""
+    model, tok = tiny
+    train = [{**e, "id": f"train-{i}"} for i, e in enumerate(examples[3:6])]
+    metrics, items = evaluate_checkpoint(model, tok, EvalConfig(), examples[:3], train=train)
+    same, records = evaluate_heldout(model, tok, train)
+    assert metrics["eval/train/loss"] == pytest.approx(same["heldout/loss"], abs=1e-6)
+    assert metrics["eval/train/loss_stderr"] == pytest.approx(same["heldout/loss_stderr"], abs=1e-6)
+    assert items["train"] == {"ids": ["train-0", "train-1", "train-2"], "loss": items["train"]["loss"],
+                              "tokens": [r["tokens"] for r in records]}
+    assert items["heldout"]["ids"] == [e["id"] for e in examples[:3]]
+    metrics, items = evaluate_checkpoint(model, tok, EvalConfig(), None, train=train)
+    assert set(items) == {"train"} and "eval/heldout/loss" not in metrics

@@ -227,7 +227,8 @@ def test_mode_defaults_to_the_metrics_direction(tmp_path, metric, expect):
 def test_direction_is_min_for_every_loss_metric():
     from plora_ray.config.names import METRICS, direction
 
-    assert {m: direction(m) for m in METRICS if "loss" in m} == {"train/loss": "min", "eval/heldout/loss": "min"}
+    assert {m: direction(m) for m in METRICS if "loss" in m} == {
+        "train/loss": "min", "eval/heldout/loss": "min", "eval/train/loss": "min"}
     assert all(direction(m) == "max" for m in METRICS if "loss" not in m)
     assert direction("eval/other/val_loss") == "min" and direction("eval/loss_free/acc") == "max"
 

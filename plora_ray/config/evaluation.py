@@ -33,6 +33,18 @@ class HeldoutConfig(Strict):
         return self
 
 
+class TrainLossConfig(Strict):
+    """A fixed subset of the training examples scored like the held-out ones (teacher-forced loss,
+    assistant tokens) at every checkpoint (``eval/train/loss``): how much of the training set a
+    run has absorbed."""
+
+    limit: int | None = Field(ge=1, description="how many training examples, drawn with the seed "
+                              "below from those the run trains on (after eval.heldout.fraction); "
+                              "null: all of them")
+    seed: int = Field(0, description="seed of the draw (fixed, so every trial and run seed of a "
+                      "sweep on the same data scores the same examples)")
+
+
 # the columns each built-in task reads from a user's copy: the hub datasets' own schemas
 # (openai/gsm8k main, cais/mmlu, allenai/ai2_arc), so a copy of the hub dataset works as-is
 COPY_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -79,6 +91,9 @@ class EvalConfig(Strict):
         default_factory=list, description="tasks of eval.tasks scored only at the final "
         "checkpoint (e.g. [gsm8k]: generation is slow); the others run at every checkpoint")
     heldout: HeldoutConfig = HeldoutConfig()
+    train_loss: TrainLossConfig | None = Field(
+        None, description="the training-set loss at every checkpoint (eval/train/loss) on a seeded "
+        "subset of the training examples, e.g. {limit: 64}; null: not scored")
     limit: int | None = Field(20, ge=1, description="items per task (MMLU: spread over subjects); "
                               "null: the whole test set")
     task_limits: dict[Task, int | None] = Field(
@@ -165,9 +180,9 @@ class HarnessConfig(Strict):
     @model_validator(mode="after")
     def _names_and_path(self) -> "HarnessConfig":
         for t in self.tasks:
-            if not t.strip() or "/" in t or t == "heldout":
+            if not t.strip() or "/" in t or t in ("heldout", "train"):
                 raise ValueError(f"harness task name {t!r}: give an lm-eval task, group or tag name "
-                                 "(no '/'; 'heldout' is eval.heldout's)")
+                                 "(no '/'; 'heldout' and 'train' are eval.heldout's and eval.train_loss's)")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError("harness.tasks names a task twice: list each once")
         if self.include_path is not None:

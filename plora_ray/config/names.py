@@ -1,9 +1,9 @@
 """Every name a config, a sweep metric or a tracker refers to, defined once.
 
 Benchmark tasks and the metrics each one reports (as lm-evaluation-harness names them), the
-held-out loss, the bundled held-out sets, the embedded training mixes, the label mask, and which
-way each metric is optimised. ``config/schema.py`` validates against these, ``evaluation/``
-produces them, ``config/sweep.py`` accepts them as a sweep's metric.
+held-out and training-set losses, the bundled held-out sets, the embedded training mixes, the
+label mask, and which way each metric is optimised. ``config/schema.py`` validates against
+these, ``evaluation/`` produces them, ``config/sweep.py`` accepts them as a sweep's metric.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ TASK_METRICS = {
     "arc_challenge": ("acc", "acc_norm"),
 }
 HELDOUT_LOSS = "eval/heldout/loss"
-# what a sweep can optimise: the training loss, the held-out loss, any benchmark metric
-METRICS: tuple[str, ...] = ("train/loss", HELDOUT_LOSS) + tuple(
+TRAIN_SET_LOSS = "eval/train/loss"  # eval.train_loss: the held-out loss's measure on training examples
+# what a sweep can optimise: the training loss, the held-out loss, the training-set loss, any
+# benchmark metric
+METRICS: tuple[str, ...] = ("train/loss", HELDOUT_LOSS, TRAIN_SET_LOSS) + tuple(
     f"eval/{task}/{metric}" for task in TASKS for metric in TASK_METRICS[task])
 EMBEDDED_MIXES = ("embedded-mix", "embedded-mix-small")  # built from offline benchmark data
 HELDOUT_NAMES = ("gsm8k-heldout",)  # the 319 GSM8K problems the embedded mix never trains on
@@ -47,5 +49,5 @@ def harness_metric_task(metric: str) -> str | None:
     parts = metric.split("/")
     if len(parts) != 3 or parts[0] != "eval" or not parts[1] or not parts[2]:
         return None
-    return None if parts[1] in TASKS or parts[1] == "heldout" else parts[1]
+    return None if parts[1] in TASKS or parts[1] in ("heldout", "train") else parts[1]
 CHAT_TEMPLATES = ("chatml", "llama-2", "vicuna_v1.1", "plain")  # model.chat_template by name (assets/templates.py)

@@ -46,6 +46,10 @@ def check_values(spec: SweepSpec) -> None:
             raise ConfigError(f"{src}: field 'metric': {spec.metric} is never measured: name held-out "
                               "files (eval: {heldout: {files: [...]}}) or keep a fraction of the training "
                               "rows out (eval: {heldout: {fraction: 0.1}})")
+    elif task == "train":
+        if cfg.eval.train_loss is None:
+            raise ConfigError(f"{src}: field 'metric': {spec.metric} is never measured: score a subset of "
+                              "the training examples (eval: {train_loss: {limit: 64}})")
     elif task and task not in TASKS:  # an lm-evaluation-harness task (names.harness_metric_task)
         if task not in cfg.eval.harness.tasks:
             raise ConfigError(f"{src}: field 'metric': {spec.metric} is never measured: add {task} to "

@@ -15,6 +15,10 @@ Sources (``eval.heldout``): dialogue files or bundled names, ``gsm8k-heldout`` (
 problems the embedded mix keeps out: question -> reference solution, calculator annotations
 removed, as the mix formats GSM8K), and a seeded fraction of the training examples
 (:func:`split_heldout`, which the training loop must apply before it plans its steps).
+
+The training-set loss (``eval.train_loss``, ``train/loss`` here, ``eval/train/loss`` in MLflow)
+is the same measure on a fixed seeded subset of the examples the run trains on
+(:func:`prepare_train_eval`): how much of its training set a run has absorbed.
 """
 
 from __future__ import annotations
@@ -29,31 +33,54 @@ from plora_ray.evaluation.kv_prefix import cache_argument, forward_logits, head_
 from plora_ray.evaluation.sharding import LOCAL, Shard
 from analysis.stats import stderr
 
-__all__ = ["gsm8k_heldout_rows", "heldout_losses", "heldout_metrics", "load_heldout",
-           "prepare_heldout", "split_heldout"]
+__all__ = ["gsm8k_heldout_rows", "heldout_indices", "heldout_losses", "heldout_metrics", "load_heldout",
+           "prepare_heldout", "prepare_train_eval", "split_heldout"]
 
 _CALC = re.compile(r"<<[^<>]*>>")
 ROW_CHUNK_BYTES = 4 * 2**20  # fp32 logits per chunk of the held-out cross-entropy
+
+
+def heldout_indices(n: int, fraction: float, seed: int = 0) -> list[int]:
+    """Positions of the ``round(fraction * n)`` examples :func:`split_heldout` keeps out, sorted."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"eval.heldout.fraction must be in [0, 1), got {fraction}")
+    n_out = round(fraction * n)
+    if n_out and n_out >= n:
+        raise ValueError(f"eval.heldout.fraction {fraction} leaves no training example of "
+                         f"{n}: lower it")
+    return sorted(random.Random(seed).sample(range(n), n_out)) if n_out else []
 
 
 def split_heldout(examples: list, fraction: float, seed: int = 0) -> tuple[list, list]:
     """(train, heldout): ``round(fraction * n)`` examples drawn with ``random.Random(seed)``
     kept out; both keep source order. Held-out dict examples are copied with ``id`` set to
     ``train-<index in examples>`` (stable across runs on the same files and seed)."""
-    if not 0 <= fraction < 1:
-        raise ValueError(f"eval.heldout.fraction must be in [0, 1), got {fraction}")
-    n_out = round(fraction * len(examples))
-    if n_out == 0:
+    out = heldout_indices(len(examples), fraction, seed)
+    if not out:
         return examples, []
-    if n_out >= len(examples):
-        raise ValueError(f"eval.heldout.fraction {fraction} leaves no training example of "
-                         f"{len(examples)}: lower it")
-    out = set(random.Random(seed).sample(range(len(examples)), n_out))
-    kept = [i for i in range(len(examples)) if i not in out]
+    drop = set(out)
+    kept = [i for i in range(len(examples)) if i not in drop]
     train = examples.select(kept) if hasattr(examples, "select") else [examples[i] for i in kept]
     held = [({"id": f"train-{i}", **e} if isinstance(e, dict) else e)
-            for i in sorted(out) for e in [examples[i]]]
+            for i in out for e in [examples[i]]]
     return train, held
+
+
+def prepare_train_eval(run_cfg, examples) -> list[dict]:
+    """The training examples ``eval.train_loss`` scores (``[]`` when it is off): ``limit`` of
+    those the run trains on (``examples`` less the ``eval.heldout.fraction`` split, as
+    :func:`prepare_heldout` takes it) drawn with ``random.Random(seed)``, in source order, with
+    ``id`` ``train-<index in examples>``. The draw depends on the data and ``eval`` only, so every
+    trial and run seed of a sweep scores the same examples (their ids pair across runs)."""
+    t = run_cfg.eval.train_loss
+    if t is None:
+        return []
+    h = run_cfg.eval.heldout
+    drop = set(heldout_indices(len(examples), h.fraction, h.seed))
+    pool = [i for i in range(len(examples)) if i not in drop]
+    if t.limit is not None and t.limit < len(pool):
+        pool = sorted(random.Random(t.seed).sample(pool, t.limit))
+    return [{"id": f"train-{i}", **examples[i]} for i in pool]
 
 
 def gsm8k_heldout_rows() -> list[tuple[str, dict]]:
@@ -167,20 +194,21 @@ def _row_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                       for s in range(0, logits.size(0), chunk)]) if logits.size(0) else logits.new_zeros(0).float().cpu()
 
 
-def heldout_metrics(records: list[dict]) -> dict[str, float]:
-    """``heldout/loss`` (token-weighted), ``heldout/loss_stderr`` (over examples),
-    ``heldout/n``, ``heldout/tokens`` from per-example ``{loss, tokens}`` records."""
+def heldout_metrics(records: list[dict], name: str = "heldout") -> dict[str, float]:
+    """``<name>/loss`` (token-weighted), ``<name>/loss_stderr`` (over examples),
+    ``<name>/n``, ``<name>/tokens`` from per-example ``{loss, tokens}`` records."""
     tokens = sum(r["tokens"] for r in records)
     loss = sum(r["loss"] * r["tokens"] for r in records) / tokens if tokens else float("nan")
-    return {"heldout/loss": loss, "heldout/loss_stderr": stderr(r["loss"] for r in records),
-            "heldout/n": len(records), "heldout/tokens": tokens}
+    return {f"{name}/loss": loss, f"{name}/loss_stderr": stderr(r["loss"] for r in records),
+            f"{name}/n": len(records), f"{name}/tokens": tokens}
 
 
 def evaluate_heldout(model, tokenizer, examples: list[dict], batch_size: int = 8,
-                     shard: Shard = LOCAL) -> tuple[dict, list[dict]]:
-    """(metrics, per-example records ``{id, loss, tokens}`` in ``examples`` order)."""
+                     shard: Shard = LOCAL, name: str = "heldout") -> tuple[dict, list[dict]]:
+    """(metrics, per-example records ``{id, loss, tokens}`` in ``examples`` order); ``name``
+    prefixes the metrics (``train``: the training-set examples of :func:`prepare_train_eval`)."""
     local = shard.take(examples)
     scored = heldout_losses(model, tokenizer, local, batch_size, shard)
     records = [{"id": e.get("id"), "loss": loss, "tokens": n} for e, (loss, n) in zip(local, scored)]
     records = shard.gather(records, len(examples))
-    return heldout_metrics(records), records
+    return heldout_metrics(records, name), records

@@ -11,6 +11,7 @@ __all__ = ["items_record"]
 # per task: the record fields kept, in order (besides ids); accuracies as 0/1 ints
 _FIELDS = {
     "heldout": (("loss", float), ("tokens", int)),
+    "train": (("loss", float), ("tokens", int)),  # eval.train_loss: ids train-<index>
     "arc_easy": (("acc", int), ("acc_norm", int)),
     "arc_challenge": (("acc", int), ("acc_norm", int)),
     "mmlu": (("acc", int), ("category", None)),

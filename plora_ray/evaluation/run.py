@@ -168,7 +168,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
              fewshot_items: dict[str, list[dict]] | None = None,
              categories: dict[str, str] | None = None, heldout: list[dict] | None = None,
              rank: int = 0, world: int = 1, lockstep: bool = False, gsm8k_items: str = "test",
-             datasets: dict | None = None) -> EvalResult:
+             datasets: dict | None = None, train: list[dict] | None = None) -> EvalResult:
     """Evaluate ``model`` on ``tasks`` (names in ``TASKS``); see the module docstring.
 
     Returns an :class:`EvalResult`: ``gsm8k/strict``, ``gsm8k/flexible``, ``mmlu/acc``,
@@ -176,7 +176,8 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
     ``arc_easy/acc``, ``arc_easy/acc_norm``, ``arc_challenge/acc``, ``arc_challenge/acc_norm``,
     each with its ``_stderr``, and ``<task>/n`` item counts. With ``heldout`` (tokenised
     examples, ``heldout.prepare_heldout``): ``heldout/loss``, ``heldout/loss_stderr``,
-    ``heldout/n``, ``heldout/tokens``. The model's train/eval mode is restored afterwards.
+    ``heldout/n``, ``heldout/tokens``; with ``train`` (``heldout.prepare_train_eval``) the same
+    four as ``train/...``. The model's train/eval mode is restored afterwards.
 
     ``world`` > 1: call on every rank of an initialised ``torch.distributed`` group with the
     same arguments; each scores its share and every rank returns the full result.
@@ -184,7 +185,7 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
     ``lockstep=True`` under DeepSpeed ZeRO-3 (every rank joins every forward pass); pass the
     model itself (``engine.module``; for DDP the unwrapped module), not the training wrapper.
     """
-    tasks = check_tasks(tasks, allow_empty=bool(heldout))
+    tasks = check_tasks(tasks, allow_empty=bool(heldout or train))
     shard = Shard(rank, world, lockstep)
     if prompt_style not in PROMPT_STYLES:
         raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
@@ -197,11 +198,16 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
     samples: dict[str, list[dict]] = {}
     try:
         with dense_head(model):  # kv_prefix.dense_head: the head's fast matmul path
-            if heldout:
-                metrics_h, samples["heldout"] = evaluate_heldout(model, tokenizer, heldout, batch_size, shard)
-                metrics.update(metrics_h)
+            for name, examples in (("heldout", heldout), ("train", train)):
+                if examples:  # teacher-forced loss: held-out dialogues, training examples
+                    metrics_h, samples[name] = evaluate_heldout(model, tokenizer, examples, batch_size,
+                                                                shard, name)
+                    metrics.update(metrics_h)
             for task in tasks:
                 rows = with_ids(items[task] if task in items else default_items(task, gsm8k_items, datasets), task)
+                # the problems the held-out loss scores (gsm8k-heldout-<i>) are not benchmark items too
+                scored = {e.get("id") for e in heldout or ()}
+                rows = [r for r in rows if r["id"] not in scored]
                 n = limit.get(task, limit.get("*")) if isinstance(limit, dict) else limit
                 rows = select(rows, n, limit_mode, seed, key="subject" if task == "mmlu" else None)
                 shots = None
@@ -226,11 +232,13 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, promp
 
 def evaluate_checkpoint(model, tokenizer, cfg, heldout: list[dict] | None = None, *, rank: int = 0,
                         world: int = 1, lockstep: bool = False, final: bool = False,
-                        seed: int = 1234) -> tuple[dict[str, float], dict[str, dict]]:
+                        seed: int = 1234, train: list[dict] | None = None
+                        ) -> tuple[dict[str, float], dict[str, dict]]:
     """A training checkpoint's evaluation: ``(metrics, items)``.
 
     ``cfg`` is the run's ``EvalConfig``; ``heldout`` the examples from
-    ``heldout.prepare_heldout`` (scored at every checkpoint). Tasks in
+    ``heldout.prepare_heldout`` and ``train`` those from ``heldout.prepare_train_eval``
+    (``eval.train_loss``), both scored at every checkpoint. Tasks in
     ``cfg.final_only_tasks`` run only when ``final``. ``metrics`` are ``eval/<task>/<metric>``
     and ``eval/<task>/<metric>_stderr`` floats for MLflow (left out: per-subject MMLU,
     counts, and the NaN standard errors of single-item groups); ``items`` is the ``tasks``
@@ -244,12 +252,12 @@ def evaluate_checkpoint(model, tokenizer, cfg, heldout: list[dict] | None = None
     """
     tasks = [t for t in cfg.tasks if final or t not in cfg.final_only_tasks]
     metrics, items = {}, {}
-    if tasks or heldout:
+    if tasks or heldout or train:
         limit = {"*": cfg.limit, **cfg.task_limits} if cfg.task_limits else cfg.limit
         res = evaluate(model, tokenizer, tasks, limit, cfg.prompt_style, cfg.batch_size, cfg.num_fewshot,
                        limit_mode=cfg.limit_mode, seed=seed, max_new_tokens=cfg.max_new_tokens,
                        heldout=heldout, rank=rank, world=world, lockstep=lockstep,
-                       gsm8k_items=cfg.gsm8k_items, datasets=cfg.datasets)
+                       gsm8k_items=cfg.gsm8k_items, datasets=cfg.datasets, train=train)
         # a standard error over fewer than two items is NaN (lm-eval: N/A): left out of MLflow
         metrics = {f"eval/{k}": float(v) for k, v in res.items()
                    if "/subject/" not in k and not k.endswith(("/n", "/tokens"))

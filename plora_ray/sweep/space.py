@@ -95,6 +95,10 @@ def describe_eval(cfg: RunConfig) -> str:
     h = e.heldout
     if h.files or h.fraction or (h.files is None and cfg.data.embedded()):
         parts.append("held-out loss")
+    t = e.train_loss
+    if t is not None:
+        which = "all training examples" if t.limit is None else f"{t.limit} training examples, seed {t.seed}"
+        parts.append(f"training-set loss ({which})")
     for task in e.tasks:
         n = e.task_limits.get(task, e.limit)
         items = "all items" if n is None else f"{'the first' if e.limit_mode == 'first' else 'a sample of'} {n}"
