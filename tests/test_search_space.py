@@ -434,3 +434,27 @@ def test_dry_run_names_harness_tasks_and_when_they_run():
                                                                                     "at": "last"}}})
     assert describe_eval(cfg) == ("arc_easy (test set: the first 5); hellaswag (lm-eval: the first 7, last "
                                   "checkpoint only)")
+
+
+def test_study_part_two_sweeps_share_one_protocol():
+    """docs/study.md, part 2: every run of search_spaces/study/headroom/ trains on the same 64
+    GSM8K dialogues for the same epochs and is scored on the same training-set and held-out
+    examples at the end of every epoch; LoRA and full fine-tuning are both in it."""
+    files = sorted((ROOT / "search_spaces" / "study" / "headroom").glob("*.yaml"))
+    assert files
+    protocols, methods = set(), set()
+    for path in files:
+        assert f"python -m plora_ray.tune search_spaces/study/headroom/{path.name}" in path.read_text()
+        spec = load_sweep(path)
+        for params in _points(spec):
+            cfg = trial_run_config(spec, params)
+            d, e = cfg.data, cfg.eval
+            steps_per_epoch = -(-d.sources[0].max_rows // cfg.global_batch_size)
+            assert cfg.checkpoint_every_steps == steps_per_epoch and d.epochs >= 4
+            assert e.train_loss is not None and e.train_loss.limit is None  # every training example
+            protocols.add((d.model_dump_json(include={"sources", "max_length", "epochs", "micro_batch_size"}),
+                           cfg.global_batch_size, e.heldout.limit, cfg.model.name_or_path, cfg.lora.rank,
+                           tuple(cfg.lora.target_modules)))
+            methods.add(cfg.method)
+    assert len(protocols) == 1
+    assert {"lora", "full"} <= methods
