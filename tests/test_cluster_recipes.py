@@ -28,7 +28,7 @@ def test_ray_up_config_passes_rays_cluster_schema_and_a_typo_does_not():
     config = yaml.safe_load((CLUSTER / "ray-up-a100.yaml").read_text())
     validate_config(prepare_config(copy.deepcopy(config)))  # what `ray up` runs first
     gpu = config["available_node_types"]["a100x8"]
-    assert gpu["node_config"]["InstanceType"] == "p4d.24xlarge" and gpu["resources"]["GPU"] == 8
+    assert gpu["node_config"]["InstanceType"] == "p4de.24xlarge" and gpu["resources"]["GPU"] == 8  # A100-80GB
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start  # loopback; `ray dashboard` forwards it
     broken = copy.deepcopy(config)

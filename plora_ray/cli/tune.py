@@ -18,7 +18,7 @@ import sys
 from plora_ray.assets.fetch import AssetError
 from plora_ray.config.schema import ConfigError
 from plora_ray.assets.dialogues import DataError
-from plora_ray.sweep.preflight import SweepFailed, check_sweep
+from plora_ray.sweep.preflight import SweepFailed, check_sweep, sweep_memory
 from plora_ray.sweep.tune import run_sweep
 
 
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         check_sweep(spec, args.storage, args.resume, args.tracking_uri)  # before Ray starts
         if args.dry_run:
             print(describe(spec))
+            if spec._check_paths:  # each trial's estimated peak memory (checked above)
+                print("memory (estimated peak per worker: plora_ray.run.memory):")
+                print("\n".join(sweep_memory(spec)))
             return 0
         print(run_sweep(spec, args.space, args.storage, resume=args.resume, address=args.address,
                         tracking_uri=args.tracking_uri, report=not args.no_report))

@@ -121,6 +121,10 @@ class Resources(Strict):
                                           "fraction below 1 shares a GPU (0.5: two workers per GPU)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
         None, description="placement of a trial's workers (STRICT_PACK: one node per trial)")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="memory of one of the cluster's GPUs, GiB as nvidia-smi's MiB / 1024 "
+        "(A100-80GB: 80, A100-40GB: 40); before Ray starts, every trial's estimated peak per GPU "
+        "(plora_ray.run.memory) must fit it; null: the GPUs this machine has (none: not checked)")
 
 
 class Failures(Strict):

@@ -11,6 +11,10 @@ Beyond what the config schemas check alone (``config/schema.py``, ``config/sweep
 * the base model: its module tree built on the meta device (no weights read), and every name in
   ``lora.target_modules`` matching a layer LoRA can wrap;
 * the training files: read and normalised row by row as training will (no tokenizer).
+* ``eval.datasets``: each user copy of a benchmark read whole, with its task's columns.
+* GPU memory: each trial's estimated peak per GPU (:mod:`plora_ray.run.memory`, from the
+  model's config) fits ``resources.gpu_memory_gb`` (a single run: the GPUs present), else the
+  knob that would make it fit is named.
 
 A sweep checks every distinct model / target list / file list a trial can get.
 """
@@ -29,7 +33,11 @@ from plora_ray.assets.sources import check_data
 # what a run directory holds once it has started (train.py writes them before the first step)
 RUN_MARKERS = ("ray_run_name", "config.yaml")
 # run-config paths whose values decide what check_model / check_files look at
-MODEL_AND_DATA_PATHS = ("model", "method", "lora.target_modules", "data.train_files", "data.sources")
+MODEL_AND_DATA_PATHS = ("model", "method", "lora.target_modules", "data.train_files", "data.sources",
+                        "eval.datasets")
+# ... and those the memory estimate depends on (plora_ray.run.memory)
+MEMORY_PATHS = ("model", "method", "lora", "data.micro_batch_size", "data.max_length", "distributed",
+                "plora.measure_output_change", "eval")
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
@@ -61,8 +69,9 @@ def check_model(cfg: RunConfig) -> None:
     """The base model exists, every ``lora.target_modules`` name matches a layer LoRA can wrap
     (checked on a meta-device skeleton, so even a 7B model costs a fraction of a second), and its
     tokenizer loads and renders the chat template with an assistant-only mask."""
-    from plora_ray.run.models import check_target_modules, check_tokenizer, model_skeleton  # torch: only here
+    from plora_ray.run.models import check_attention, check_target_modules, check_tokenizer, model_skeleton
 
+    check_attention(cfg)  # flash_attention_2 where it cannot run
     skeleton = model_skeleton(cfg.model)
     if cfg.method != "full":
         check_target_modules(skeleton, cfg.lora.target_modules)
@@ -82,6 +91,19 @@ def check_harness(cfg: RunConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def check_eval_datasets(cfg: RunConfig) -> None:
+    """Every ``eval.datasets`` copy opens through ``datasets`` with its task's columns and valid
+    rows (read whole: they are the items scored); ConfigError naming ``eval.datasets.<task>``."""
+    from plora_ray.assets.copies import load_copy
+    from plora_ray.assets.fetch import AssetError
+
+    for task, copy in cfg.eval.datasets.items():
+        try:
+            load_copy(task, copy.path, copy.name, copy.split)
+        except AssetError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def check_run(cfg: RunConfig, output_dir: str | os.PathLike, resume: bool = False) -> None:
     """Everything a training run needs, before it starts; raises ConfigError / DataError."""
     out = Path(output_dir)
@@ -95,8 +117,20 @@ def check_run(cfg: RunConfig, output_dir: str | os.PathLike, resume: bool = Fals
     if cfg.distributed.storage_path:
         check_writable(cfg.distributed.storage_path, "field 'distributed.storage_path':")
     check_model(cfg)
+    check_deepspeed(cfg)
     check_harness(cfg)
+    check_eval_datasets(cfg)
     check_data(cfg.data, data_cache(cfg))
+    check_run_memory(cfg)
+
+
+def check_deepspeed(cfg: RunConfig) -> None:
+    """``distributed.deepspeed_config``: the user's JSON read, merged with the run config (a key
+    both set differently is refused) and validated by DeepSpeed's own config classes."""
+    if cfg.distributed.engine == "deepspeed" and cfg.distributed.deepspeed_config:
+        from plora_ray.run.dsconfig import check_deepspeed_config  # deepspeed: only here
+
+        check_deepspeed_config(cfg)
 
 
 def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
@@ -125,7 +159,7 @@ def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
         check_harness(trial_run_config(spec, {}))  # the base's lm-eval tasks
     except ConfigError as exc:
         raise ConfigError(f"{spec._source}: base: {exc}") from None
-    src, models, files = spec._source, set(), set()
+    src, models, files, copies = spec._source, set(), set(), set()
     for point in trial_points(spec, MODEL_AND_DATA_PATHS):
         cfg = trial_run_config(spec, point)
         where = "base" if not point else "trial " + ", ".join(f"{k}={v!r}" for k, v in point.items())
@@ -137,8 +171,62 @@ def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
             if tuple(cfg.data.train_files) not in files:
                 files.add(tuple(cfg.data.train_files))
                 check_data(cfg.data, data_cache(cfg))
+            if cfg.eval.model_dump_json(include={"datasets"}) not in copies:
+                copies.add(cfg.eval.model_dump_json(include={"datasets"}))
+                check_eval_datasets(cfg)
         except (ConfigError, DataError) as exc:
             raise type(exc)(f"{src}: {where}: {exc}") from None
+    checked = set()  # the user's DeepSpeed JSON against every trial's batch, precision, stage, optimizer
+    for point in trial_points(spec):
+        cfg = trial_run_config(spec, point)
+        key = (cfg.model.dtype, cfg.data.model_dump_json(), cfg.optim.model_dump_json(),
+               cfg.distributed.model_dump_json())
+        if cfg.distributed.deepspeed_config and key not in checked:
+            checked.add(key)
+            try:
+                check_deepspeed(cfg)
+            except ConfigError as exc:
+                where = "base" if not point else "trial " + ", ".join(f"{k}={v!r}" for k, v in point.items())
+                raise ConfigError(f"{src}: {where}: {exc}") from None
+    sweep_memory(spec)
+
+
+def check_run_memory(cfg: RunConfig):
+    """A GPU run's estimated peak per GPU fits the GPUs present (a CPU run, or no GPU here: not
+    checked, None); ConfigError naming the knob that would make it fit."""
+    from plora_ray.run.memory import check_fit, gpu_memory_present
+
+    gib = gpu_memory_present() if cfg.distributed.use_gpu else None
+    return check_fit(cfg, gib * min(1.0, cfg.distributed.gpus_per_worker or 1.0)) if gib else None
+
+
+def sweep_memory(spec) -> list[str]:
+    """One line per distinct trial: its estimated peak per worker, of the GPU memory
+    (``resources.gpu_memory_gb``, else the GPUs present); ConfigError naming the trial and the
+    knob that would make it fit for the first that does not (before Ray starts)."""
+    from plora_ray.config.trials import key_paths, trial_points, trial_run_config, trial_values
+    from plora_ray.run.memory import check_fit, estimate, gpu_memory_present
+
+    r = spec.resources
+    gib = (r.gpu_memory_gb or gpu_memory_present()) if r.gpus_per_worker else None
+    capacity = gib * min(1.0, r.gpus_per_worker) if gib else None
+    touching = {key for key in spec.space if any(p == t or p.startswith(t + ".") for p in key_paths(key)
+                                                  for t in MEMORY_PATHS)}
+    points = [p for p in trial_points(spec, MEMORY_PATHS) if set(p) == touching] or [{}]
+    lines, seen = [], set()
+    for point in points:
+        cfg = trial_run_config(spec, point)
+        where = "trial " + ", ".join(f"{k}={v!r}" for k, v in trial_values(point).items()) if point else "every trial"
+        try:
+            est = check_fit(cfg, capacity) if capacity else estimate(cfg)
+        except ConfigError as exc:
+            here = "" if r.gpu_memory_gb else f" (the GPUs here: {gib:.0f} GiB; resources.gpu_memory_gb sets the cluster's)"
+            raise ConfigError(f"{spec._source}: {where}: {exc}{here}") from None
+        summary = est.summary(capacity, "GPU" if r.gpus_per_worker else "worker (CPU: not checked)")
+        if summary not in seen:  # trials that differ in nothing the estimate reads: once
+            seen.add(summary)
+            lines.append(f"  {where}: {summary}")
+    return lines
 
 
 # URI schemes Ray's storage_path takes (pyarrow filesystems); opening one may need the network
