@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis import stats
-from analysis.results import LEVEL
+from analysis.results import LEVEL, item_scores
 from analysis.store import Sweep, Trial
 
 FIGSIZE = (8, 4.5)
@@ -80,41 +80,131 @@ def _mark_unloads(ax, t, steps, y, color) -> None:
         ax.scatter(ux, np.interp(unloads, steps, y), marker="|", s=40, color=color)
 
 
-def train_loss_figure(sweep: Sweep, path: Path, window: int = 150) -> Path | None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    xlabel, drawn = "step", 0
-    requested, used = window, 1
-    for t in sweep.trials:
-        steps, loss = t.history("train/loss")
-        if not steps:
-            continue
-        x, xlabel = samples_axis(t, steps)
-        window = fitting_window(requested, len(loss))
-        used = max(used, window)
-        y = smooth(loss, window)
-        line, = ax.plot(x, y, lw=1, label=_label(t))
-        _mark_unloads(ax, t, steps, y, line.get_color())
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _style(i: int) -> dict:
+    """Trial i's line: its own colour, dash pattern and marker, so curves that lie on each
+    other (the same data in the same order) stay apart in print and for colour-blind readers."""
+    return {"color": f"C{i % 10}", "ls": LINESTYLES[i % len(LINESTYLES)],
+            "marker": MARKERS[i % len(MARKERS)], "ms": 3}
+
+
+def _every(points: int, i: int, n: int) -> tuple[int, int]:
+    """About 8 markers on a curve, staggered by trial so that curves on top of each other do not
+    hide each other's markers."""
+    every = max(1, points // 8)
+    return (i * every // max(1, n)) % every, every
+
+
+def loss_reference(trials: list[Trial]) -> Trial | None:
+    """The trial the others' losses are compared with: a LoRA trial (same rank, then same seed,
+    as the first PLoRA trial), else the first trial."""
+    if not trials:
         return None
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("training loss" + (f" (moving average, {used} steps)" if used > 1 else ""))
-    ax.set_title("Training loss per trial (| : unload)")
-    _legend(ax, drawn)
-    return _save(fig, path)
+    loras = [t for t in trials if t.param("method") == "lora"]
+    if not loras:
+        return trials[0]
+    first = next((t for t in trials if t.param("method") == "plora"), trials[0])
+    return max(loras, key=lambda t: (t.param("lora.rank") == first.param("lora.rank"), t.seed == first.seed))
+
+
+def train_loss_figure(sweep: Sweep, path: Path, window: int = 150) -> Path | None:
+    """:func:`train_loss_plot` as a PNG at `path`; None when no trial has a training loss."""
+    fig = train_loss_plot(sweep, window)
+    return None if fig is None else _save(fig, path)
+
+
+def train_loss_plot(sweep: Sweep, window: int = 150):
+    """Three panels on one x axis (training samples): each trial's training loss (moving
+    average); its difference to a reference trial (a LoRA one; the trials see the same batches,
+    so their curves lie on each other while their differences do not); and where each trial
+    unloaded (one row of ticks per trial, named on the left). The matplotlib figure, or None."""
+    curves = []  # (style index: the trial's place in the sweep, the same in every figure, ...)
+    for i, t in enumerate(sweep.trials):
+        steps, loss = t.history("train/loss")
+        if steps:
+            curves.append((i, t, steps, loss))
+    if not curves:
+        return None
+    requested = window
+    used = max(fitting_window(requested, len(loss)) for *_, loss in curves)
+    unloading = [(i, t) for i, t, _, _ in curves if unload_steps(t)]
+    plt = _plt()
+    fig = plt.figure(figsize=FIGSIZE)
+    grid = fig.add_gridspec(3 if unloading else 2, 1, height_ratios=[3, 2, 1.2][:3 if unloading else 2])
+    ax = fig.add_subplot(grid[0])
+    delta = fig.add_subplot(grid[1], sharex=ax)
+    ref = loss_reference([t for _, t, _, _ in curves])
+    smoothed = {}
+    xlabel = "step"
+    for i, t, steps, loss in curves:
+        x, xlabel = samples_axis(t, steps)
+        y = smooth(loss, fitting_window(requested, len(loss)))
+        smoothed[t.run_id] = (x, y)
+        ax.plot(x, y, lw=1, markevery=_every(len(x), i, len(curves)), label=_label(t), **_style(i))
+    rx, ry = smoothed[ref.run_id]
+    for i, t, _, _ in curves:
+        x, y = smoothed[t.run_id]
+        inside = (x >= rx[0]) & (x <= rx[-1])
+        if t is not ref and inside.any():
+            delta.plot(x[inside], y[inside] - np.interp(x[inside], rx, ry), lw=1,
+                       markevery=_every(int(inside.sum()), i, len(curves)), **_style(i))
+    delta.axhline(0, color="0.3", lw=0.8)
+    delta.set_ylabel(f"Δ to {ref.name}", fontsize=8)
+    ax.set_ylabel("training loss" + (f"\n(moving average, {used} steps)" if used > 1 else ""), fontsize=8)
+    ax.set_title("Training loss per trial; below: its difference to "
+                 f"{ref.name}{' and where each trial unloaded' if unloading else ''}", fontsize=9)
+    _legend(ax, len(curves))
+    bottom = delta
+    if unloading:
+        rug = fig.add_subplot(grid[2], sharex=ax)
+        for row, (i, t) in enumerate(unloading):
+            ux, _ = samples_axis(t, unload_steps(t))
+            rug.scatter(ux, [row] * len(ux), marker="|", s=30, color=_style(i)["color"])
+        rug.set_yticks(range(len(unloading)),
+                       [t.name for _, t in unloading] if len(unloading) <= MAX_LEGEND else [""] * len(unloading),
+                       fontsize=6)
+        rug.set_ylim(-0.7, len(unloading) - 0.3)
+        rug.set_ylabel("unloads", fontsize=8)
+        bottom = rug
+    for a in fig.axes:
+        if a is not bottom:
+            a.tick_params(labelbottom=False)
+    bottom.set_xlabel(xlabel)
+    return fig
+
+
+def _band(t: Trial, metric: str, steps, values, z: float):
+    """(lo, hi) per checkpoint: Wilson's interval where the checkpoint's items are 0/1 (an
+    accuracy: the band stays inside [0, 1]), else value ± z·stderr; None without either."""
+    se_steps, se = t.history(metric + "_stderr")
+    se = dict(zip(se_steps, se))
+    lo, hi = [], []
+    for step, value in zip(steps, values):
+        found = item_scores(t.items(step), metric)
+        if found is not None and stats.is_proportion(found[1]):
+            a, b = stats.wilson_interval(value, len(found[1]), LEVEL)
+        elif step in se:
+            a, b = value - z * se[step], value + z * se[step]
+        else:
+            return None
+        lo.append(a)
+        hi.append(b)
+    return np.asarray(lo), np.asarray(hi)
 
 
 def eval_figure(sweep: Sweep, metric: str, path: Path, window: int = 10) -> Path | None:
     """`metric` per checkpoint per trial, smoothed over `window` checkpoints; the band smooths
-    the per-checkpoint normal intervals (value ± z·stderr) the same way."""
+    the per-checkpoint 95 % intervals (Wilson's for an accuracy, else value ± z·stderr) the
+    same way."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=FIGSIZE)
     xlabel, drawn = "step", 0
     requested, used = window, 1
     z = stats.normal_interval(0.0, 1.0, LEVEL)[1]
-    for t in sweep.trials:
+    for i, t in enumerate(sweep.trials):
         steps, values = t.history(metric)
         if not steps:
             continue
@@ -122,13 +212,12 @@ def eval_figure(sweep: Sweep, metric: str, path: Path, window: int = 10) -> Path
         window = fitting_window(requested, len(values))
         used = max(used, window)
         y = smooth(values, window)
-        line, = ax.plot(x, y, marker="." if len(steps) < 30 else None, lw=1, label=_label(t))
-        se_steps, se = t.history(metric + "_stderr")
-        if se_steps == steps:
-            se = np.asarray(se, float)
-            ax.fill_between(x, smooth(np.asarray(values) - z * se, window),
-                            smooth(np.asarray(values) + z * se, window),
-                            color=line.get_color(), alpha=0.15, lw=0)
+        style = {**_style(i), "marker": _style(i)["marker"] if len(steps) < 30 else None}
+        line, = ax.plot(x, y, lw=1, label=_label(t), **style)
+        band = _band(t, metric, steps, values, z)
+        if band is not None:
+            ax.fill_between(x, smooth(band[0], window), smooth(band[1], window),
+                            color=line.get_color(), alpha=0.12, lw=0)
         _mark_unloads(ax, t, steps, y, line.get_color())
         drawn += 1
     if not drawn:
@@ -146,12 +235,12 @@ def rank_figure(sweep: Sweep, path: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=FIGSIZE)
     drawn, top, references = 0, 0.0, {}
-    for t in sweep.trials:
+    for i, t in enumerate(sweep.trials):
         steps, stage = t.history("plora/stage")
         _, rank = t.history("plora/accumulated_rank")
         if not steps or len(rank) != len(stage):
             continue
-        line, = ax.plot(stage, rank, marker="o", ms=3, lw=1, label=_label(t))
+        line, = ax.plot(stage, rank, lw=1, label=_label(t), **_style(i))
         _, lo = t.history("plora/accumulated_rank_min")
         _, hi = t.history("plora/accumulated_rank_max")
         if len(lo) == len(stage) == len(hi):

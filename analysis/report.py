@@ -18,8 +18,8 @@ from analysis.importance import MIN_TRIALS, param_importances
 from analysis.learning import DEFINITION, learning_ability
 from analysis.paired import DEFINITION as PAIRED_DEFINITION
 from analysis.paired import method_differences
-from analysis.results import build_table, checkpoint_step, eval_metric_keys, selection_metric, show
-from analysis.stats import LEVEL
+from analysis.results import build_table, checkpoint_step, eval_metric_keys, selection_metric, show, small_groups
+from analysis.stats import LEVEL, MIN_GROUP_ITEMS
 from analysis.store import Sweep, load_sweep
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -80,9 +80,11 @@ def _signed(d: dict) -> str:
     return f"[{d['lo']:+.4f}, {d['hi']:+.4f}]"
 
 
-def _table_md(table) -> list[str]:
+def _table_md(table, select: str | None = None) -> list[str]:
+    """The table, the sweep's own metric (``select``) in the first metric column."""
+    metrics = ([select] if select in table.metrics else []) + [m for m in table.metrics if m != select]
     head = [*table.varied] if table.varied else ["configuration"]
-    short = [m[len("eval/"):] for m in table.metrics]
+    short = [m[len("eval/"):] + (" (sweep metric)" if m == select else "") for m in metrics]
     lines = ["| " + " | ".join(head + short + ["seeds", "trainable params"]) + " |",
              "|" + "---|" * (len(head) + len(short) + 2)]
     for i, c in enumerate(table.configs):
@@ -90,12 +92,12 @@ def _table_md(table) -> list[str]:
         if c.running:
             label[-1] += " (partial)"
         elif all(t.status == "stopped_early" for t in c.trials):
-            samples = max(t.samples_at(max((s for m in table.metrics for s in t.history(m)[0]),
+            samples = max(t.samples_at(max((s for m in metrics for s in t.history(m)[0]),
                                            default=0)) for t in c.trials)
             label[-1] += (" (stopped early" + ("" if math.isnan(samples) else
                                                f" at {samples:,.0f} samples") + ")")
-        cells = [table.cells[m][i].text(3) for m in table.metrics]
-        n = max((table.cells[m][i].n_seeds for m in table.metrics), default=len(c.trials))
+        cells = [table.cells[m][i].text(3) for m in metrics]
+        n = max((table.cells[m][i].n_seeds for m in metrics), default=len(c.trials))
         lines.append("| " + " | ".join(label + cells + [str(n), _fmt(table.trainable[i])]) + " |")
     return lines
 
@@ -146,14 +148,30 @@ def build_report(sweep: Sweep, out_dir: Path, loss_window: int = 150,
 def _evaluated_sections(sweep: Sweep, out_dir: Path, numbers: dict) -> list[str]:
     md: list[str] = []
 
-    # tables
-    for which in ("best", "last"):
-        table = build_table(sweep, which)
-        md += [f"## Results at the {which} checkpoint", ""]
-        md += _table_md(table)
-        md += ["", f"Cells: value [{int(LEVEL * 100)}% interval] (across seeds when a "
-               "configuration has several, else the evaluator's stderr); **bold**: the column's "
-               "best; ≈: not distinguishable from it (" + _tests_used(table) + ").", ""]
+    # tables: the best checkpoint's and the last one's, one table when they are the same checkpoints
+    select, _ = selection_metric(sweep)
+    tables = {which: build_table(sweep, which) for which in ("best", "last")}
+    same = all([c.steps for c in tables["best"].cells[m]] == [c.steps for c in tables["last"].cells.get(m, [])]
+               for m in tables["best"].metrics)
+    numbers["tables_identical"] = same
+    shown = [("last", f"Results at the last checkpoint (also every trial's best by `{select}`)")] if same else \
+        [("best", "Results at the best checkpoint (benchmarks scored only at the end are in the next table)"),
+         ("last", "Results at the last checkpoint")]
+    for which, title in shown:
+        table = tables[which]
+        md += [f"## {title}", ""]
+        md += _table_md(table, select)
+        md += ["", f"Cells: value [{int(LEVEL * 100)}% interval] (across seeds when a configuration has "
+               "several; else, for an accuracy, Wilson's interval over its items, for a loss the "
+               "evaluator's stderr); **bold**: the column's best; ≈: not distinguishable from it ("
+               + _tests_used(table) + ").", ""]
+    small = small_groups(sweep.trials)
+    if small:
+        md += ["Left out: " + ", ".join(f"`{m}` ({n} items)" for m, n in small.items())
+               + f": a category of fewer than {MIN_GROUP_ITEMS} items says nothing on its own (its items "
+               "count in the benchmark's overall score).", ""]
+    numbers["left_out"] = small
+    for which, table in tables.items():
         numbers["tables"][which] = [{
             "config": c.values or {"trial": c.trials[0].name},
             "partial": c.running,
@@ -264,7 +282,10 @@ def _curves(sweep: Sweep, out_dir: Path, numbers: dict, loss_window: int,
     md = ["## Curves", ""]
     made = []
     if figures.train_loss_figure(sweep, out_dir / "train_loss.png", loss_window):
-        made.append(("train_loss.png", f"training loss, moving average over up to {loss_window} steps"))
+        ref = figures.loss_reference(sweep.trials)
+        made.append(("train_loss.png", f"training loss, moving average over up to {loss_window} steps"
+                     + (f"; middle: difference to {ref.name} (the trials see the same batches)" if ref else "")
+                     + "; bottom: unloads"))
     for m in eval_metric_keys(sweep.trials):
         name = "eval_" + m[len("eval/"):].replace("/", "_") + ".png"
         if figures.eval_figure(sweep, m, out_dir / name, eval_window):

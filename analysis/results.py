@@ -29,8 +29,11 @@ _NOT_A_CHOICE = ("seed", "output", "dir", "path", "tracking", "run_id", "name")
 
 
 def eval_metric_keys(trials: list[Trial]) -> list[str]:
+    """The benchmark metrics to report, in the paper's order; a category of a benchmark scored
+    on fewer than ``stats.MIN_GROUP_ITEMS`` items is left out (:func:`small_groups`)."""
     keys = {k for t in trials for k in t.metric_keys
             if k.startswith("eval/") and not k.endswith("_stderr") and k != "eval/samples"}
+    keys -= set(small_groups(trials, keys))
 
     def order(key):
         for i, prefix in enumerate(PAPER_ORDER):
@@ -40,6 +43,23 @@ def eval_metric_keys(trials: list[Trial]) -> list[str]:
         return (len(PAPER_ORDER), False, key)
 
     return sorted(keys, key=order)
+
+
+def small_groups(trials: list[Trial], keys=None, min_items: int = stats.MIN_GROUP_ITEMS) -> dict[str, int]:
+    """``{metric: items}`` of the benchmark categories (``eval/mmlu/stem``: the items of one
+    ``category`` in a task's per-item results) that no trial scored on ``min_items`` items or
+    more at its last checkpoint of them; a metric without per-item results is kept."""
+    counts: dict[str, int] = {}
+    for t in trials:
+        if not isinstance(t, Trial):
+            continue
+        for key in keys if keys is not None else t.metric_keys:
+            parts = key.split("/")
+            steps = t.history(key)[0] if len(parts) == 3 and key.startswith("eval/") else []
+            task = ((t.items(steps[-1]) or {}).get("tasks") or {}).get(parts[1]) if steps else None
+            if task and parts[2] not in task and "category" in task:
+                counts[key] = max(counts.get(key, 0), sum(c == parts[2] for c in task["category"]))
+    return {k: n for k, n in sorted(counts.items()) if n < min_items}
 
 
 def selection_metric(sweep: Sweep) -> tuple[str | None, bool]:
@@ -202,7 +222,9 @@ class Cell:
 
 
 def cell_for(config: Config, metric: str, select: str, lower: bool, which: str) -> Cell:
-    values, ses, steps = [], [], []
+    """One seed: the evaluator's stderr interval, or Wilson's for a mean of 0/1 items (inside
+    [0, 1]); several: a t interval across seeds (clipped to [0, 1] for such a mean)."""
+    values, ses, steps, items = [], [], [], []
     for t in config.trials:
         step = checkpoint_step(t, select, lower, which)
         steps.append(step)
@@ -213,15 +235,18 @@ def cell_for(config: Config, metric: str, select: str, lower: bool, which: str) 
             continue
         values.append(v)
         ses.append(t.value_at(metric + "_stderr", step))
+        found = item_scores(t.items(step), metric)
+        items.append(None if found is None else found[1])
     if not values:
         return Cell(math.nan, math.nan, math.nan, 0, [], steps)
+    proportion = all(x is not None and stats.is_proportion(x) for x in items)
     if len(values) == 1:
-        lo, hi = (stats.normal_interval(values[0], ses[0], LEVEL)
-                  if not math.isnan(ses[0]) else (math.nan, math.nan))
+        lo, hi = stats.item_interval(values[0], ses[0], items[0] if proportion else None, LEVEL)
         return Cell(values[0], lo, hi, 1, values, steps)
     mean, se = stats.mean_stderr(values)
     half = stats.t_quantile(0.5 + LEVEL / 2, len(values) - 1) * se
-    return Cell(mean, mean - half, mean + half, len(values), values, steps)
+    lo, hi = (max(0.0, mean - half), min(1.0, mean + half)) if proportion else (mean - half, mean + half)
+    return Cell(mean, lo, hi, len(values), values, steps)
 
 
 def _representative(config: Config, cell: Cell, seed=None):

@@ -3,7 +3,9 @@ difference to the best with a paired interval, read back from MLflow.
 
 Repeats of a configuration share ``plora.config_id``; a configuration's value is the mean over
 its seeds. Its interval: across seeds (mean ± t·standard error) when it has several, else the
-metric's own standard error (``<metric>_stderr``, lm-eval's). The difference to the best: across
+metric's own standard error (``<metric>_stderr``, lm-eval's), or for a mean of 0/1 items (an
+accuracy) Wilson's score interval over its items, which stays inside [0, 1] (a mean of accuracies
+across seeds is clipped to it too). The difference to the best: across
 seeds (Welch) when both have several; else a paired bootstrap over the items both scored (the
 trials' ``items/step_*.json`` artifacts, the last checkpoint's). A configuration whose
 difference interval includes 0 is *indistinguishable* from the best; when every one is, the
@@ -21,7 +23,8 @@ from typing import Any
 
 from analysis.labels import config_label
 from analysis.results import item_scores
-from analysis.stats import LEVEL, distinguishable, mean_stderr, normal_interval, paired_bootstrap, seed_difference, t_quantile
+from analysis.stats import (LEVEL, MIN_GROUP_ITEMS, distinguishable, is_proportion, item_interval, mean_stderr,
+                            paired_bootstrap, seed_difference, t_quantile)
 from analysis.store import client_for, no_progress_bar, retry, sweep_trials
 
 N_BOOT = 2000
@@ -80,17 +83,25 @@ def sweep_summary(tracking_uri: str, parent_run_id: str, metric: str, mode: str,
                                "value": r["metrics"].get(metric)} for r in runs],
                    "seeds": len(done), "value": math.nan, "lo": math.nan, "hi": math.nan}
             xs = [r["metrics"][metric] for r in done]
+            row["_xs"] = xs
+            per_seed = [_last_items(client, r["run_id"], metric, Path(scratch) / r["run_id"]) for r in done]
+            row["_items"] = _mean_items(per_seed)
+            # a mean of 0/1 items (an accuracy) stays inside [0, 1]: Wilson's interval for one seed
+            proportion = bool(row["_items"]) and all(is_proportion(list(s[0].values())) for s in per_seed if s)
+            row["items"] = len(row["_items"][0]) if row["_items"] else None
             if len(xs) >= 2:
                 mean, se = mean_stderr(xs)
                 half = t_quantile(0.5 + level / 2, len(xs) - 1) * se
-                row.update(value=mean, lo=mean - half, hi=mean + half, interval="across seeds")
+                lo, hi = mean - half, mean + half
+                if proportion:  # a mean of proportions lies in [0, 1] too
+                    lo, hi = max(0.0, lo), min(1.0, hi)
+                row.update(value=mean, lo=lo, hi=hi, interval="across seeds")
             elif xs:
                 se = done[0]["metrics"].get(f"{metric}_stderr", math.nan)
-                lo, hi = normal_interval(xs[0], se, level)
-                row.update(value=xs[0], lo=lo, hi=hi, interval="item stderr")
-            row["_xs"] = xs
-            row["_items"] = _mean_items([_last_items(client, r["run_id"], metric, Path(scratch) / r["run_id"])
-                                         for r in done])
+                items = list(row["_items"][0].values()) if proportion else None
+                lo, hi = item_interval(xs[0], se, items, level)
+                row.update(value=xs[0], lo=lo, hi=hi,
+                           interval=f"Wilson over {len(items)} items" if proportion else "item stderr")
             configs.append(row)
     scored = [c for c in configs if not math.isnan(c["value"])]
     best = (min if mode == "min" else max)(scored, key=lambda c: c["value"]) if scored else None
@@ -156,6 +167,14 @@ def format_summary(summary: dict) -> str:
     methods = sorted({c["diff_method"] for c in summary["configs"] if c["diff_method"]})
     notes = [f"Δ = configuration − best ({summary['mode']} {m}); intervals of Δ: {'; '.join(methods)}."
              ] if methods else []
+    few = sorted({c["items"] for c in summary["configs"] if c.get("items") and c["items"] < MIN_GROUP_ITEMS})
+    if few:
+        notes.append(f"{m} is a mean over only {', '.join(map(str, few))} item(s) here: too few to tell "
+                     f"configurations apart (at least {MIN_GROUP_ITEMS} wanted).")
+    kinds = sorted({c.get("interval") for c in summary["configs"] if c.get("interval")})
+    if any(k.startswith("Wilson") for k in kinds):
+        notes.append(f"Intervals of {m}: " + "; ".join(kinds) + " (Wilson: the score interval of a "
+                     "proportion, inside [0, 1]).")
     if methods and any("bootstrap" in x for x in methods):
         notes.append("A paired bootstrap covers the sampling of items, not run-to-run variation of one "
                      "seed: set `repeats` to measure that too.")

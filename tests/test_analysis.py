@@ -205,14 +205,17 @@ def test_table_cell_across_seeds_is_mean_with_t_interval(store):
     assert cell["n_seeds"] == 2
 
 
-def test_table_cell_of_one_seed_uses_the_logged_stderr(store):
+def test_table_cell_of_one_seed_is_wilsons_interval_for_an_accuracy_else_the_logged_stderr(store):
+    from scipy.stats import binomtest
     cell = _row(store["numbers"], "best", 8)["cells"]["eval/arc_easy/acc_norm"]
-    se = lm_mean_stderr(_items(40, 34, 1.4)["tasks"]["arc_easy"]["acc_norm"])
+    wilson = binomtest(34, 40).proportion_ci(method="wilson")  # a mean of 0/1 items
     assert cell["value"] == pytest.approx(34 / 40)
-    assert (cell["lo"], cell["hi"]) == pytest.approx((0.85 - 1.959964 * se, 0.85 + 1.959964 * se),
-                                                     abs=1e-5)
+    assert (cell["lo"], cell["hi"]) == pytest.approx((wilson.low, wilson.high))
     assert cell["best"]
-    assert f"**0.850 [{0.85 - 1.959964 * se:.3f}, {0.85 + 1.959964 * se:.3f}]**" in store["md"]
+    assert f"**0.850 [{wilson.low:.3f}, {wilson.high:.3f}]**" in store["md"]
+    loss = _row(store["numbers"], "best", 8)["cells"]["eval/heldout/loss"]
+    se = lm_mean_stderr(_items(40, 34, 1.4)["tasks"]["heldout"]["loss"])
+    assert (loss["lo"], loss["hi"]) == pytest.approx((1.4 - 1.959964 * se, 1.4 + 1.959964 * se), abs=1e-5)
 
 
 def test_best_checkpoint_is_chosen_by_the_sweep_metric(store):
@@ -304,6 +307,27 @@ def test_figures_are_pngs_of_the_expected_size(store):
         image = mpimg.imread(store["out"] / name)
         assert image.shape[:2] == (FIGSIZE[1] * DPI, FIGSIZE[0] * DPI)
         assert f"]({name})" in store["md"]
+
+
+def test_train_loss_figure_tells_the_trials_apart_and_marks_their_unloads(store):
+    import matplotlib.pyplot as plt
+    from analysis.figures import loss_reference, train_loss_plot
+    from analysis.store import load_sweep
+    sweep = load_sweep(store["uri"], "unload", store["parent"])
+    fig = train_loss_plot(sweep, window=1)
+    loss, delta, rug = fig.axes
+    names = [t.name for t in sweep.trials]
+    assert [line.get_label() for line in loss.get_lines()] == names
+    looks = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in loss.get_lines()}
+    assert len(looks) == len(names)  # no two trials drawn alike
+    ref = loss_reference(sweep.trials)
+    assert ref.param("method") == "lora" and ref.name in delta.get_ylabel()
+    assert len(delta.get_lines()) == len(names)  # every other trial's difference, and the 0 line
+    plora = [t for t in sweep.trials if t.param("method") == "plora"]
+    assert [x.get_text() for x in rug.get_yticklabels()] == [t.name for t in plora]
+    for ticks in rug.collections:  # one tick per unload (every 2 steps), in training samples
+        assert ticks.get_offsets()[:, 0].tolist() == [s * SAMPLES_PER_STEP for s in range(2, 41, 2)]
+    plt.close(fig)
 
 
 def test_report_is_logged_under_report_of_the_sweep_run(store):
@@ -479,3 +503,50 @@ def test_searched_floats_print_to_four_significant_digits():
     from analysis.results import show
     assert show(0.0006977519928308486) == "0.0006978" and show(0.38128931940501426) == "0.3813"
     assert show(16) == "16" and show(None) == "None" and show("keep") == "keep"
+
+
+def test_benchmark_categories_of_too_few_items_are_left_out(scratch, tmp_path):
+    """MMLU on 20 items spread over subjects: 12 stem, 4 humanities, 4 other. The categories of 4
+    items say nothing (1 of 4 right: a 95 % interval of [0.05, 0.70]): no column, figure or
+    paired row; stem (12 items) and the overall accuracy stay, with Wilson intervals."""
+    from scipy.stats import binomtest
+    from analysis.results import build_table, eval_metric_keys, small_groups
+    from analysis.store import load_sweep
+    uri, client = scratch
+    exp, parent = heldout_sweep(client, "categories", tmp_path)
+    category = ["stem"] * 12 + ["humanities"] * 4 + ["other"] * 4
+    acc = [1] * 6 + [0] * 6 + [1, 0, 0, 0] + [1, 1, 0, 0]
+    rid = client.create_run(exp, tags={"mlflow.parentRunId": parent, "plora.status": "finished",
+                                       "plora.seed": "0", "space.seed": "0", "space.method": "lora"}).info.run_id
+    client.log_batch(rid, metrics=[Metric("eval/heldout/loss", 1.0, 0, 10)] + [
+        Metric(f"eval/mmlu/{name}", float(np.mean([a for a, c in zip(acc, category) if c == name or name == "acc"])), 0, 10)
+        for name in ("acc", "stem", "humanities", "other")])
+    path = tmp_path / "step_0000010.json"
+    path.write_text(json.dumps({"step": 10, "samples": 80, "tasks": {"mmlu": {
+        "ids": [f"m{i}" for i in range(20)], "acc": acc, "category": category}}}))
+    client.log_artifact(rid, str(path), artifact_path="items")
+    sweep = load_sweep(uri, "categories")
+    assert small_groups(sweep.trials) == {"eval/mmlu/humanities": 4, "eval/mmlu/other": 4}
+    assert eval_metric_keys(sweep.trials) == ["eval/mmlu/stem", "eval/mmlu/acc", "eval/heldout/loss"]
+    table = build_table(sweep, "last")
+    cell = table.cells["eval/mmlu/acc"][0]
+    wilson = binomtest(9, 20).proportion_ci(method="wilson")
+    assert (cell.value, cell.lo, cell.hi) == pytest.approx((0.45, wilson.low, wilson.high))
+    md = write_report(uri, "categories", out_dir=tmp_path / "r", log_to_mlflow=False).read_text()
+    assert "| mmlu/stem |" in md and "| mmlu/humanities |" not in md and "| mmlu/other |" not in md
+    assert "Left out: `eval/mmlu/humanities`" in md  # said, not silently dropped
+    assert not (tmp_path / "r" / "eval_mmlu_humanities.png").exists()
+
+
+
+def test_report_puts_the_sweep_metric_first_and_shows_one_table_when_best_is_last(store):
+    numbers, md = store["numbers"], store["md"]
+    select = numbers["selection_metric"]
+    header = next(line for line in md.splitlines() if line.startswith("| ") and "seeds" in line)
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    first_metric = next(c for c in cols if c.endswith("(sweep metric)"))
+    assert first_metric == select[len("eval/"):] + " (sweep metric)"
+    assert cols.index(first_metric) < min(cols.index(c) for c in cols if c not in (first_metric,) and "/" in c)
+    tables = md.count("## Results at the")
+    assert tables == (1 if numbers["tables_identical"] else 2)
+    assert numbers["tables"]["best"] and numbers["tables"]["last"]

@@ -71,7 +71,8 @@ def test_paired_items_mark_close_configurations_indistinguishable_and_far_ones_n
     assert [c["label"] for c in result["configs"]] == ["m0.1", "m0", "m0.5", "m0.9"]  # best first
     assert rows["m0.1"]["verdict"] == "best" and result["best_config_id"] == rows["m0.1"]["config_id"]
     assert rows["m0.1"]["value"] == pytest.approx(0.75)
-    assert rows["m0.1"]["lo"] < 0.75 < rows["m0.1"]["hi"]  # the item stderr's normal interval
+    assert rows["m0.1"]["lo"] < 0.75 < rows["m0.1"]["hi"]  # Wilson's, over the 200 items
+    assert rows["m0.1"]["interval"] == f"Wilson over {N_ITEMS} items"
     assert rows["m0"]["verdict"] == "indistinguishable"
     assert rows["m0"]["diff"] == pytest.approx(-0.02) and rows["m0"]["diff_lo"] < 0 <= rows["m0"]["diff_hi"]
     assert rows["m0.5"]["verdict"] == "distinguishable" and rows["m0.5"]["diff_hi"] < 0
@@ -93,6 +94,34 @@ def test_no_distinguishable_configuration_is_said_in_one_sentence(sweep):
     assert [c["verdict"] for c in result["configs"]] == ["reference", "indistinguishable"]
     text = summary.format_summary(result)
     assert text.splitlines()[-1] == result["sentence"] and "| best |" not in text
+
+
+def test_accuracy_intervals_on_few_items_stay_inside_0_1_and_the_summary_says_they_are_too_few(sweep):
+    from scipy.stats import binomtest
+
+    def few(correct, n=4):
+        acc = [1 if i in correct else 0 for i in range(n)]
+        p = len(correct) / n
+        return ({"eval/mmlu/acc": p, "eval/mmlu/acc_stderr": (p * (1 - p) / (n - 1)) ** 0.5},
+                {"mmlu": {"ids": [f"m{i}" for i in range(n)], "acc": acc, "category": ["stem"] * n}})
+
+    add_trial(sweep, "t0", {"lora.rank": 1}, 0, *few({0}))     # 1 of 4: 0.25 ± 1.96·0.25 leaves [0, 1]
+    add_trial(sweep, "t1", {"lora.rank": 8}, 0, *few(set()))   # 0 of 4: stderr 0, yet not certain
+    for seed, correct in enumerate([{0, 1, 2, 3}, {0, 1, 2}]):  # 2 seeds near 1: t interval clipped
+        add_trial(sweep, f"s{seed}", {"lora.rank": 4}, seed, *few(correct))
+    uri, _, parent = sweep
+    result = summary.sweep_summary(uri, parent, "eval/mmlu/acc", "max")
+    rows = by_label(result)
+    one = binomtest(1, 4).proportion_ci(method="wilson")  # scipy's Wilson score interval
+    assert (rows["r1"]["lo"], rows["r1"]["hi"]) == pytest.approx((one.low, one.high))
+    none = binomtest(0, 4).proportion_ci(method="wilson")
+    assert rows["r8"]["lo"] == 0 and rows["r8"]["hi"] == pytest.approx(none.high) and none.high > 0.4
+    assert rows["r1"]["interval"] == "Wilson over 4 items" and rows["r4"]["interval"] == "across seeds"
+    assert rows["r4"]["hi"] == 1.0 and 0 <= rows["r4"]["lo"] < 0.875
+    assert all(0 <= c["lo"] <= c["value"] <= c["hi"] <= 1 for c in result["configs"])
+    text = summary.format_summary(result)
+    assert "0.25 | [0.04559, 0.6994]" in text
+    assert "eval/mmlu/acc is a mean over only 4 item(s) here: too few" in text
 
 
 def test_repeats_are_aggregated_across_seeds(sweep):

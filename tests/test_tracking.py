@@ -147,6 +147,25 @@ def test_only_the_active_configuration_becomes_params():
     assert params["eval.tasks"] == '["arc_easy"]' and "plora.prune_ratio" not in params
 
 
+def test_run_yaml_names_the_trial_output_and_only_the_sections_that_apply(sweep):
+    from plora_ray.config.schema import RunConfig
+
+    uri, exp, client, parent = sweep
+    cfg = RunConfig(method="lora", model={"name_or_path": "some/model"}).model_dump(mode="json")
+    assert cfg["output_dir"] == "runs/plora-run" and "tiny" in cfg["model"]  # the defaults
+    logged = naming.logged_config(cfg, "/sweeps/trials/unload-1-a_00000")
+    run_id = driver.trial_run(uri, exp, parent, "a_00000", "lora s0", {}, None, logged)
+    text = Path(client.download_artifacts(run_id, "config/run.yaml")).read_text()
+    import yaml
+
+    back = yaml.safe_load(text)
+    assert back["output_dir"] == "/sweeps/trials/unload-1-a_00000" and "runs/plora-run" not in text
+    assert "tiny" not in back["model"] and "plora" not in back and back["lora"]["rank"] == 8
+    assert RunConfig.model_validate(back).model.name_or_path == "some/model"  # it loads back
+    tiny = naming.logged_config(RunConfig(plora={"unload_every_steps": 2}).model_dump(mode="json"), "out")
+    assert tiny["model"]["tiny"]["hidden_size"] == 64 and tiny["plora"]["unload_every_steps"] == 2
+
+
 def test_params_flattening_limits_and_relogging(sweep):
     uri, exp, client, parent = sweep
     flat = naming.flatten_params({"a": {"b": {"c": 1}}, "e": {}, "flag": True,
@@ -223,10 +242,12 @@ def test_trial_tracker_logs_time_params_and_items_on_rank_0_only(sweep):
         tracker.step({"step": step, "loss": 1.0, "lr": 1e-3, "samples": 4 * step, "tokens_per_s": 10.0})
     tasks = {"arc_easy": {"ids": ["a", "b"], "acc": [1, 0], "acc_norm": [1, 1]}}
     tracker.items(2, 8, tasks)
-    tracker.metrics({"eval/arc_easy/acc": 0.5, "eval/arc_easy/acc_stderr": 0.5}, 2)
-    tracker.phases({"steps": 3.5, "evaluation": 1.25}, 2)
+    tracker.metrics({"eval/arc_easy/acc": 0.5, "eval/arc_easy/acc_stderr": 0.5}, 2, samples=8)
+    tracker.metrics({}, 3, samples=12)  # a checkpoint that scored nothing: no eval/samples
+    tracker.phases({"steps": 3.5, "evaluation": 1.25}, 3)
     tracker.flush()
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "phase/steps_s")] == [(2, 3.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/samples")] == [(2, 8)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "phase/steps_s")] == [(3, 3.5)]
     assert client.get_run(run_id).data.metrics["phase/evaluation_s"] == 1.25
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "model/trainable_params")] == [(0, 1234)]
     elapsed = [m.value for m in client.get_metric_history(run_id, "time/elapsed_s")]

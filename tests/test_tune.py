@@ -1,6 +1,7 @@
 """The main command on a real local Ray cluster and a real SQLite MLflow store (tiny model)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,9 @@ def test_optuna_asha_sweep_logs_one_run_per_trial_with_curves(tmp_path, capsys):
     space = write_space(tmp_path, scheduler={"type": "asha", "grace_period": 1, "max_t": 3},
                         base=base(eval={"tasks": ["arc_easy"], "limit": 2, "batch_size": 2}))
     assert main([str(space), "--storage", str(tmp_path / "sweeps")]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    out = [line for line in lines if "pid=" not in line]  # the driver's own (workers': "(… pid=…) …")
     assert out[-1].startswith("compare the runs: mlflow ui --backend-store-uri sqlite:////")
     assert out[-2].startswith("report: ") and Path(out[-2].split(": ", 1)[1]).is_file()  # analysis/
     assert out[-3].startswith(f"export it: python -m plora_ray.export {out[-4].split(': ', 1)[1]} exports/t-")
@@ -82,6 +85,55 @@ def test_optuna_asha_sweep_logs_one_run_per_trial_with_curves(tmp_path, capsys):
             assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
             assert ranks == [2, 4, 6][:len(ranks)] and evals == [2, 4, 6][:len(evals)] and evals
         assert t["params"]["lora.rank"] == "2"
+        # the console: each trial's step of its total with the time left (from its worker)
+        assert any(f"{t['name']}: step 1/6 (16%), " in line and " left" in line for line in lines)
+        phases = history(uri, t["run_id"], "phase/steps_s")  # once, at the end (a stopped trial may not get there)
+        assert len(phases) == 1 if t["status"] == "finished" else len(phases) <= 1
+        assert history(uri, t["run_id"], "eval/samples") == [(s, 4 * s) for s in evals]  # 4 samples a step
+    # ... and the sweep's trials done of the total, elapsed, an estimate; none of Ray's noise
+    sweep_lines = [line for line in out if line.startswith(f"sweep {sweep['name']}: ") and " trials done" in line]
+    assert any(re.search(r": [123] of 4 trials done.*elapsed, ~\d+[smh]", line) for line in sweep_lines)
+    assert sweep_lines[-1].startswith(f"sweep {sweep['name']}: 4 of 4 trials done; ") and sweep_lines[-1].endswith(", done")
+    assert "tensorboard" not in captured.out.lower() and "Reporting training result" not in captured.err
+
+
+def test_rays_log_deduplication_keeps_every_progress_line_and_drops_the_startup_warning():
+    """The settings the sweep gives Ray's driver (plora_ray/ray/progress.py), through Ray's own
+    deduplicator: two trials' look-alike lines (equal without their digits) within its window
+    are both printed at once, not folded into one "[repeated 2x]" line seconds later."""
+    from ray._private.ray_logging import LogDeduplicator
+
+    from plora_ray.ray.progress import DRIVER_LOG_SETTINGS, TrialProgress, duration
+
+    def printed(settings):
+        dedup = LogDeduplicator(5, settings.get("RAY_DEDUP_LOGS_ALLOW_REGEX"),
+                                settings.get("RAY_DEDUP_LOGS_SKIP_REGEX"), _timesource=lambda: 0.0)
+        out = []
+        for pid, line in [(1, "lr0.001 s0: step 3/64 (4%), 1m00s elapsed, ~20m20s left"),
+                          (2, "lr0.002 s1: step 4/64 (6%), 1m21s elapsed, ~20m03s left"),
+                          (1, "step 8: loss 1.2345  lr 1.00e-03  samples 32  900 tok/s"),
+                          (2, "step 8: loss 1.3345  lr 1.00e-03  samples 32  910 tok/s"),
+                          ("raylet", "WARNING: 8 PYTHON worker processes have been started on node: x")]:
+            for batch in dedup.deduplicate({"ip": "h", "pid": pid, "lines": [line]}):
+                out += batch["lines"]
+        return out
+
+    assert len(printed({})) == 3  # Ray's defaults: the second of each pair held back
+    assert printed(DRIVER_LOG_SETTINGS) == [
+        "lr0.001 s0: step 3/64 (4%), 1m00s elapsed, ~20m20s left",
+        "lr0.002 s1: step 4/64 (6%), 1m21s elapsed, ~20m03s left",
+        "step 8: loss 1.2345  lr 1.00e-03  samples 32  900 tok/s",
+        "step 8: loss 1.3345  lr 1.00e-03  samples 32  910 tok/s"]
+    clock, lines = [0.0], []
+    progress = TrialProgress("u8 s0", 64, 0, final_evaluation=True, every_s=30, clock=lambda: clock[0],
+                             write=lines.append)
+    for step in range(1, 65):
+        clock[0] = step * 20.0  # 20 s a step: a line at the first, every 30 s (2 steps), and the last
+        progress.step(step)
+    assert len(lines) == 1 + 31 + 1 and DRIVER_LOG_SETTINGS["RAY_DEDUP_LOGS_ALLOW_REGEX"]
+    assert lines[1] == "u8 s0: step 3/64 (4%), 1m00s elapsed, ~20m20s left (then the final evaluation)"
+    assert lines[-1] == "u8 s0: step 64/64 (100%), training done in 21m20s; the final evaluation follows"
+    assert (duration(59.6), duration(3725)) == ("1m00s", "1h02m")
 
 
 def test_diverging_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):

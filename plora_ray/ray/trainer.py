@@ -100,7 +100,7 @@ def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None,
     """The TorchTrainer for ``cfg`` (used by the CLI and by each Tune trial); ``tracking`` names
     the trial's MLflow run, into which rank 0 logs; ``metric`` and ``mode`` (a sweep's): keep
     the best checkpoint by it besides the latest (:func:`checkpoint_config`)."""
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.distributed
@@ -118,5 +118,9 @@ def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None,
                                 failure_config=FailureConfig(max_failures=d.max_failures),
                                 checkpoint_config=checkpoint_config(metric, mode),
                                 callbacks=callbacks,
+                                # Train's INFO lines (each report's metrics dict, every checkpoint's
+                                # path, the worker group's start) stay in the session's log files;
+                                # the console shows its warnings and errors (ray/progress.py)
+                                logging_config=LoggingConfig(log_level="WARNING"),
                                 worker_runtime_env={"env_vars": worker_env(cfg)}),
     )

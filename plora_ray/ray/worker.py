@@ -23,6 +23,7 @@ import time
 import torch
 
 from plora_ray.config.schema import RunConfig
+from plora_ray.ray.progress import TrialProgress
 from plora_ray.run.loop import fit, setup
 from plora_ray.run.replicas import replicas_identical
 from plora_ray.run.rundir import load_run_checkpoint, save_run_checkpoint
@@ -37,7 +38,22 @@ def report_metrics(run, final: bool) -> dict:
          "plora/unloads": len(run.unloads), "final": final}
     if run.unloads:
         m["plora/accumulated_rank"] = run.unloads[-1].mean_rank
+    m["total_steps"] = len(run.steps)  # the driver's estimate of the sweep's time left (ray/progress.py)
     return m
+
+
+def quiet_train_reports() -> None:
+    """Ray Train 2.60 logs every ``ray.train.report`` at INFO (its metrics dict and checkpoint
+    path) under a logger named by its module's *file* (``logging.getLogger(__file__)`` in
+    ``ray/train/v2/_internal/execution/context.py``), which ``LoggingConfig(log_level=...)``
+    (``ray/trainer.py``), made for ``ray.train.*`` loggers, does not reach: raised to WARNING
+    here, in the worker, so the console keeps the progress lines (``ray/progress.py``)."""
+    import logging
+    import sys
+
+    module = sys.modules.get("ray.train.v2._internal.execution.context")
+    if module is not None and getattr(module, "__file__", None):
+        logging.getLogger(module.__file__).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -50,6 +66,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     started = time.time()
+    quiet_train_reports()
     cfg = RunConfig.model_validate(config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -88,17 +105,25 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update(scores)
         if run.items:
             tracker.items(run.clock.steps, run.clock.samples, run.items)
-        tracker.metrics(scores, run.clock.steps)
+        tracker.metrics(scores, run.clock.steps, run.clock.samples)
         if final:
             metrics["replicas_identical"] = replicas_identical(run)
-        # so far (evaluation included): a trial ASHA stops keeps its phases up to here
-        tracker.phases(run.timings, run.clock.steps)
         report(run, metrics)
 
+    e = cfg.eval  # benchmarks scored only at the end follow the last step
+    final_evaluation = bool(e.final_only_tasks) or bool(e.harness.tasks and e.harness.at != "every")
+    trial_progress = TrialProgress(cfg.name, len(run.steps), run.start_step, final_evaluation)
+
+    def on_step(rec):
+        tracker.step(rec)
+        if rank == 0:  # the console: step k of the total, time left (the driver shows it)
+            trial_progress.step(rec["step"])
+
     try:
-        fit(run, on_step=tracker.step, on_unload=tracker.unload, on_checkpoint=on_checkpoint, progress=rank == 0)
+        fit(run, on_step=on_step, on_unload=tracker.unload, on_checkpoint=on_checkpoint, progress=rank == 0)
         tracker.phases(run.timings, run.clock.steps)
     except FloatingPointError as exc:  # every rank sees the same all-reduced loss
+        tracker.phases(run.timings, run.clock.steps)
         tracker.flush()
         metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
         metrics["node_id"] = node_id

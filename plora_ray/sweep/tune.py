@@ -20,7 +20,9 @@ into it. ``repeats: N`` runs every configuration with N seeds (separate trials).
 done, or the driver stops for any reason, every trial still RUNNING gets its end (finished /
 stopped_early / failed), and the closing table (``analysis/summary.py``: each configuration's metric
 with its 95 % interval, its difference to the best with a paired interval) is printed last
-and stored on the sweep's run.
+and stored on the sweep's run. On the way, the console shows each trial's step of its total
+with an estimate of its time left, and the sweep's trials done with an estimate of its own
+(``ray/progress.py``), without Ray's lines that do not concern the user.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ import signal
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 from plora_ray.config.schema import ConfigError
+from plora_ray.ray.progress import driver_console
 from plora_ray.sweep.context import SweepContext
 from plora_ray.sweep.preflight import raise_if_every_trial_failed
+
+driver_console()  # before this process imports Ray: which worker lines the console shows
 
 # the Tune function of a trial only waits on its TorchTrainer: no CPU (a node's CPUs are for
 # workers: with a sliver of CPU two trial functions on a 1-CPU node left no room for a worker)
@@ -54,7 +60,7 @@ def trial_function(config: dict, sweep: SweepContext) -> None:
     from plora_ray.config.spec import SweepSpec
     from plora_ray.config.trials import trial_run_config, trial_values
     from plora_ray.tracking.driver import TrialRecord, set_trial_status, trial_run
-    from plora_ray.tracking.naming import active_params, run_name, trial_tags
+    from plora_ray.tracking.naming import active_params, logged_config, run_name, trial_tags
 
     spec = SweepSpec.model_validate(sweep.spec)
     trial_id = tune.get_context().get_trial_id()
@@ -63,10 +69,12 @@ def trial_function(config: dict, sweep: SweepContext) -> None:
     name = run_name(values, cfg.seed, trial_id)
     cfg.name = name  # the progress lines say which trial they come from
     run_cfg = cfg.model_dump(mode="json")
+    train_run = f"{sweep.name}-{trial_id}"  # the trial's Train run: its checkpoints and ledger
     run_id = trial_run(sweep.tracking_uri, sweep.experiment_id, sweep.parent_run_id, trial_id,
-                       name, active_params(run_cfg), trial_tags(values, cfg.seed), run_cfg)
+                       name, active_params(run_cfg), trial_tags(values, cfg.seed),
+                       logged_config(run_cfg, storage_join(sweep.storage, TRIALS, train_run)))
     tracking = TrialRecord(sweep.tracking_uri, run_id)
-    trainer = trainer_for(cfg, storage_join(sweep.storage, TRIALS), f"{sweep.name}-{trial_id}",
+    trainer = trainer_for(cfg, storage_join(sweep.storage, TRIALS), train_run,
                           callbacks=[TuneReportCallback()],
                           tracking=tracking, metric=spec.metric, mode=spec.mode)
     result = trainer.fit()  # a failure or an early stop is recorded by the driver (reconcile)
@@ -97,14 +105,20 @@ def _trial_name(spec):
 def build_tuner(spec, sweep: SweepContext, restore_path: str | None = None):
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Repeater
     from ray.tune.search.optuna import OptunaSearch
 
     from plora_ray.ray.placement import OrphanedPlacementGroups
+    from plora_ray.ray.progress import sweep_progress
     from plora_ray.sweep.space import tune_param_space
 
     trainable = tune.with_resources(tune.with_parameters(trial_function, sweep=sweep), TRIAL_RESOURCES)
+    # what Tune's table of a finished trial shows (read by tune.run as Ray's own trainables set it,
+    # ray/tune/progress_reporter.py: _detect_progress_metrics); else all 20 keys of its last report
+    trainable._progress_metrics = list(dict.fromkeys([spec.metric, "train/loss", "step", "total_steps",
+                                                      "samples", "time_total_s"]))
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True)
     s, num_samples = spec.searcher, spec.num_samples
@@ -137,8 +151,12 @@ def build_tuner(spec, sweep: SweepContext, restore_path: str | None = None):
                                     reuse_actors=spec.scheduler.type != "asha",
                                     trial_name_creator=_trial_name(spec),
                                     trial_dirname_creator=lambda trial: trial.trial_id),
+        # the sweep's progress line on the console (ray/progress.py); Tune's CSV and JSON
+        # results, not its TensorBoard files (no one reads them; Tune would print a hint to
+        # them): fit() runs with TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 (run_sweep)
         run_config=ray.tune.RunConfig(name=sweep.name, storage_path=sweep.storage,
-                                      callbacks=[OrphanedPlacementGroups()],
+                                      callbacks=[sweep_progress(sweep.name), OrphanedPlacementGroups(),
+                                                 CSVLoggerCallback(), JsonLoggerCallback()],
                                       failure_config=ray.tune.FailureConfig(
                                           max_failures=spec.failures.trial_retries)),
     )
@@ -249,7 +267,8 @@ def run_sweep(spec, space: str, storage: str, resume: bool = False, address: str
         signal.signal(signal.SIGTERM, terminate)
     try:
         restore = storage_join(storage, sweep.name) if resume else None
-        results = build_tuner(spec, sweep, restore).fit()
+        with mock.patch.dict(os.environ, {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):  # build_tuner's loggers
+            results = build_tuner(spec, sweep, restore).fit()
         end_running_trials(uri, parent, trial_outcomes(results))
         text = summarize(spec, sweep, results)
         finish_sweep(uri, parent)
@@ -275,10 +294,11 @@ def write_sweep_report(uri: str, experiment: str, parent: str, out: Path) -> str
     """The analysis report of the sweep (tables, figures, learning ability, importance), also
     logged to the sweep's run; a failure here loses nothing (the runs are in MLflow)."""
     from analysis import write_report
-    from analysis.store import AnalysisError
+    from analysis.store import AnalysisError, no_progress_bar
 
     try:
-        path = write_report(uri, experiment, parent, out)
+        with no_progress_bar():  # MLflow's bar per per-item download: not the console's business
+            path = write_report(uri, experiment, parent, out)
     except (AnalysisError, OSError, ValueError, RuntimeError) as exc:
         return (f"report not written ({exc}); retry: python -m analysis report --experiment {experiment} "
                 f"--sweep {parent} --tracking-uri {uri}")

@@ -58,12 +58,28 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 def active_params(run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The run config without what does not shape this run: the output directory and name
-    (the same for every trial), the tiny model's shape unless the model is ``tiny``, PLoRA's
-    section unless the method is plora, LoRA's for full fine-tuning, DeepSpeed's knobs under
-    DDP, the evaluation settings when nothing is evaluated."""
-    cfg = json.loads(json.dumps(run_config, default=str))  # a deep copy of plain values
+    (the same for every trial), the sections that do not apply (:func:`applicable`) and the
+    evaluation settings when no task is scored."""
+    cfg = applicable(run_config)
     for key in ("output_dir", "name"):
         cfg.pop(key, None)
+    if not cfg.get("eval", {}).get("tasks"):
+        cfg.pop("eval", None)
+    return cfg
+
+
+def logged_config(run_config: Mapping[str, Any], output: str) -> dict[str, Any]:
+    """What a trial's ``config/run.yaml`` holds: its run config with ``output_dir`` set to
+    where the trial wrote (its Ray Train run directory: checkpoints, ledger) and without the
+    sections that do not apply to it (:func:`applicable`); it loads back as a run config."""
+    return {**applicable(run_config), "output_dir": str(output)}
+
+
+def applicable(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of the run config without the sections that do not apply: the tiny model's
+    shape unless the model is ``tiny``, PLoRA's section unless the method is plora, LoRA's for
+    full fine-tuning, DeepSpeed's knobs under DDP."""
+    cfg = json.loads(json.dumps(run_config, default=str))  # a deep copy of plain values
     method = cfg.get("method")
     if cfg.get("model", {}).get("name_or_path") != "tiny":
         cfg.get("model", {}).pop("tiny", None)
@@ -80,8 +96,6 @@ def active_params(run_config: Mapping[str, Any]) -> dict[str, Any]:
     if dist.get("engine") != "deepspeed":
         dist.pop("zero_stage", None)
         dist.pop("offload_optimizer", None)
-    if not cfg.get("eval", {}).get("tasks"):
-        cfg.pop("eval", None)
     return cfg
 
 
@@ -111,5 +125,5 @@ def trial_tags(values: Mapping[str, Any], seed: int) -> dict[str, str]:
 
 
 __all__ = ["MAX_KEY_LENGTH", "MAX_PARAM_VALUE_LENGTH", "RUN_NAME_CHARS", "TAG_CONFIG_ID", "TAG_SEED",
-           "active_params", "config_id", "flatten_params", "run_name", "sanitize_key",
-           "text_value", "trial_tags"]
+           "active_params", "applicable", "config_id", "flatten_params", "logged_config", "run_name",
+           "sanitize_key", "text_value", "trial_tags"]

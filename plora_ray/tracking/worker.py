@@ -139,16 +139,20 @@ class TrialTracker:
             e = self._unloads.pop(0)
             self.logger.log_unload(e.stage, e.step, e.samples, e.ranks, e.seconds, e.output_change)
 
-    def metrics(self, metrics: dict, step: int) -> None:
+    def metrics(self, metrics: dict, step: int, samples: int | None = None) -> None:
+        """A checkpoint's scores at ``step``; with ``samples`` (the training samples so far)
+        also ``eval/samples`` where something was scored."""
         self._log_unloads(wait=True)
         if self.logger:
+            if metrics and samples is not None:
+                metrics = {**metrics, "eval/samples": samples}
             self.logger.log_metrics(metrics, step)
             self.logger.flush()  # a checkpoint: the driver and the UI see it now
 
     def phases(self, timings: dict, step: int) -> None:
         """Wall seconds per phase of the trial (``phase/<name>_s``: train_start, model_load,
-        tokenise, engine, steps, unload, evaluation, checkpoint), running totals: logged at
-        every checkpoint and at the end."""
+        tokenise, engine, steps, unload, evaluation, checkpoint): call once, when its training
+        has ended (its last checkpoint included)."""
         if self.logger and timings:
             self.logger.log_metrics({f"phase/{k}_s": float(v) for k, v in timings.items()}, step)
             self.logger.flush()
