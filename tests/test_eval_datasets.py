@@ -160,7 +160,7 @@ def test_dry_run_describes_each_copy(tmp_path, copies, capsys):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(sweep))
     assert main([str(path), "--dry-run", "--storage", str(tmp_path / "st")]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("scored at checkpoints"))
     digest = custom_items("gsm8k", str(copies["gsm8k"]))[0]["id"].split("-")[2]
     assert f"gsm8k (your copy {copies['gsm8k']}, 5 items, set custom-{digest}: the first 3)" in line
     assert f"mmlu (your copy {copies['mmlu']}, split test, 6 items, set custom-" in line
