@@ -257,14 +257,48 @@ def test_error_in_a_base_file_names_the_base_file(tmp_path):
 
 def test_main_sweep_runs_smollm2_on_the_embedded_mix_and_scores_the_heldout_loss():
     spec = load_sweep(MAIN_FILE)
-    assert trial_count(spec) == 4 and spec.metric == "eval/heldout/loss" and spec.mode == "min"
+    assert trial_count(spec) == spec.max_concurrent == 2  # two slots, one trial each
+    assert spec.metric == "eval/heldout/loss" and spec.mode == "min"
+    methods = set()
     for params in _points(spec):
         cfg = trial_run_config(spec, params)
+        methods.add(cfg.method)
         assert cfg.model.name_or_path == "smollm2-135m-instruct"
         assert cfg.data.train_files == ["embedded-mix-small"] and cfg.eval.heldout.files is None  # GSM8K held out
-        assert cfg.eval.tasks == ["arc_easy", "mmlu", "gsm8k"] and cfg.eval.final_only_tasks == cfg.eval.tasks
-        assert cfg.data.max_steps // cfg.checkpoint_every_steps >= 4  # held-out curves, not dots
+        assert cfg.data.packing
+        assert cfg.eval.tasks == ["arc_easy", "mmlu", "gsm8k"] and cfg.eval.final_only_tasks == []
+        assert cfg.data.max_steps // cfg.checkpoint_every_steps >= 4  # curves, not dots
         assert cfg.data.max_steps * cfg.data.micro_batch_size <= 300  # one pass over the 300 rows
+    assert methods == {"plora", "lora"}
+
+
+def test_main_sweep_scores_every_benchmark_at_every_checkpoint():
+    """What --dry-run says of the main job: at least 4 checkpoints, each scoring the held-out loss,
+    ARC-Easy, MMLU and GSM8K (the mission's curves), none of them at the last checkpoint only."""
+    lines = describe(load_sweep(MAIN_FILE)).splitlines()
+    when = next(l for l in lines if l.startswith("checkpoints (first trial): "))
+    count = int(when.split(": ")[1].split(",")[0])
+    assert count >= 4 and when.endswith(f"at steps 6, 12, 18, 24 of 24")
+    scored = next(l for l in lines if l.startswith("scored at checkpoints (first trial): "))
+    parts = scored.split(": ", 1)[1].split("; ")
+    assert parts[0] == "held-out loss"
+    assert [p.split(" ")[0] for p in parts[1:]] == ["arc_easy", "mmlu", "gsm8k"]
+    assert not any("last checkpoint only" in p for p in parts)
+    assert parts[3].endswith("the first 8 not in the held-out loss)")  # GSM8K items disjoint from it
+
+
+def test_dry_run_names_the_checkpoint_steps():
+    from plora_ray.sweep.space import describe_checkpoints
+
+    cfg = trial_run_config(load_sweep(MAIN_FILE), {"method, plora.unload_every_samples": ["lora", None]})
+    assert describe_checkpoints(cfg) == "4, at steps 6, 12, 18, 24 of 24"
+    data = cfg.model_dump()
+    data["data"]["max_steps"], data["checkpoint_every_steps"] = 25, 6
+    assert describe_checkpoints(type(cfg).model_validate(data)) == "5, at steps 6, 12, 18, 24, 25 of 25"
+    data["data"]["max_steps"] = None
+    assert describe_checkpoints(type(cfg).model_validate(data)) == "every 6 steps and at the end"
+    data["checkpoint_every_steps"] = None
+    assert describe_checkpoints(type(cfg).model_validate(data)) == "at the end"
 
 
 def test_trial_values_split_joint_keys_into_mlflow_param_names():

@@ -70,3 +70,17 @@ def test_run_times_its_phases(tiny_cfg):
     assert {"model_load", "tokenise", "engine", "steps", "unload", "evaluation", "checkpoint"} <= run.timings.keys()
     assert all(v > 0 for v in run.timings.values())
     assert len(run.evals) == 2 and run.timings["checkpoint"] >= 0.4  # the callbacks, evaluation apart
+
+
+def test_console_eval_line_keeps_task_scores_and_leaves_mmlu_categories_to_mlflow(tiny_cfg, capsys):
+    """The checkpoint's console line: each task's score with its standard error; MMLU's
+    categories (a few items each at a sweep's item counts) only in the run's metrics."""
+    from plora_ray.run.loop import fit, setup
+
+    cfg = tiny_cfg(data={"max_steps": 2}, eval={"tasks": ["mmlu"], "limit": 8})
+    run = fit(setup(cfg), progress=True)
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("eval at step 2:"))
+    assert re.search(r"mmlu/acc [0-9.]+ ± [0-9.]+", line)
+    assert "mmlu/stem" not in line and "humanities" not in line
+    assert any(k.startswith("eval/mmlu/") and k != "eval/mmlu/acc" and not k.endswith(("_stderr", "/n"))
+               for k in run.evals[-1])  # the categories are still scored and recorded

@@ -306,9 +306,11 @@ def checkpoint_point(run: Run, final: bool, on_checkpoint, progress: bool) -> No
     if scores:
         run.evals.append({"step": run.clock.steps, **scores})
         if progress:
+            # MMLU's categories (a few items each here) stay in MLflow, out of the console line
             tqdm.write(f"eval at step {run.clock.steps}: " + ", ".join(
                 f"{k.removeprefix('eval/')} {v:.3f} ± {scores.get(k + '_stderr', float('nan')):.3f}"
-                for k, v in scores.items() if not k.endswith("_stderr")))
+                for k, v in scores.items() if not k.endswith("_stderr")
+                and not (k.startswith("eval/mmlu/") and k != "eval/mmlu/acc")))
     if on_checkpoint:
         on_checkpoint(run, final, scores)
     lap(run.timings, "checkpoint", t)

@@ -55,7 +55,19 @@ def describe(spec: SweepSpec) -> str:
     lines += [f"  {key} = {flow(v)}" for key, v in spec.fixed.items()]
     cfg = trial_run_config(spec, {key: d.values[0] for key, d in spec.space.items()})
     return "\n".join(lines + [f"trains on (first trial): {describe_data(cfg)}",
+                              f"checkpoints (first trial): {describe_checkpoints(cfg)}",
                               f"scored at checkpoints (first trial): {describe_eval(cfg)}"])
+
+
+def describe_checkpoints(cfg: RunConfig) -> str:
+    """When a run checkpoints (and scores): every ``checkpoint_every_steps`` and at the last step;
+    the steps themselves when ``data.max_steps`` fixes the run's length."""
+    every, last = cfg.checkpoint_every_steps, cfg.data.max_steps
+    if last is None:
+        return f"every {every} steps and at the end" if every else "at the end"
+    steps = sorted({*range(every, last + 1, every), last} if every else {last})
+    shown = ", ".join(map(str, steps)) if len(steps) <= 12 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
+    return f"{len(steps)}, at steps {shown} of {last}"
 
 
 def describe_data(cfg: RunConfig) -> str:
@@ -104,6 +116,8 @@ def describe_eval(cfg: RunConfig) -> str:
         items = "all items" if n is None else f"{'the first' if e.limit_mode == 'first' else 'a sample of'} {n}"
         what = describe_copy(task, e.datasets[task]) if task in e.datasets else \
             GSM8K_SETS[e.gsm8k_items] if task == "gsm8k" else "test set"
+        if task == "gsm8k" and e.gsm8k_items == "heldout" and "held-out loss" in parts:
+            items += " not in the held-out loss"
         when = ", last checkpoint only" if task in e.final_only_tasks else ""
         parts.append(f"{task} ({what}: {items}{when})")
     hz = e.harness
