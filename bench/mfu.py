@@ -74,6 +74,30 @@ def step_flops(cfg, examples, micro_batches, method: str, rank: int) -> tuple[fl
     return useful, every
 
 
+KINDS = (  # (kind, operator-name fragments): the first kind with a fragment in the name wins
+    ("matmul", ("addmm", "mm", "matmul", "linear", "mkldnn")),
+    ("attention", ("attention", "sdpa", "flash")),
+    ("copies and casts", ("copy", "clone", "contiguous", "cat", "index", "gather", "scatter",
+                          "fill", "zero", "empty", "resize", "slice", "view", "transpose", "expand",
+                          "reshape", "select", "split", "unbind", "stride", "permute", "unsqueeze")),
+    ("element-wise and norms", ("mul", "add", "sub", "div", "pow", "rsqrt", "silu", "exp", "log",
+                                "neg", "mean", "sum", "softmax", "where", "sigmoid", "embedding",
+                                "entropy", "nll", "max", "norm", "threshold", "clamp", "sqrt",
+                                "lerp", "foreach")),
+)
+
+
+def by_kind(prof) -> dict[str, float]:
+    """Self CPU time (us) of a profiled step, by kind of operator (KINDS; the rest: other)."""
+    out: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.lower().removeprefix("aten::")
+        kind = "copies and casts" if name in ("t", "to", "detach", "alias") else next(
+            (k for k, frags in KINDS if any(f in name for f in frags)), "other")
+        out[kind] = out.get(kind, 0.0) + event.self_cpu_time_total
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="full", choices=["full", "mix"])
@@ -82,6 +106,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
     parser.add_argument("--group", action="store_true", help="data.group_by_length")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the last step (torch.profiler): time by kind of operator")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import torch
@@ -101,8 +127,15 @@ def main() -> None:
     seconds = tokens = useful = every = 0.0
     for index, micro_batches in enumerate(run.steps):
         t0 = time.perf_counter()
-        out = train_step(run, micro_batches)
-        dt = time.perf_counter() - t0
+        if args.profile and index == len(run.steps) - 1:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = train_step(run, micro_batches)
+            dt = time.perf_counter() - t0
+            profile = by_kind(prof)
+            top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+        else:
+            out = train_step(run, micro_batches)
+            dt = time.perf_counter() - t0
         peaks.append(matmul_peak(dtype))  # after every step: the load of a shared machine varies
         if index >= args.warmup:
             u, e = step_flops(model_cfg, run.examples, micro_batches, args.method, cfg.lora.rank)
@@ -121,6 +154,16 @@ def main() -> None:
         print(f"{name:34} {flops / tokens / 1e9:12.3f} {rate / 1e9:9.1f} {rate / peak:7.1%}")
     print(f"tokens/s {tokens / seconds:.0f}; MFU (model FLOP/s / measured {args.dtype} matmul peak): "
           f"{useful / seconds / peak:.1%} (target >= 40%)")
+    if args.profile:
+        total = sum(profile.values())
+        print("profile of the last step (self CPU time by kind of operator; the profiler's own "
+              "overhead inflates the small ops):")
+        for kind, us in sorted(profile.items(), key=lambda kv: -kv[1]):
+            print(f"  {kind:28} {us / 1e6:7.2f} s {us / total:6.1%}")
+        print("its 12 largest operators:")
+        for e in top:
+            print(f"  {e.key:40} {e.count:6d} calls {e.self_cpu_time_total / 1e6:7.2f} s "
+                  f"{e.self_cpu_time_total / total:6.1%}")
 
 
 if __name__ == "__main__":
