@@ -14,7 +14,6 @@
 import importlib.util
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from plora_ray.run.checkpoint import read_backbone, save_checkpoint
 from plora_ray.run.loop import fit, setup
 from plora_ray.run.loss import loss_positions, loss_sum
 from plora_ray.run.models import build_model
+from gloo_workers import free_port, init_gloo
 from test_distributed import merged, relative, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,22 +121,8 @@ def test_one_process_unloads_stay_exact_with_checkpointing(tmp_path, attention):
 # ----------------------------------------------------------------------- two gloo workers
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(rank, world, port, cfg_json, out_dir):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"})
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    from plora_ray.ray.trainer import extensions_dir
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())  # DeepSpeed's JIT ops, built once
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     cfg = RunConfig.model_validate_json(cfg_json)
     d, info = cfg.distributed, {}
     if d.engine == "deepspeed" and d.zero_stage == 3:  # what each rank holds right after construction

@@ -6,7 +6,6 @@ unload between, check, corrupt rank 1's copy, check again.
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -14,14 +13,10 @@ import torch.multiprocessing as mp
 
 from plora_ray.config.io import build_run_config
 
+from gloo_workers import free_port, init_gloo
+
 ENGINES = {"ddp": {"engine": "ddp"}, "zero2": {"engine": "deepspeed", "zero_stage": 2},
            "zero3": {"engine": "deepspeed", "zero_stage": 3}}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def corrupt(run, engine):
@@ -38,19 +33,11 @@ def corrupt(run, engine):
 
 
 def worker(rank, world, port, engine, out_dir):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"})
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    from plora_ray.ray.trainer import extensions_dir
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())  # DeepSpeed's JIT ops, built once
+    init_gloo(rank, world, port)
 
     from plora_ray.run.replicas import replicas_identical
     from plora_ray.run.loop import setup, train_step
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = build_run_config({"name": "rep", "plora": {"unload_every_steps": 1, "momentum": 0.1},
                             "optim": {"lr": 1e-2}, "distributed": {"workers": world, **ENGINES[engine]},
                             "data": {"max_length": 64, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
