@@ -2,7 +2,7 @@
 measured in the same run.
 
     python bench/mfu.py [--rows full|mix] [--steps 4] [--warmup 1] [--dtype bfloat16|float32]
-                        [--method lora|full] [--group]
+                        [--method lora|full] [--group] [--profile] [--model smollm2-135m-instruct|tiny]
 
 The run: SmolLM2-135M-Instruct, LoRA r 8 on all seven linear modules (or full fine-tuning),
 micro-batch 4 x 256, the rows of ``bench/throughput.py``, through ``loop.setup`` +
@@ -20,7 +20,8 @@ next token, N the base's matmul parameters without the embedding/LM head, V x d 
 
 Printed too: the conventional figure with the head on every token (4 (N + V d) per token,
 what a loop that projects every position does), whose MFU counts that work as useful.
-Last line: MFU.
+Last line: MFU. ``--model tiny``: plora_ray's built-in random Llama, rows of 1024 tokens (as in
+``bench/throughput.py``): a check that the script runs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import MICRO, MODEL, SEQ, make_rows, plora_config  # noqa: E402
+from throughput import MICRO, MODEL, SEQ_OF, make_rows, plora_config  # noqa: E402
 
 
 def matmul_peak(dtype, n: int = 2048, reps: int = 5) -> float:
@@ -108,6 +109,9 @@ def main() -> None:
     parser.add_argument("--group", action="store_true", help="data.group_by_length")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the last step (torch.profiler): time by kind of operator")
+    parser.add_argument("--model", default=MODEL, choices=[MODEL, "tiny"],
+                        help="bench/RESULTS.md's figures: the default; tiny: plora_ray's built-in random "
+                             "Llama (a quick check that the script runs)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import torch
@@ -115,10 +119,11 @@ def main() -> None:
     from plora_ray.assets.fetch import model_path
     from plora_ray.run.loop import setup, train_step
 
-    model_path(MODEL)
+    if args.model != "tiny":
+        model_path(args.model)  # fetched and converted before any timing
     data = make_rows(args.rows, (args.steps + args.warmup + 1) * MICRO if args.rows == "full" else 200,
                      os.path.join(tempfile.mkdtemp(), "rows.jsonl"))
-    cfg = plora_config(data, args.dtype, args.steps + args.warmup, args.group)
+    cfg = plora_config(data, args.dtype, args.steps + args.warmup, args.group, model=args.model)
     cfg.method = args.method
     dtype = getattr(torch, args.dtype)
     peaks = [matmul_peak(dtype)]
@@ -145,7 +150,7 @@ def main() -> None:
                "?") if os.path.exists("/proc/cpuinfo") else "?"
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"{args.method}, {args.dtype} weights, rows {args.rows}{' grouped' if args.group else ''}, "
-          f"micro-batch {MICRO} x {SEQ}, {args.steps} timed steps after {args.warmup}")
+          f"micro-batch {MICRO} x {SEQ_OF[args.model]}, {args.steps} timed steps after {args.warmup}")
     print(f"2048^2 {args.dtype} matmul peak: {' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s "
           f"(before the run, then after each step; the largest, {peak / 1e9:.1f}, is used)")
     print(f"{'count':34} {'GFLOP/token':>12} {'GFLOP/s':>9} {'MFU':>7}")

@@ -1,6 +1,7 @@
 """Tokens/s of ``data.packing`` against padded micro-batches, same run, same rows.
 
     python bench/packing.py [--steps 8] [--warmup 1] [--micro 8] [--max-length 512]
+                            [--model smollm2-135m-instruct|tiny]
 
 SmolLM2-135M-Instruct (the embedded model, ``model.dtype: auto``), LoRA r 8 on all seven linear
 modules, the embedded mix's dialogues as they are (mixed lengths: a padded micro-batch is as wide
@@ -11,6 +12,7 @@ padded run, each packed into rows of ``--max-length`` tokens with per-example po
 The packed and the padded run see the same examples in every step, so their losses must agree
 (printed). tokens/s counts the examples' tokens (no padding); the first ``--warmup`` steps are
 not timed; figures are medians over steps; ratios are medians of per-step ratios.
+``--model tiny``: plora_ray's built-in random Llama instead: a check that the script runs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tempfile
 import time
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL = "smollm2-135m-instruct"
 
 
 def cpu() -> str:
@@ -45,6 +48,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--model", default=MODEL, choices=[MODEL, "tiny"],
+                    help="bench/RESULTS.md's figures: the default; tiny: plora_ray's built-in random "
+                         "Llama (a quick check that the script runs)")
     args = ap.parse_args()
 
     from plora_ray.assets.mix import build_embedded_mix
@@ -59,7 +65,7 @@ def main() -> None:
     def make(**data):
         return setup(build_run_config({
             "name": "bench", "method": "lora", "seed": 0, "output_dir": tmp,
-            "model": {"name_or_path": "smollm2-135m-instruct", "dtype": "auto"},
+            "model": {"name_or_path": args.model, "dtype": "auto"},
             "lora": {"rank": 8, "target_modules": TARGETS},
             "data": {"train_files": [rows], "max_length": args.max_length, "micro_batch_size": args.micro,
                      "gradient_accumulation_steps": 1, **data}}))

@@ -1,6 +1,7 @@
 """Training throughput of plora_ray's loop against Hugging Face Trainer + PEFT, same run.
 
     python bench/throughput.py [--rows full|mix] [--steps 4] [--warmup 1] [--dtype bfloat16|float32]
+                               [--model smollm2-135m-instruct|tiny]
 
 Both sides: SmolLM2-135M-Instruct (the embedded model), LoRA r 8 / alpha 16 on all seven linear
 modules (peft, adapters in fp32), the same tokenised rows (assistant-only labels), micro-batch 4,
@@ -27,6 +28,9 @@ With ``--dtype float32`` (a CPU without fast bf16, where ``model.dtype: auto`` p
 sides in fp32 only. With ``--rows mix`` each side also runs length-grouped, and plora_ray packed
 (``data.packing``). tokens/s counts non-padding tokens. Last line: plora_ray in ``--dtype``,
 unpacked and ungrouped, / the Trainer's best (paired step by step).
+
+``--model tiny``: plora_ray's built-in random Llama (``model.name_or_path: tiny``) on both sides,
+the Trainer loading it saved with its tokenizer, rows of 1024 tokens: a check that the script runs.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ import warnings
 MODEL = "smollm2-135m-instruct"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ, MICRO, LR = 256, 4, 1e-4
+# tokens per row, by base: the tiny Llama's byte-level tokens need its whole context for a row
+# to reach the assistant's replies
+SEQ_OF = {MODEL: SEQ, "tiny": 1024}
 
 
 def make_rows(kind: str, n: int, path: str) -> str:
@@ -59,15 +66,33 @@ def make_rows(kind: str, n: int, path: str) -> str:
     return path
 
 
-def plora_config(data_file: str, dtype: str, steps: int, group: bool, packing: bool = False):
+def model_dir(name: str, tmp: str) -> str:
+    """The folder the Trainer loads for ``name``: an embedded model's (fetched and converted once),
+    or ``tiny`` as plora_ray builds it (seed 0, the runs' seed) saved with its tokenizer."""
+    if name != "tiny":
+        from plora_ray.assets.fetch import model_path
+
+        return str(model_path(name))
+    from plora_ray.config.schema import ModelConfig
+    from plora_ray.run.models import load_base
+
+    model, tok = load_base(ModelConfig(name_or_path="tiny"), seed=0)
+    path = os.path.join(tmp, "tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def plora_config(data_file: str, dtype: str, steps: int, group: bool, packing: bool = False,
+                 model: str = MODEL):
     from plora_ray.config.io import build_run_config
 
     return build_run_config({
         "name": "bench-throughput", "method": "lora", "seed": 0,
-        "model": {"name_or_path": MODEL, "dtype": dtype},
+        "model": {"name_or_path": model, "dtype": dtype},
         "lora": {"rank": 8, "alpha": 16, "target_modules": TARGETS},
         "optim": {"lr": LR, "scheduler": "constant"},
-        "data": {"train_files": [data_file], "max_length": SEQ, "micro_batch_size": MICRO,
+        "data": {"train_files": [data_file], "max_length": SEQ_OF[model], "micro_batch_size": MICRO,
                  "gradient_accumulation_steps": 1, "max_steps": steps, "shuffle": True,
                  "group_by_length": group, "packing": packing},
         "eval": {"tasks": [], "heldout": {"files": []}}})
@@ -84,10 +109,10 @@ class PloraSide:
     """A plora_ray run stepped on demand; its steps after ``warmup`` are timed."""
 
     def __init__(self, data_file: str, dtype: str, steps: int, warmup: int, group: bool = False,
-                 packing: bool = False):
+                 packing: bool = False, model: str = MODEL):
         from plora_ray.run.loop import setup
 
-        self.run = setup(plora_config(data_file, dtype, steps, group, packing))
+        self.run = setup(plora_config(data_file, dtype, steps, group, packing, model))
         self.warmup, self.index, self.times, self.tokens = warmup, 0, [], []
 
     def step(self) -> None:
@@ -106,21 +131,20 @@ class PloraSide:
         return summary(self.times, self.tokens)
 
 
-def time_trainer(data_file: str, dtype: str, autocast: bool, steps: int, warmup: int,
-                 group: bool = False, between=()) -> dict:
-    """Trainer + PEFT for ``steps`` steps; after each one, every callable of ``between`` runs."""
+def time_trainer(path: str, seq: int, data_file: str, dtype: str, autocast: bool, steps: int,
+                 warmup: int, group: bool = False, between=()) -> dict:
+    """Trainer + PEFT on the model folder ``path``, rows of ``seq`` tokens, for ``steps`` steps;
+    after each one, every callable of ``between`` runs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from transformers import AutoTokenizer
 
-    from plora_ray.assets.fetch import model_path
     from plora_ray.run.data import collate, load_examples
 
-    path = str(model_path(MODEL))
     tok = AutoTokenizer.from_pretrained(path)
-    examples = load_examples([data_file], tok, SEQ)
+    examples = load_examples([data_file], tok, seq)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
@@ -175,14 +199,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="float32: both sides in fp32 only (no bf16 anywhere: what `model.dtype: "
                              "auto` trains in on a CPU without fast bf16)")
+    parser.add_argument("--model", default=MODEL, choices=[MODEL, "tiny"],
+                        help="the base on both sides; bench/RESULTS.md's figures: the default; tiny: "
+                             "plora_ray's built-in random Llama (a quick check that the script runs)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import torch
 
-    from plora_ray.assets.fetch import model_path
-
-    model_path(MODEL)  # fetched and converted once, before any timing
     tmp = tempfile.mkdtemp()
+    path = model_dir(args.model, tmp)  # the Trainer's base, ready before any timing
     per_side = args.steps + args.warmup
     short = "bf16" if args.dtype == "bfloat16" else "fp32"
     trainers = [(f"Trainer+PEFT {short} weights", args.dtype, False, False)]
@@ -194,19 +219,23 @@ def main() -> None:
     n = plora_steps * MICRO + MICRO
     data = make_rows(args.rows, n if args.rows == "full" else max(n, 400), os.path.join(tmp, "rows.jsonl"))
     ours_name = f"plora_ray {short} weights"
-    sides = {ours_name: PloraSide(data, args.dtype, plora_steps, args.warmup)}
+
+    def plora_side(dtype: str, **kw) -> PloraSide:
+        return PloraSide(data, dtype, plora_steps, args.warmup, model=args.model, **kw)
+
+    sides = {ours_name: plora_side(args.dtype)}
     if args.dtype == "bfloat16":
-        sides["plora_ray fp32 weights"] = PloraSide(data, "float32", plora_steps, args.warmup)
+        sides["plora_ray fp32 weights"] = plora_side("float32")
     if args.rows == "mix":
-        sides[f"plora_ray {short}, grouped"] = PloraSide(data, args.dtype, plora_steps, args.warmup, group=True)
-        sides[f"plora_ray {short}, packed"] = PloraSide(data, args.dtype, plora_steps, args.warmup, packing=True)
+        sides[f"plora_ray {short}, grouped"] = plora_side(args.dtype, group=True)
+        sides[f"plora_ray {short}, packed"] = plora_side(args.dtype, packing=True)
     best: dict[str, dict] = {}
     ours = sides[ours_name]
     paired = {}  # Trainer config -> plora_ray bf16 rate / Trainer rate, step by step
     for name, dtype, autocast, group in trainers:
         first = len(ours.tokens)
-        best[name] = time_trainer(data, dtype, autocast, per_side, args.warmup, group,
-                                  between=[side.step for side in sides.values()])
+        best[name] = time_trainer(path, SEQ_OF[args.model], data, dtype, autocast, per_side, args.warmup,
+                                  group, between=[side.step for side in sides.values()])
         theirs = best[name]["rates"]
         mine = [n / t for n, t in zip(ours.tokens[first:], ours.times[first:])][-len(theirs):]
         paired[name] = [a / b for a, b in zip(mine, theirs)]
@@ -215,9 +244,10 @@ def main() -> None:
         best[name] = side.result()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "?") if os.path.exists("/proc/cpuinfo") else "?"
+    model = "" if args.model == MODEL else f"model {args.model}, "
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"rows {args.rows}, micro-batch {MICRO} x {SEQ}, steps interleaved, {args.warmup} warm-up step(s) "
-          "per configuration")
+          f"{model}rows {args.rows}, micro-batch {MICRO} x {SEQ_OF[args.model]}, steps interleaved, "
+          f"{args.warmup} warm-up step(s) per configuration")
     print(f"{'configuration':36} {'tokens/s (median)':>18} {'s/step (median)':>16} {'timed steps':>12}")
     for name, res in best.items():
         print(f"{name:36} {res['tokens_per_s']:18.0f} {res['step_s']:16.2f} {res['steps']:12d}")
