@@ -52,6 +52,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     auth = {} if "RAY_AUTH_MODE" in os.environ else {"RAY_AUTH_MODE": "disabled"}
     with _env(auth):
-        ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=1 << 30, log_to_driver=True,
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=1 << 30, log_to_driver=True,
                  dashboard_host="127.0.0.1",  # the Jobs API runs code: loopback only
                  runtime_env={"env_vars": dict(LOCAL_SETTINGS)})  # a copy: Ray writes into it
