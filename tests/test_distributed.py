@@ -1,4 +1,6 @@
-"""Ray Train workers on a real local Ray cluster: DDP and DeepSpeed ZeRO-2/3 on CPU (gloo)."""
+"""Ray Train workers on a real local Ray cluster: DDP and DeepSpeed ZeRO 1-3 on CPU (gloo), across
+unloads and uneven steps (a global step whose micro-batches do not divide among the workers: the
+last step of an epoch)."""
 
 import os
 import uuid
@@ -12,16 +14,31 @@ from plora_ray.config.io import build_run_config
 from plora_ray.ray.driver import run_distributed
 from plora_ray.ray.local import ensure_ray
 from plora_ray.ray.trainer import trainer_for
-from plora_ray.run.loop import fit, setup
+from plora_ray.assets.dialogues import bundled_path
+from plora_ray.run.loop import fit, rank_share, setup
 
 ENGINES = {
     "ddp": {"engine": "ddp"},
+    "zero1": {"engine": "deepspeed", "zero_stage": 1},
     "zero2": {"engine": "deepspeed", "zero_stage": 2},
     "zero3": {"engine": "deepspeed", "zero_stage": 3},
     # a user's DeepSpeed JSON ("auto" values, overlap_comm, partitioned weights) drives ZeRO-3
     "zero3-json": {"engine": "deepspeed", "zero_stage": 3,
                    "deepspeed_config": os.path.join(os.path.dirname(__file__), "..", "examples", "deepspeed_zero3.json")},
 }
+
+
+# Relative differences of the merged weights (10x that for the LoRA factors) allowed against one
+# process after the 9 steps and 4 unloads below. Measured (deterministic on CPU, 2026-12-06):
+# DDP 0 (bit for bit); ZeRO-1 and ZeRO-2 6.6e-6 (factors 4.3e-5); ZeRO-3, with or without the
+# user's JSON, 2.3e-5 (factors 1.4e-4). ZeRO sums the gradient norm for clipping over partitions
+# (another order of the same fp32 terms) and, at stage 3, gathers partitioned weights; Adam's
+# m/sqrt(v) at lr 1e-2 turns that rounding into visible differences of the small re-initialised
+# factors. (ZeRO-3 drifts only when the LoRA optimizer state is reset at unloads: with
+# optimizer_on_unload=keep it was 9e-7; not yet explained.) A mishandled uneven step (a padding
+# pass that counts, a token mis-weighted) moves the losses by ~1/9, a B written back from the
+# fp32 master copy after an unload by far more.
+TOLERANCE = {"ddp": 1e-6, "zero1": 2e-5, "zero2": 2e-5, "zero3": 1e-4, "zero3-json": 1e-4}
 
 
 SETTINGS = ("RAY_AUTH_MODE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
@@ -98,25 +115,51 @@ def single_process(cfg, tmp_path):
                  "backbone": read_backbone(setup(one_process(cfg)), d)}
 
 
+def test_every_rank_runs_as_many_passes_as_the_busiest():
+    step = [[0, 1], [2, 3], [4]]  # 3 micro-batches for 2 ranks
+    assert rank_share(step, 0, 2) == ([[0, 1], [4]], 0)
+    assert rank_share(step, 1, 2) == ([[2, 3]], 1)
+    assert rank_share([[0]], 1, 2) == ([], 1)  # a rank with no data at all
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory):
+    """9 dialogues: micro-batches of 2 make 5 an epoch (the last one short), i.e. with 2 workers
+    steps of 2, 2 and 1 micro-batches: in every third step one rank has no data at all and runs
+    a padding pass that must count for nothing."""
+    path = tmp_path_factory.mktemp("data") / "dialogues.jsonl"
+    path.write_text("\n".join(bundled_path("tiny-dialogues").read_text().splitlines()[:9]) + "\n")
+    return path
+
+
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_two_workers_match_single_process_after_several_unloads(ray_cluster, tmp_path, engine):
-    cfg = run_config(distributed=ENGINES[engine])
+def test_two_workers_match_single_process_across_unloads_and_uneven_steps(ray_cluster, tmp_path, uneven_data,
+                                                                          engine):
+    """DDP and ZeRO 1-3 (and ZeRO-3 from a user's JSON) on two Ray Train workers give the
+    one-process run: 9 steps over 3 epochs (steps of 4, 4 and 1 samples: the last of each epoch
+    leaves one rank without data), 4 unloads with momentum 0.1 (the preserve rule), lr 1e-2.
+
+    The losses of the steps after each unload also check that DeepSpeed's fp32 master copy does
+    not write the old B back over the re-initialised one: at lr 1e-2 that would move them by
+    orders of magnitude more than the tolerance."""
+    cfg = run_config(distributed=ENGINES[engine], plora={"unload_every_samples": None, "unload_every_steps": 2},
+                     data={"train_files": [str(uneven_data)], "micro_batch_size": 2, "max_length": 96,
+                           "max_steps": None, "epochs": 3})
     result, files, state = ray_fit(cfg, tmp_path)
     assert result.metrics["replicas_identical"] is True  # both ranks hold the same weights
-    assert len(state["unloads"]) == 4 and state["unloads"][-1]["samples"] == 64
+    assert [h["samples"] for h in state["history"]] == [4, 8, 9, 13, 17, 18, 22, 26, 27]
+    assert [e["step"] for e in state["unloads"]] == [2, 4, 6, 8]
     for e in state["unloads"]:  # preserve rule: outputs unchanged across every unload
         assert e["output_change"] < 1e-5
     run, single = single_process(cfg, tmp_path)
+    assert [len(s) for s in run.steps] == [2, 2, 1] * 3
     assert [h["loss"] for h in state["history"]] == pytest.approx([h["loss"] for h in run.history], rel=1e-5)
     # the merged weights W + s*B*A (what the model computes) equal the one-process run
     assert files["backbone"].keys() == single["backbone"].keys()
     worst_merged = max(relative(merged(files, k), merged(single, k)) for k in single["backbone"])
     worst_factor = max(relative(files["trainable"][k], v) for k, v in single["trainable"].items())
     print(f"{engine}: merged weights {worst_merged:.1e}, LoRA factors {worst_factor:.1e} relative to one process")
-    # DDP and ZeRO-2 are bit-identical to one process. ZeRO-3 (measured: 1.5e-5 on the merged
-    # weights, 6e-5 on one B, after 4 unloads at lr 1e-2) drifts only when the LoRA optimizer
-    # state is reset at unloads (with optimizer_on_unload=keep: 9e-7): not yet explained.
-    tol = 1e-4 if engine.startswith("zero3") else 1e-5
+    tol = TOLERANCE[engine]
     assert worst_merged < tol and worst_factor < 10 * tol
 
 
@@ -129,22 +172,6 @@ def merged(files, backbone_key, scale=16 / 8):
     a = files["trainable"][f"{prefix}.lora_A.default.weight"]
     b = files["trainable"][f"{prefix}.lora_B.default.weight"]
     return files["backbone"][backbone_key].double() + scale * (b.double() @ a.double())
-
-
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_zero_master_copy_does_not_undo_the_reinit(ray_cluster, tmp_path, engine):
-    """One step after an m=0 unload, |B| is that of one Adam step from zero (~ lr * sqrt(n)),
-    not the old B written back from DeepSpeed's fp32 master copy."""
-    lr = 1e-3
-    cfg = run_config(distributed=ENGINES[engine], checkpoint_every_steps=3, optim={"lr": lr},
-                     plora={"unload_every_samples": None, "unload_every_steps": 2, "momentum": 0.0,
-                            "measure_output_change": False},
-                     data={"max_steps": 3})
-    _, files, state = ray_fit(cfg, tmp_path)
-    assert [e["step"] for e in state["unloads"]] == [2]
-    for name, b in files["trainable"].items():
-        if "lora_B" in name:
-            assert b.norm().item() == pytest.approx(lr * b.numel() ** 0.5, rel=0.05), name
 
 
 def test_ray_run_writes_the_run_directory_a_one_process_run_writes(ray_cluster, tmp_path):
