@@ -2,7 +2,7 @@
 measured in the same run.
 
     python bench/mfu.py [--rows full|mix] [--steps 4] [--warmup 1] [--dtype bfloat16|float32]
-                        [--method lora|full] [--group] [--profile] [--model smollm2-135m-instruct|tiny]
+                        [--method lora|full] [--group] [--profile] [--compile] [--model smollm2-135m-instruct|tiny]
 
 The run: SmolLM2-135M-Instruct, LoRA r 8 on all seven linear modules (or full fine-tuning),
 micro-batch 4 x 256, the rows of ``bench/throughput.py``, through ``loop.setup`` +
@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--group", action="store_true", help="data.group_by_length")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the last step (torch.profiler): time by kind of operator")
+    parser.add_argument("--compile", action="store_true", help="model.compile: the decoder layers compiled "
+                        "(regional torch.compile); the warm-up steps, not timed, compile")
     parser.add_argument("--model", default=MODEL, choices=[MODEL, "tiny"],
                         help="bench/RESULTS.md's figures: the default; tiny: plora_ray's built-in random "
                              "Llama (a quick check that the script runs)")
@@ -125,6 +127,7 @@ def main() -> None:
                      os.path.join(tempfile.mkdtemp(), "rows.jsonl"))
     cfg = plora_config(data, args.dtype, args.steps + args.warmup, args.group, model=args.model)
     cfg.method = args.method
+    cfg.model.compile = args.compile
     dtype = getattr(torch, args.dtype)
     peaks = [matmul_peak(dtype)]
     run = setup(cfg)
@@ -149,7 +152,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "?") if os.path.exists("/proc/cpuinfo") else "?"
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"{args.method}, {args.dtype} weights, rows {args.rows}{' grouped' if args.group else ''}, "
+          f"{args.method}, {args.dtype} weights{', compiled layers' if args.compile else ''}, rows {args.rows}{' grouped' if args.group else ''}, "
           f"micro-batch {MICRO} x {SEQ_OF[args.model]}, {args.steps} timed steps after {args.warmup}")
     print(f"2048^2 {args.dtype} matmul peak: {' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s "
           f"(before the run, then after each step; the largest, {peak / 1e9:.1f}, is used)")

@@ -31,6 +31,9 @@ unpacked and ungrouped, / the Trainer's best (paired step by step).
 
 ``--model tiny``: plora_ray's built-in random Llama (``model.name_or_path: tiny``) on both sides,
 the Trainer loading it saved with its tokenizer, rows of 1024 tokens: a check that the script runs.
+``--compile``: one more plora_ray side, its decoder layers compiled in place (regional
+``torch.compile``, the lever the issue lists); its first step, which compiles, is not timed and is
+printed on its own.
 """
 
 from __future__ import annotations
@@ -109,11 +112,15 @@ class PloraSide:
     """A plora_ray run stepped on demand; its steps after ``warmup`` are timed."""
 
     def __init__(self, data_file: str, dtype: str, steps: int, warmup: int, group: bool = False,
-                 packing: bool = False, model: str = MODEL):
+                 packing: bool = False, model: str = MODEL, compiled: bool = False):
         from plora_ray.run.loop import setup
 
         self.run = setup(plora_config(data_file, dtype, steps, group, packing, model))
-        self.warmup, self.index, self.times, self.tokens = warmup, 0, [], []
+        if compiled:  # what model.compile does in setup
+            from plora_ray.run.models import compile_layers
+
+            compile_layers(self.run.model)
+        self.warmup, self.index, self.times, self.tokens, self.first = warmup, 0, [], [], None
 
     def step(self) -> None:
         from plora_ray.run.loop import train_step
@@ -122,6 +129,8 @@ class PloraSide:
             return
         t0 = time.perf_counter()
         out = train_step(self.run, self.run.steps[self.index])
+        if self.index == 0:
+            self.first = time.perf_counter() - t0  # a compiled side's first step compiles
         if self.index >= self.warmup:
             self.times.append(time.perf_counter() - t0)
             self.tokens.append(out["tokens"])
@@ -199,6 +208,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="float32: both sides in fp32 only (no bf16 anywhere: what `model.dtype: "
                              "auto` trains in on a CPU without fast bf16)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time plora_ray with its decoder layers compiled (regional torch.compile; "
+                             "its first, untimed step compiles)")
     parser.add_argument("--model", default=MODEL, choices=[MODEL, "tiny"],
                         help="the base on both sides; bench/RESULTS.md's figures: the default; tiny: "
                              "plora_ray's built-in random Llama (a quick check that the script runs)")
@@ -226,6 +238,8 @@ def main() -> None:
     sides = {ours_name: plora_side(args.dtype)}
     if args.dtype == "bfloat16":
         sides["plora_ray fp32 weights"] = plora_side("float32")
+    if args.compile:
+        sides[f"plora_ray {short}, compiled layers"] = plora_side(args.dtype, compiled=True)
     if args.rows == "mix":
         sides[f"plora_ray {short}, grouped"] = plora_side(args.dtype, group=True)
         sides[f"plora_ray {short}, packed"] = plora_side(args.dtype, packing=True)
@@ -254,6 +268,11 @@ def main() -> None:
     for name, ratios in paired.items():
         print(f"{ours_name} step / the {name} step before it: "
               + " ".join(f"{r:.2f}" for r in ratios))
+    for name, side in sides.items():
+        if "compiled" in name:
+            print(f"{name}: first step (compiles) {side.first:.1f} s, then {best[name]['step_s']:.2f} s a step; "
+                  f"x{best[name]['tokens_per_s'] / best[ours_name]['tokens_per_s']:.2f} the uncompiled "
+                  f"tokens/s, x{best[name]['tokens_per_s'] / max(v['tokens_per_s'] for k, v in best.items() if k.startswith('Trainer') and 'grouped' not in k):.2f} the Trainer's best")
     rival = max((k for k in best if k.startswith("Trainer") and "grouped" not in k),
                 key=lambda k: best[k]["tokens_per_s"])
     mine = best[ours_name]["tokens_per_s"]

@@ -34,6 +34,8 @@ CASES = [
     ("empty-targets", "lora: {target_modules: []}\n" + GOOD, [], "field 'lora.target_modules'"),
     ("dropout-one", "lora: {dropout: 1.0}\n" + GOOD, [], "field 'lora.dropout'"),
     ("bad-dtype", "model: {dtype: float16}\n" + GOOD, [], "field 'model.dtype'"),
+    ("compile-with-deepspeed", "model: {compile: true}\ndistributed: {engine: deepspeed, zero_stage: 2}\n" + GOOD, [],
+     "model.compile is tested with distributed.engine ddp and no gradient checkpointing only"),
     ("micro-batch-zero", "data: {micro_batch_size: 0}\nplora: {unload_every_steps: 2}\n", [], "field 'data.micro_batch_size'"),
     ("missing-data-file", "data: {train_files: [nope.jsonl]}\nplora: {unload_every_steps: 2}\n", [], "file 'nope.jsonl' not found"),
     ("missing-model-dir", "model: {name_or_path: ./no/such/model}\n" + GOOD, [], "field 'model.name_or_path'"),

@@ -67,6 +67,12 @@ class ModelConfig(Strict):
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
         "sdpa", description="transformers' attention backend: sdpa (PyTorch's fused attention), "
         "flash_attention_2 (needs the flash-attn package and a GPU), eager (plain matmuls)")
+    compile: bool = Field(
+        False, description="compile each decoder layer for the training steps (regional "
+        "torch.compile: one graph reused by every layer; evaluation and unloads run eager). The "
+        "first step compiles (~20-40 s on 2 CPU cores); measured 1.17x faster steps in fp32, "
+        "1.5x in bf16 (bench/RESULTS.md); losses equal the eager run's to fp32 rounding and "
+        "unloads stay exact. Not with DeepSpeed or gradient checkpointing (untested)")
     tiny: TinyModelConfig = TinyModelConfig()
 
 
@@ -225,6 +231,10 @@ class RunConfig(Strict):
                 "update: use distributed.zero_stage 1-3, or model.dtype float32")
         if d.offload_optimizer and (d.engine != "deepspeed" or d.zero_stage == 0):
             raise ValueError("distributed.offload_optimizer needs engine deepspeed with zero_stage >= 1")
+        if self.model.compile and (d.engine == "deepspeed" or self.model.gradient_checkpointing):
+            raise ValueError("model.compile is tested with distributed.engine ddp and no gradient "
+                             "checkpointing only: set model.compile: false, or engine ddp without "
+                             "model.gradient_checkpointing")
         if self.eval.gsm8k_items == "auto":  # a pure function of the config: resolved here
             self.eval.gsm8k_items = "heldout" if self.data.embedded() else "test"
         return self

@@ -17,14 +17,14 @@ import torch
 from tqdm import tqdm
 
 from plora_ray.config.names import IGNORE
-from plora_ray.config.schema import RunConfig
+from plora_ray.config.schema import ConfigError, RunConfig
 from plora_ray.core.clock import UnloadClock, lap
 from plora_ray.core.schedule import StageLR, make_scheduler
 from plora_ray.core.unloader import PeriodicUnloader, UnloadEvent
 from plora_ray.run.data import StepPlan, collate, load_examples, pack
 from plora_ray.run.engines import make_engine
 from plora_ray.run.loss import loss_positions, loss_sum, packing_isolated
-from plora_ray.run.models import build_model
+from plora_ray.run.models import build_model, compile_layers
 from plora_ray.run.unloading import build_unloader
 
 
@@ -110,6 +110,9 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     engine = make_engine(model, cfg, device or torch.device("cpu"), rank, world)
     if d.packing and len(examples) >= 2:
         check_packing(cfg, engine, examples, tokenizer.pad_token_id, rank)
+    if cfg.model.compile and not compile_layers(model):
+        raise ConfigError(f"model.compile: {cfg.model.name_or_path} names no repeated decoder layer "
+                          "(_no_split_modules) to compile: set model.compile: false")
     timings = {"model_load": t1 - t0, "tokenise": t2 - t1, "engine": time.perf_counter() - t2}
     o, p = cfg.optim, cfg.plora
     global_batch = cfg.samples_per_step(world)
@@ -190,6 +193,7 @@ def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # model.compile: the training steps only
 def probe_logits(run: Run) -> torch.Tensor:
     """Logits on a fixed batch (the first examples): to measure what an unload changes."""
     batch = collate(run.examples[: run.cfg.data.micro_batch_size], run.tokenizer.pad_token_id)
@@ -201,6 +205,7 @@ def probe_logits(run: Run) -> torch.Tensor:
     return logits.float()
 
 
+@torch.compiler.set_stance("force_eager")  # model.compile: other shapes, no grad: eager
 def evaluate_run(run: Run, final: bool = False) -> dict[str, float]:
     """Held-out loss, training-set loss and the configured benchmarks on the model as it is now.
 

@@ -356,6 +356,20 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def compile_layers(model) -> int:
+    """Regional compilation (``model.compile``): ``torch.compile`` on each decoder layer in place
+    (the classes the model names in ``_no_split_modules``), one graph reused by every layer,
+    with dynamic sequence lengths (padded micro-batches vary: one compile, not one per length).
+    The parameters stay the same tensors, so unloads write into what the graphs read. Inductor's
+    on-disk cache makes later runs' first step cheap. Returns the number of layers compiled."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    blocks = [m for m in base.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def hidden_width(cfg: ModelConfig) -> int | None:
     """The base model's hidden size, from its config (no weights read)."""
     if cfg.name_or_path == "tiny":
