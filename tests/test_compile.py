@@ -7,7 +7,7 @@ import torch
 from plora_ray.run.loop import fit, setup
 
 
-def test_compiled_layers_train_like_eager_and_unloads_stay_exact(tiny_cfg):
+def test_compiled_layers_train_like_eager_and_unloads_stay_exact(tiny_cfg, tmp_path):
     from torch._dynamo.utils import counters
 
     cfg = tiny_cfg(seed=0, optim={"lr": 1e-2}, data={"max_steps": 6},
@@ -31,4 +31,13 @@ def test_compiled_layers_train_like_eager_and_unloads_stay_exact(tiny_cfg):
         worst = max(worst, ((p.double() - q.double()).norm() / q.double().norm().clamp_min(1e-12)).item())
     print(f"compiled vs eager after 6 steps, 3 unloads: worst relative weight difference {worst:.1e}")
     assert worst < 1e-4
-    assert torch.compiler.is_compiling() is False
+    # its checkpoint is rebuilt uncompiled (export, evaluate: saved or scored, not trained) with
+    # the same weights
+    from plora_ray.run.rundir import restore_run, save_run_checkpoint
+
+    save_run_checkpoint(run, tmp_path / "checkpoint")
+    restored = restore_run(tmp_path / "checkpoint")
+    assert all(layer._compiled_call_impl is None for layer in restored.model.get_base_model().model.layers)
+    assert restored.cfg.model.compile is True  # the run's own config is what its outputs record
+    for (name, p), q in zip(run.model.state_dict().items(), restored.model.state_dict().values()):
+        assert torch.equal(p, q), name

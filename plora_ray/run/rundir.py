@@ -93,7 +93,8 @@ def restore_run(path: str | Path) -> Run:
         raise ConfigError(f"{path}: no checkpoint here (no state.json in it or in {CHECKPOINT}/)")
     cfg = checkpoint_config(ckpt)
     one = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(
-        update={"workers": 1, "engine": "ddp", "use_gpu": False})})
+        update={"workers": 1, "engine": "ddp", "use_gpu": False}),
+        "model": cfg.model.model_copy(update={"compile": False})})  # saved or scored, not trained
     run = setup(one, data=False)
     load_run_checkpoint(run, ckpt)
     run.cfg = cfg  # the run's own config (workers, engine) goes into the outputs
