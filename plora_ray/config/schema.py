@@ -70,8 +70,9 @@ class ModelConfig(Strict):
     compile: bool = Field(
         False, description="compile each decoder layer for the training steps (regional "
         "torch.compile: one graph reused by every layer; evaluation and unloads run eager). The "
-        "first step compiles (~20-40 s on 2 CPU cores); measured 1.17x faster steps in fp32, "
-        "1.5x in bf16 (bench/RESULTS.md); losses equal the eager run's to fp32 rounding and "
+        "first step compiles (~35 s for SmolLM2 on 2 CPU cores, ~6 s from inductor's on-disk cache); "
+        "measured 1.20x faster steps in fp32, 1.45x in bf16 (bench/RESULTS.md); losses equal the "
+        "eager run's to fp32 rounding and "
         "unloads stay exact. Not with DeepSpeed or gradient checkpointing (untested)")
     tiny: TinyModelConfig = TinyModelConfig()
 
