@@ -217,9 +217,6 @@ def worker(rank: int, world: int, port: int, jobs: list, model_dir: str, warmup:
         device = torch.device("cuda", rank)
     else:
         os.environ["DS_ACCELERATOR"] = "cpu"
-        from plora_ray.ray.trainer import extensions_dir
-
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         device = torch.device("cpu")
     dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)

@@ -208,9 +208,6 @@ def engine_worker(rank, world, port, engine, args, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from plora_ray.ray.trainer import extensions_dir
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = build_run_config({
         "plora": {"unload_every_steps": 10**9},

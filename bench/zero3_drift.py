@@ -96,10 +96,8 @@ def zero3_worker(rank, port, steps, mel, out):
     from deepspeed.utils import safe_get_full_grad
 
     from plora_ray.run import engines
-    from plora_ray.ray.trainer import extensions_dir
     from plora_ray.run.loop import setup
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     base = engines.deepspeed_config
     engines.deepspeed_config = lambda cfg, world: {**base(cfg, world), "zero_optimization": {
         **base(cfg, world)["zero_optimization"], "memory_efficient_linear": mel}}

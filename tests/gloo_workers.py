@@ -14,14 +14,11 @@ def free_port() -> int:
 
 
 def init_gloo(rank: int, world: int, port: int) -> None:
-    """The environment torch.distributed and DeepSpeed read, one thread, DeepSpeed's JIT ops
-    built once for all tests, then the gloo process group."""
+    """The environment torch.distributed and DeepSpeed read, one thread, then the gloo process
+    group (DeepSpeed's JIT ops go where the engine puts them: ``config.paths.extensions_dir``)."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from plora_ray.ray.trainer import extensions_dir
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -77,17 +77,28 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert assets.cache_dir() == Path.home() / ".cache" / "plora_ray"
 
 
-def test_deepspeed_ops_are_built_under_the_same_cache_root(monkeypatch, tmp_path):
+def test_deepspeed_ops_are_built_under_the_same_cache_root_one_folder_per_environment(monkeypatch, tmp_path):
     from plora_ray.config.io import build_run_config
-    from plora_ray.ray.trainer import extensions_dir, worker_env
+    from plora_ray.config.paths import extensions_dir, use_extensions_dir
+    from plora_ray.ray.trainer import worker_env
 
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")  # restored (unset) after the test
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "c"))
-    assert extensions_dir() == str(tmp_path / "c" / "torch_extensions")
+    here = Path(extensions_dir())
+    assert here.parent == tmp_path / "c" / "torch_extensions" and here.name.startswith("py3")
+    prefix = sys.prefix
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "another-venv"))  # its ops keep their own builds
+    assert Path(extensions_dir()).parent == here.parent and Path(extensions_dir()) != here
+    monkeypatch.setattr(sys, "prefix", prefix)
     env = worker_env(build_run_config({"method": "lora"}, "run"))
     assert env[assets.CACHE_ENV] == str(tmp_path / "c")  # the workers use the driver's cache root
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    assert extensions_dir() == str(tmp_path / "ext")
+    assert env["TORCH_EXTENSIONS_DIR"] == str(here)
+    use_extensions_dir()  # what the DeepSpeed engine calls before it builds an op
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(here)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))  # the user's own wins
+    use_extensions_dir()
+    assert extensions_dir() == str(tmp_path / "ext") == os.environ["TORCH_EXTENSIONS_DIR"]
 
 
 def test_sha256_mismatch_from_pypi(tmp_cache, monkeypatch):

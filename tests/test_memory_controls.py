@@ -188,6 +188,9 @@ def test_two_workers_with_memory_controls_match_one_process(tmp_path, case):
     if case == "zero2-offload":  # the optimizer step runs on the CPU copy, and PLoRA reset its state
         assert infos[0]["engine"]["optimizer"] == "DeepSpeedCPUAdam"
         assert infos[0]["engine"]["zero"]["offload_optimizer"]["device"] == "cpu"
+        from plora_ray.config.paths import extensions_dir  # built (or found) in this environment's folder
+
+        assert (Path(extensions_dir()) / "cpu_adam").is_dir() and "TORCH_EXTENSIONS_DIR" not in os.environ
     if case.startswith("zero3"):
         for info in infos:  # built partitioned: no rank ever held a full base weight
             assert info["base"] and all(p["local"] == 0 and p["partition"] == -(-p["numel"] // 2)

@@ -15,16 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from plora_ray.config.names import direction
-from plora_ray.config.paths import CACHE_ENV, cache_root
+from plora_ray.config.paths import CACHE_ENV, extensions_dir
 from plora_ray.config.schema import RunConfig
 
 if TYPE_CHECKING:  # mlflow stays out of the trial actor and Train's controller
     from plora_ray.tracking.driver import TrialRecord
-
-
-def extensions_dir() -> str:
-    """DeepSpeed JIT-builds small ops on first use; keep them in a cache we control."""
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(cache_root() / "torch_extensions")
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
