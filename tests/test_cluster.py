@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from multinode import LocalCluster, kill_session
+from multinode import LocalCluster, kill_session, session_pids
 from analysis.store import sweep_trials
 from test_tune import base
 
@@ -130,26 +130,6 @@ def test_sqlite_tracking_is_refused_on_a_multi_node_cluster(cluster, tmp_path):
     assert not (tmp_path / "s" / "mlflow.db").exists()  # refused before the first MLflow write
 
 
-def test_sweep_submitted_as_ray_job_runs_trials_on_both_nodes(cluster, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    space = write_space(tmp_path / "space.yaml", "job", [1e-3, 2e-3])
-    storage = tmp_path / "sweeps"
-    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
-              "--working-dir", str(ROOT), "--submission-id", "job-sweep", "--",
-              *tune_cmd(cluster, space, storage)]
-    submit[submit.index(sys.executable)] = "python"  # as a user types it
-    done = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=WAIT_S)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert JobSubmissionClient(cluster.dashboard).get_job_status("job-sweep") == JobStatus.SUCCEEDED
-    trials = sweep_trials(cluster.tracking_uri, parent_of(storage, "job"))
-    assert len(trials) == 2 and all(t["status"] == "finished" for t in trials)
-    nodes = {t["tags"]["plora.nodes"] for t in trials}
-    assert nodes == {n["id"] for n in cluster.nodes_up}  # one trial on each node
-    for t in trials:
-        assert steps(cluster.tracking_uri, t["run_id"]) == [1, 2, 3, 4, 5, 6]
-
-
 def test_batch_submits_two_sweeps_status_lists_both_stop_stops_one(cluster, tmp_path, capsys):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -197,25 +177,49 @@ def test_batch_submits_two_sweeps_status_lists_both_stop_stops_one(cluster, tmp_
     assert logs.startswith(f"==> {other} {ids[other]} (SUCCEEDED) <==") and f"\nsweep {other}-" in logs
 
 
-def test_killed_driver_resumes_without_lost_or_duplicated_trials(cluster, tmp_path):
+def test_sweep_submitted_as_ray_job_spans_both_nodes_and_resumes_after_its_driver_is_killed(cluster, tmp_path):
+    """A sweep submitted as a user types it (``ray job submit``) runs one trial on each node; its
+    driver is killed (SIGKILL) with one trial finished and the other held mid-run; ``--resume``
+    finishes the sweep without losing or duplicating a trial."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     space = write_space(tmp_path / "space.yaml", "drv", [1e-3, 2e-3])
     storage = tmp_path / "sweeps"
-    cmd = tune_cmd(cluster, space, storage, "--address", cluster.address)
     hold_on(cluster)
-    driver = tmp_path / "driver.log"
-    with open(driver, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=cluster.env, start_new_session=True,
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: list(cluster.tmp.glob("reached-drv-*")) and (storage / "drv.latest.json").exists() and any(
-            t["status"] == "finished" for t in sweep_trials(cluster.tracking_uri, parent_of(storage, "drv"))),
-            WAIT_S, "one trial finished and one held", cluster, driver)
-    finally:
-        kill_session(proc)  # the driver (SIGKILL): its trials die with it
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
+              "--working-dir", str(ROOT), "--submission-id", "job-drv", "--no-wait", "--",
+              *tune_cmd(cluster, space, storage)]
+    submit[submit.index(sys.executable)] = "python"  # as a user types it
+    done = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    client = JobSubmissionClient(cluster.dashboard)
+
+    def job_log() -> Path:  # the job's output, for a failure's message
+        path = tmp_path / "job.log"
+        path.write_text(client.get_job_logs("job-drv"))
+        return path
+
+    wait_for(lambda: list(cluster.tmp.glob("reached-drv-*")) and (storage / "drv.latest.json").exists() and any(
+        t["status"] == "finished" for t in sweep_trials(cluster.tracking_uri, parent_of(storage, "drv"))),
+        WAIT_S, "one trial finished and one held", cluster, job_log())
+    # the job's driver (SIGKILL), with the session Ray's job supervisor started its entrypoint in:
+    # its trials die with it
+    session = os.getsid(int(client.get_job_info("job-drv").driver_info.pid))
+    assert session != os.getsid(0)
+    for _ in range(3):
+        for pid in session_pids(session):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    wait_for(lambda: client.get_job_status("job-drv") in (JobStatus.FAILED, JobStatus.STOPPED), 120, "the killed job")
     (cluster.tmp / "hold").unlink()
     parent = parent_of(storage, "drv")
     before = sweep_trials(cluster.tracking_uri, parent)
     assert sum(t["status"] == "finished" for t in before) < 2  # really interrupted
+    assert {t["tags"]["plora.nodes"] for t in before} == {n["id"] for n in cluster.nodes_up}  # one on each node
+    cmd = tune_cmd(cluster, space, storage, "--address", cluster.address)
     done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=cluster.env, capture_output=True, text=True,
                           timeout=WAIT_S)
     assert done.returncode == 0, done.stderr[-3000:]
