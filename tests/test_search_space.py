@@ -278,7 +278,7 @@ def test_main_sweep_scores_every_benchmark_at_every_checkpoint():
     lines = describe(load_sweep(MAIN_FILE)).splitlines()
     when = next(l for l in lines if l.startswith("checkpoints (first trial): "))
     count = int(when.split(": ")[1].split(",")[0])
-    assert count >= 4 and when.endswith(f"at steps 6, 12, 18, 24 of 24")
+    assert count >= 4 and "at steps 6, 12, 18, 24 of 24 (data.max_steps; " in when
     scored = next(l for l in lines if l.startswith("scored at checkpoints (first trial): "))
     parts = scored.split(": ", 1)[1].split("; ")
     assert parts[0] == "held-out loss"
@@ -291,10 +291,12 @@ def test_dry_run_names_the_checkpoint_steps():
     from plora_ray.sweep.space import describe_checkpoints
 
     cfg = trial_run_config(load_sweep(MAIN_FILE), {"method, plora.unload_every_samples": ["lora", None]})
-    assert describe_checkpoints(cfg) == "4, at steps 6, 12, 18, 24 of 24"
+    bound = "(data.max_steps; should {} of the data end sooner, the run stops there with its last checkpoint)"
+    assert describe_checkpoints(cfg) == "4, at steps 6, 12, 18, 24 of 24 " + bound.format("1 epoch")
     data = cfg.model_dump()
-    data["data"]["max_steps"], data["checkpoint_every_steps"] = 25, 6
-    assert describe_checkpoints(type(cfg).model_validate(data)) == "5, at steps 6, 12, 18, 24, 25 of 25"
+    data["data"]["max_steps"], data["checkpoint_every_steps"], data["data"]["epochs"] = 25, 6, 2
+    assert describe_checkpoints(type(cfg).model_validate(data)) == "5, at steps 6, 12, 18, 24, 25 of 25 " + bound.format(
+        "2 epochs")
     data["data"]["max_steps"] = None
     assert describe_checkpoints(type(cfg).model_validate(data)) == "every 6 steps and at the end"
     data["checkpoint_every_steps"] = None

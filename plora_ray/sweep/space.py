@@ -61,13 +61,17 @@ def describe(spec: SweepSpec) -> str:
 
 def describe_checkpoints(cfg: RunConfig) -> str:
     """When a run checkpoints (and scores): every ``checkpoint_every_steps`` and at the last step;
-    the steps themselves when ``data.max_steps`` fixes the run's length."""
+    the steps themselves when ``data.max_steps`` bounds the run's length. The data's own length
+    is known only once it is read and tokenised (after this description): a run whose epochs end
+    before ``max_steps`` stops there, with its last checkpoint, and the line says so."""
     every, last = cfg.checkpoint_every_steps, cfg.data.max_steps
     if last is None:
         return f"every {every} steps and at the end" if every else "at the end"
     steps = sorted({*range(every, last + 1, every), last} if every else {last})
     shown = ", ".join(map(str, steps)) if len(steps) <= 12 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
-    return f"{len(steps)}, at steps {shown} of {last}"
+    epochs = f"{cfg.data.epochs} epoch{'s' if cfg.data.epochs > 1 else ''}"
+    return (f"{len(steps)}, at steps {shown} of {last} (data.max_steps; should {epochs} of the data end "
+            "sooner, the run stops there with its last checkpoint)")
 
 
 def describe_data(cfg: RunConfig) -> str:
