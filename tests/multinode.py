@@ -181,12 +181,14 @@ class LocalCluster:
         answer = self._ask("print(ray.available_resources().get('CPU', 0.0))")
         return float(answer) if answer else -1.0
 
-    def wait_idle(self, timeout: float = 120, release_after: float = 60) -> None:
+    def wait_idle(self, timeout: float = 120, release_after: float = 15) -> None:
         """Until every CPU of the cluster is free again: an earlier test's trials (a stopped
         job's, a killed driver's) are torn down asynchronously. A placement group a killed
         driver leaked (Ray has left one CREATED with its job dead) is still reserved after
-        ``release_after`` seconds: it is then released as the next sweep's driver would release
-        it when it starts (plora_ray.ray.placement.release_leaked), which must free it."""
+        ``release_after`` seconds (a trial's teardown takes 1-2 s; CI once waited out the 60 s
+        this was, after the batch test's stopped job): it is then released as the next sweep's
+        driver would release it when it starts (plora_ray.ray.placement.release_leaked), which
+        must free it (only groups whose job and creator both died are released)."""
         start = time.time()
         released = False
         while time.time() < start + timeout:
