@@ -125,9 +125,9 @@ def main() -> None:
         model_path(args.model)  # fetched and converted before any timing
     data = make_rows(args.rows, (args.steps + args.warmup + 1) * MICRO if args.rows == "full" else 200,
                      os.path.join(tempfile.mkdtemp(), "rows.jsonl"))
-    cfg = plora_config(data, args.dtype, args.steps + args.warmup, args.group, model=args.model)
+    cfg = plora_config(data, args.dtype, args.steps + args.warmup, args.group, model=args.model,
+                       compiled=args.compile)
     cfg.method = args.method
-    cfg.model.compile = args.compile
     dtype = getattr(torch, args.dtype)
     peaks = [matmul_peak(dtype)]
     run = setup(cfg)
