@@ -61,16 +61,22 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc`` and every process of its session (it was started with
-    ``start_new_session=True``); nothing else on the host is touched."""
+def kill_sid(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (never this process's own)."""
+    assert sid != os.getsid(0)
     for _ in range(3):  # a process may fork while the first pass runs
-        for pid in session_pids(proc.pid):
+        for pid in session_pids(sid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         time.sleep(0.2)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process of its session (it was started with
+    ``start_new_session=True``); nothing else on the host is touched."""
+    kill_sid(proc.pid)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:

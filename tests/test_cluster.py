@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from multinode import LocalCluster, kill_session, session_pids
+from multinode import LocalCluster, kill_session, kill_sid
 from analysis.store import sweep_trials
 from test_tune import base
 
@@ -204,15 +204,7 @@ def test_sweep_submitted_as_ray_job_spans_both_nodes_and_resumes_after_its_drive
         WAIT_S, "one trial finished and one held", cluster, job_log())
     # the job's driver (SIGKILL), with the session Ray's job supervisor started its entrypoint in:
     # its trials die with it
-    session = os.getsid(int(client.get_job_info("job-drv").driver_info.pid))
-    assert session != os.getsid(0)
-    for _ in range(3):
-        for pid in session_pids(session):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
+    kill_sid(os.getsid(int(client.get_job_info("job-drv").driver_info.pid)))
     wait_for(lambda: client.get_job_status("job-drv") in (JobStatus.FAILED, JobStatus.STOPPED), 120, "the killed job")
     (cluster.tmp / "hold").unlink()
     parent = parent_of(storage, "drv")
