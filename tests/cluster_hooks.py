@@ -1,9 +1,9 @@
-"""Fault injection for the cluster tests, run after every step by the Ray Train workers of
-the test cluster's nodes (their ``ray start`` environment sets
+"""Fault injection for the cluster tests, run after every step by the one-worker trials (each
+trains in its Tune function) of the test cluster's nodes (their ``ray start`` environment sets
 ``PLORA_TEST_STEP_FAULT=cluster_hooks:on_step``, ``PLORA_TEST_NODE`` and ``PLORA_TEST_DIR``;
 tests/faults.py puts it into the workers from outside the library).
 
-Rank 0 appends ``<run name> <node> <step>`` to ``$PLORA_TEST_DIR/steps.log`` (which node ran
+Rank 0 appends ``<sweep name>-<trial id> <node> <step>`` to ``$PLORA_TEST_DIR/steps.log`` (which node ran
 which step of which trial). While ``$PLORA_TEST_DIR/hold`` exists and names this node, a
 worker that finished step ``HOLD_STEP`` (the checkpoint of step HOLD_STEP - 1 is written)
 writes ``reached-<run name>`` and waits there, so a test can kill its node or its sweep's
@@ -20,10 +20,11 @@ HOLD_STEP = 5
 def on_step(rec, rank):
     if rank != 0:
         return
-    import ray.train
+    from ray import tune
 
     d, node = Path(os.environ["PLORA_TEST_DIR"]), os.environ["PLORA_TEST_NODE"]
-    run = ray.train.get_context().get_experiment_name()
+    ctx = tune.get_context()  # a one-worker trial trains in its Tune function (sweep/tune.py)
+    run = f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}"
     with open(d / "steps.log", "a") as f:
         f.write(f"{run} {node} {rec['step']}\n")
     hold = d / "hold"

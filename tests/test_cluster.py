@@ -2,7 +2,7 @@
 second node, 1 CPU each, loopback, an ``mlflow server`` on 127.0.0.1), tiny model.
 
 With one CPU per node and one 1-CPU worker per trial, two concurrent trials run one on each
-node. ``cluster_hooks.on_step`` (run by every worker of the cluster) records which node ran
+node. ``cluster_hooks.on_step`` (run by every trial of the cluster) records which node ran
 which step and, while ``<tmp>/hold`` names a node, stops a trial on that node after step 5
 (the checkpoint of step 4 written), so kills happen at a known point.
 
@@ -104,13 +104,15 @@ def wait_for(predicate, timeout, what, cluster=None, output: Path | None = None)
     pytest.fail(f"{what}: not within {timeout} s\n{state}\n--- driver (tail)\n{tail}")
 
 
-def latest_step(snapshot: Path) -> int | None:
-    """The step of the latest checkpoint Train's controller registered (its snapshot file)."""
+def latest_step(storage: Path, run: str) -> int | None:
+    """The step of the latest checkpoint Tune registered for the trial ``<sweep>-<trial id>``
+    (the rows of its ``result.json``, written when the driver takes a report)."""
+    sweep, trial_id = run.rsplit("-", 1)
     try:
-        state = json.loads(snapshot.read_text())
+        rows = [json.loads(line) for line in (storage / sweep / trial_id / "result.json").read_text().splitlines() if line]
     except (OSError, ValueError):
         return None
-    return ((state.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("step")
+    return next((r.get("step") for r in reversed(rows) if r.get("checkpoint_dir_name")), None)
 
 
 def node_steps(cluster) -> list[tuple[str, str, int]]:
@@ -217,7 +219,7 @@ def test_sweep_submitted_as_ray_job_spans_both_nodes_and_resumes_after_its_drive
     assert done.returncode == 0, done.stderr[-3000:]
     after = sweep_trials(cluster.tracking_uri, parent)
     assert len(after) == 2 and len({t["trial_id"] for t in after}) == 2
-    assert all(t["status"] == "finished" for t in after)
+    assert all(t["status"] == "finished" for t in after), (str(after)[:1500] + "\nOUT\n" + done.stdout[-4000:] + "\nERR\n" + done.stderr[-4000:])
     assert {t["run_id"] for t in before} <= {t["run_id"] for t in after}  # continued, not duplicated
     for t in after:
         assert steps(cluster.tracking_uri, t["run_id"]) == [1, 2, 3, 4, 5, 6]
@@ -235,11 +237,11 @@ def test_lost_node_mid_trial_restarts_from_its_checkpoint_on_a_surviving_node(cl
         [marker] = wait_for(lambda: list(cluster.tmp.glob("reached-lost-*")), WAIT_S, "a trial held on node1",
                             cluster, driver)
         moved = marker.name.removeprefix("reached-")
-        # the worker holds after step 5; Train's controller registers the checkpoint of step 4
-        # when it next polls the worker (asynchronously): kill only once it has, or the restart
-        # rightly begins from the checkpoint of step 2 (seen once in CI under load)
-        snapshot = storage / "trials" / moved / "checkpoint_manager_snapshot.json"
-        wait_for(lambda: latest_step(snapshot) == 4, WAIT_S, "the checkpoint of step 4 registered", cluster, driver)
+        # the trial holds after step 5; the driver registers the checkpoint of step 4 when it
+        # takes the report (asynchronously): kill only once it has, or the restart rightly
+        # begins from the checkpoint of step 2
+        wait_for(lambda: latest_step(storage, moved) == 4, WAIT_S, "the checkpoint of step 4 registered",
+                 cluster, driver)
         raylet = cluster.nodes[1].raylet_pid()
         assert raylet is not None
         os.kill(raylet, signal.SIGKILL)  # the second node is lost in the middle of the trial's step 5

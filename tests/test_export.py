@@ -201,8 +201,11 @@ def ray_shutdown():
     ray.shutdown()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sweep_keeps_the_best_checkpoint_and_the_latest_and_prints_the_export_command(tmp_path, capsys,
-                                                                                      ray_shutdown):
+                                                                                      ray_shutdown, workers):
+    """One worker a trial: the trial trains in its Tune function and Tune keeps its checkpoints;
+    two: a Ray Train run per trial keeps them (sweep/tune.py). Either way the same two stay."""
     from plora_ray.cli.export import resolve_checkpoint
     from plora_ray.cli.tune import main as tune
 
@@ -211,7 +214,7 @@ def test_sweep_keeps_the_best_checkpoint_and_the_latest_and_prints_the_export_co
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"name": "best", "metric": "train/loss", "mode": "max",
                                      "searcher": {"type": "grid"}, "num_samples": 1,
-                                     "resources": {"workers": 1, "cpus_per_worker": 1},
+                                     "resources": {"workers": workers, "cpus_per_worker": 1},
                                      "base": base, "space": {"lora.rank": {"grid": [2]}}}))
     storage = tmp_path / "sweeps"
     assert tune([str(space), "--storage", str(storage), "--no-report"]) == 0
@@ -220,13 +223,15 @@ def test_sweep_keeps_the_best_checkpoint_and_the_latest_and_prints_the_export_co
     printed, export_out = lines[-2].split("python -m plora_ray.export ", 1)[1].split()
     assert lines[-3] == f"checkpoint of the top trial: {printed}"
 
-    (trial_run,) = (storage / "trials").iterdir()  # the trial's Ray Train run
-    kept = {json.loads((d / "state.json").read_text())["step"]: d
-            for d in trial_run.iterdir() if (d / "state.json").is_file()}
     (sweep_dir,) = [d for d in storage.iterdir() if d.is_dir() and d.name.startswith("best-")]
     (trial_dir,) = [d for d in sweep_dir.iterdir() if (d / "result.json").is_file()]
+    runs = list((storage / "trials").iterdir()) if workers > 1 else []  # the trial's Ray Train run
+    assert len(runs) == (workers > 1)
+    holder = runs[0] if runs else trial_dir
+    kept = {json.loads((d / "state.json").read_text())["step"]: d
+            for d in holder.iterdir() if (d / "state.json").is_file()}
     reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
-    loss = {r["step"]: r["train/loss"] for r in reports if "checkpoint_score" in r}  # Train's reports
+    loss = {r["step"]: r["train/loss"] for r in reports if "checkpoint_score" in r}  # each checkpoint's report
     assert sorted(loss) == [1, 2, 3, 4]
     best = max(loss, key=loss.get)
     assert best <= 2  # the premise: later checkpoints scored worse (keeping the last two would lose it)
@@ -234,7 +239,7 @@ def test_sweep_keeps_the_best_checkpoint_and_the_latest_and_prints_the_export_co
     assert Path(printed) == kept[best]
 
     # every way of naming it finds that checkpoint: the sweep, the Tune trial, the Train run
-    for name in (sweep_dir, trial_dir, trial_run, kept[best]):
+    for name in (sweep_dir, trial_dir, *runs, kept[best]):
         assert resolve_checkpoint(name) == kept[best], name
     out = tmp_path / export_out
     assert main([str(sweep_dir), str(out), "--adapter"]) == 0

@@ -112,3 +112,19 @@ def test_a_storage_uri_needs_a_tracking_server_and_a_scheme_ray_writes(tmp_path,
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and fragment in err[0], err
     assert main([str(space), "--dry-run", "--storage", "s3://bucket/sweeps", "--tracking-uri", "http://h:5000"]) == 0
+
+
+def test_one_worker_trials_train_in_their_tune_function_which_holds_the_workers_resources(tmp_path):
+    from plora_ray.config.trials import one_process_trials
+    from plora_ray.sweep.tune import TRIAL_RESOURCES, trial_failures, trial_resources
+
+    spec = load_sweep(sweep_file(tmp_path, resources={"workers": 1, "cpus_per_worker": 2}))
+    assert one_process_trials(spec) and trial_resources(spec) == {"cpu": 2}
+    assert trial_failures(spec) == 2  # its one retry and its worker's one restart: both are Tune's
+    spec = load_sweep(sweep_file(tmp_path, resources={"gpus_per_worker": 0.5}, failures={"worker_restarts": -1}))
+    assert trial_resources(spec) == {"cpu": 1, "gpu": 0.5} and trial_failures(spec) == -1
+    for other in [{"resources": {"workers": 2}}, {"base": base(distributed={"engine": "deepspeed"})},
+                  {"space": {"distributed.engine": {"grid": ["ddp", "deepspeed"]}}}]:
+        spec = load_sweep(sweep_file(tmp_path, **other))  # a Ray Train run per trial
+        assert not one_process_trials(spec) and trial_resources(spec) == TRIAL_RESOURCES
+        assert trial_failures(spec) == spec.failures.trial_retries == 1

@@ -217,3 +217,34 @@ def test_shipped_spaces_validate_in_dry_run(capsys):
     for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
         assert main([str(path), "--dry-run"]) == 0, path
     assert "trials" in capsys.readouterr().out
+
+
+def test_a_trial_resumed_from_its_final_checkpoint_reports_that_result_again_without_training(tmp_path):
+    """A sweep's driver killed after a trial's final checkpoint, before Tune recorded the trial's
+    end: ``--resume`` restarts the trial from that checkpoint, with no step left to train."""
+    import shutil
+
+    import torch
+    from ray.tune import Checkpoint
+
+    from plora_ray.config.io import build_run_config
+    from plora_ray.ray.worker import run_loop
+
+    cfg = build_run_config(base(data={"max_steps": 2}))
+    score = {"metric": "train/loss", "key": "checkpoint_score"}
+    first, again = [], []
+
+    def keep(reports):
+        def report(metrics, directory):
+            if directory:  # Ray would copy it into the trial's storage
+                shutil.copytree(directory, tmp_path / f"step{metrics['step']}")
+            reports.append((dict(metrics), directory is not None))
+        return report
+
+    assert run_loop(cfg, 0, 1, torch.device("cpu"), None, keep(first), "node", score=score) is False
+    assert [(m["step"], m["final"], written) for m, written in first] == [(2, True, True)]
+    resumed = Checkpoint.from_directory(str(tmp_path / "step2"))
+    assert run_loop(cfg, 0, 1, torch.device("cpu"), resumed, keep(again), "node", score=score) is False
+    [(metrics, written)] = again
+    assert not written and metrics["final"] and metrics["step"] == 2  # no step trained, no checkpoint
+    assert metrics["train/loss"] == first[0][0]["train/loss"] and metrics["node_id"] == "node"

@@ -135,6 +135,8 @@ class Failures(Strict):
                                "checkpoint this many times; -1: without limit")
     worker_restarts: int | None = Field(None, ge=-1, description="Train restarts a trial's worker group "
                                         "from the last checkpoint when a worker or its node is lost "
+                                        "(a one-worker trial, trained in its Tune function: Tune "
+                                        "restarts it, up to trial_retries + this many times) "
                                         f"(distributed.max_failures); default: the base's, else "
                                         f"{DEFAULT_WORKER_RESTARTS}; -1: without limit")
 

@@ -158,3 +158,14 @@ def trial_points(spec: SweepSpec, touching: tuple[str, ...] = ()) -> list[dict[s
     if len(keys) > 1:
         points += [dict(zip(keys, combo)) for combo in itertools.product(*values)]
     return points
+
+
+def one_process_trials(spec: SweepSpec) -> bool:
+    """Whether every trial of ``spec`` is one process: one worker with the torch engine. Such
+    a sweep trains each trial in its Tune function, without a Ray Train worker group
+    (``sweep/tune.py``); ``distributed.*`` values a trial can draw are all looked at."""
+    for point in trial_points(spec, ("distributed",)):
+        d = trial_run_config(spec, point).distributed
+        if d.workers != 1 or d.engine != "ddp":
+            return False
+    return True

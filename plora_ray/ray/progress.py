@@ -7,7 +7,8 @@ kept out.
 
       plora u8 s0: step 24/64 (38%), 8m02s elapsed, ~13m left (then the final evaluation)
 
-  Ray forwards it to the driver prefixed with the worker, ``(RayTrainWorker pid=…)``.
+  Ray forwards it to the driver prefixed with the process, ``(trial_function pid=…)`` for a
+  one-worker trial (it trains in its Tune function), else ``(RayTrainWorker pid=…)``.
 * The driver prints the sweep's line (:func:`sweep_line`) every 30 s and when a trial ends
   (:func:`sweep_progress`), beside Tune's own trial table::
 
@@ -18,8 +19,8 @@ kept out.
 * Out of the console: TensorBoard's hint (Tune writes no TensorBoard files for a sweep:
   ``sweep/tune.py``, ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``), and (:func:`driver_console`)
   the raylet's warning that more worker processes started than it expected
-  (each trial starts four: its Tune actor, Train's controller, its placement-group cleaner and
-  its worker); Ray Train's INFO lines (each report's metrics, each checkpoint's path, the
+  (a Ray Train trial starts several: its Tune actor, Train's controller, its placement-group
+  cleaner and its workers); Ray Train's INFO lines (each report's metrics, each checkpoint's path, the
   worker group's start) stay in the session's log files (``ray/trainer.py``: ``LoggingConfig``;
   ``ray/worker.py``: ``quiet_train_reports``).
 """

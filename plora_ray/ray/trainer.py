@@ -62,12 +62,16 @@ CHECKPOINT_SCORE = "checkpoint_score"
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Train V2's record of the checkpoints it keeps
 
 
-def checkpoint_config(metric: str | None = None, mode: str | None = None):
-    """Which checkpoints a run keeps. With a sweep's ``metric``: the best by it and the latest
-    (for resume): ``num_to_keep=1`` ranks by :data:`CHECKPOINT_SCORE` in ``mode`` and Train
-    never deletes the latest checkpoint, whatever its score (``_save_state_and_delete_old_checkpoints``),
-    so at most two stay. Without one (a single run): the latest two."""
-    from ray.train import CheckpointConfig
+def checkpoint_config(metric: str | None = None, mode: str | None = None, tune: bool = False):
+    """Which checkpoints a run keeps (Train's; ``tune``: Tune's, for a trial that trains in its
+    function). With a sweep's ``metric``: the best by it and the latest (for resume):
+    ``num_to_keep=1`` ranks by :data:`CHECKPOINT_SCORE` in ``mode`` and neither deletes the
+    latest checkpoint, whatever its score (``_save_state_and_delete_old_checkpoints`` in both
+    checkpoint managers), so at most two stay. Without one (a single run): the latest two."""
+    if tune:
+        from ray.tune import CheckpointConfig
+    else:
+        from ray.train import CheckpointConfig
 
     if metric is None:
         return CheckpointConfig(num_to_keep=2)
@@ -76,10 +80,13 @@ def checkpoint_config(metric: str | None = None, mode: str | None = None):
 
 
 def kept_checkpoints(run_dir: str | Path) -> tuple[Path | None, Path | None]:
-    """(best, latest) checkpoint directories of a Train run's directory (``<storage>/<name>``),
-    from Train's snapshot; (None, None) where there is none. Without a score the best is the
+    """(best, latest) checkpoint directories of a Train run's directory (``<storage>/<name>``,
+    from Train's snapshot) or of a Tune trial that trained in its function (its directory, from
+    Tune's ``result.json``); (None, None) where there is none. Without a score the best is the
     latest."""
     run_dir = Path(run_dir)
+    if not (run_dir / SNAPSHOT).is_file() and (run_dir / "result.json").is_file():
+        return tune_trial_checkpoints(run_dir)
     try:
         state = json.loads((run_dir / SNAPSHOT).read_text())
     except (OSError, ValueError):
@@ -88,6 +95,31 @@ def kept_checkpoints(run_dir: str | Path) -> tuple[Path | None, Path | None]:
     latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
     best = ranked[-1] if ranked else latest
     return (run_dir / best if best else None), (run_dir / latest if latest else None)
+
+
+def tune_trial_checkpoints(trial_dir: Path) -> tuple[Path | None, Path | None]:
+    """(best, latest) of the checkpoints a Tune trial's directory still holds, each scored by
+    the report that wrote it (Ray's ``Result.from_path``); a NaN score (not measured) is never
+    the best."""
+    import math
+
+    from ray.tune import Result
+
+    try:
+        result = Result.from_path(str(trial_dir))
+    except (RuntimeError, OSError, ValueError):
+        return None, None
+    kept = result.best_checkpoints or []  # by checkpoint index
+    if not kept:
+        return None, None
+    mode = (result.metrics or {}).get("sweep_mode", "min")
+    scored = [(m.get(CHECKPOINT_SCORE), c) for c, m in kept]
+    scored = [(v, c) for v, c in scored if isinstance(v, (int, float)) and math.isfinite(v)]
+    latest = Path(kept[-1][0].path)
+    if not scored:
+        return latest, latest
+    best = (min if mode == "min" else max)(scored, key=lambda x: x[0])[1]
+    return Path(best.path), latest
 
 
 def trainer_for(cfg: RunConfig, storage_path: str, name: str, callbacks=None,

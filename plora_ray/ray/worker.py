@@ -1,4 +1,6 @@
-"""Ray Train: a run as N data-parallel workers (torch DDP or DeepSpeed ZeRO 0-3).
+"""A run's loop on Ray: N data-parallel Ray Train workers (torch DDP or DeepSpeed ZeRO 0-3),
+or, a sweep's one-worker trial, its own Tune function (:func:`trial_loop`), both through
+:func:`run_loop`.
 
     python -m plora_ray.train RUN.yaml --workers 2 --engine deepspeed --zero 3
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import tempfile
 import time
 
+import ray
 import torch
 
 from plora_ray.config.schema import RunConfig
@@ -57,11 +60,11 @@ def quiet_train_reports() -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: the loop of ``loop.fit`` with Ray's checkpoints and reports.
+    """One Ray Train worker: :func:`run_loop` with Train's rank, checkpoint and reports.
 
     ``config``: ``run`` (the RunConfig as JSON, validated once here), ``tracking`` (the trial's
-    :class:`~plora_ray.tracking.driver.TrialRecord`, or None) and ``submitted`` (when the
-    trainer was made: the worker group's start-up is timed from it)."""
+    :class:`~plora_ray.tracking.driver.TrialRecord`, or None), ``submitted`` (when the trainer
+    was made: the worker group's start-up is timed from it) and, in a sweep, ``score``."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -69,35 +72,74 @@ def train_loop_per_worker(config: dict) -> None:
     quiet_train_reports()
     cfg = RunConfig.model_validate(config["run"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.distributed.use_gpu:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
+
+    def report(metrics, directory):
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if directory else None)
+
+    submitted = config.get("submitted")
+    run_loop(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, ray.train.get_checkpoint(), report,
+             ray.get_runtime_context().get_node_id(), config.get("tracking"), config.get("score"),
+             None if submitted is None else started - submitted)
+
+
+def trial_loop(cfg: RunConfig, tracking, score: dict, extra, started: float | None = None) -> bool:
+    """A one-worker trial in its own Tune function (no worker group: ``sweep/tune.py``):
+    :func:`run_loop` with Tune's checkpoint and reports, each report's metrics completed by
+    ``extra(metrics)``; True if the run diverged. ``started``: when the trial's function began
+    (its start-up, ``phase/train_start_s``, counts from it)."""
+    import logging
+
+    from ray import tune
+
+    # Tune's INFO line for every checkpoint it stores stays off the console, as Train's do
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+
+    def report(metrics, directory):
+        extra(metrics)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
+
+    device = torch.device("cuda" if cfg.distributed.use_gpu else "cpu")  # Ray set the trial's GPU
+    return run_loop(cfg, 0, 1, device, tune.get_checkpoint(), report, ray.get_runtime_context().get_node_id(),
+                    tracking, score, None if started is None else time.time() - started)
+
+
+def run_loop(cfg: RunConfig, rank: int, world: int, device: torch.device, checkpoint, report, node_id: str,
+             tracking=None, score: dict | None = None, start_up: float | None = None) -> bool:
+    """The loop of ``loop.fit`` with checkpoints and reports, in a Ray Train worker or (a
+    one-worker trial) in its Tune function (``ray/inline.py``); True if the run diverged.
+
+    ``checkpoint``: Ray's checkpoint to resume from, or None; ``report(metrics, directory)``
+    hands a checkpoint's metrics and its directory (None: nothing written) to Ray; ``node_id``:
+    Ray's node, in every report and (rank 0) in the trial's MLflow run; ``score``
+    (a sweep's trial): each report carries the sweep's metric under ``score["key"]``, NaN
+    where not measured (ray/trainer.py); ``start_up``: seconds from the trainer's creation."""
+    if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
     run = setup(cfg, rank, world, device)
-    if "submitted" in config:  # the worker group's start-up, from the trainer's creation
-        run.timings["train_start"] = max(0.0, started - config["submitted"])
-    checkpoint = ray.train.get_checkpoint()
+    if start_up is not None:  # the worker group's start-up, from the trainer's creation
+        run.timings["train_start"] = max(0.0, start_up)
     if checkpoint:
         with checkpoint.as_directory() as d:
             load_run_checkpoint(run, d)
-    node_id = ray.get_runtime_context().get_node_id()
-    tracker = TrialTracker(config.get("tracking"), rank)
+    tracker = TrialTracker(tracking, rank)
     if tracker.logger:  # rank 0 of a trial: where it runs (a lost node moves it)
-        add_trial_node(config["tracking"].uri, config["tracking"].run_id, node_id)
+        add_trial_node(tracking.uri, tracking.run_id, node_id)
     tracker.trainable_params(sum(p.numel() for p in run.model.parameters() if p.requires_grad))
-    score = config.get("score")  # a sweep's trial: each checkpoint's score (ray/trainer.py)
 
-    def report(run, metrics):
+    def save(run, metrics, directory):  # the checkpoint's directory, None if nothing was written
         if score:  # NaN where not measured (or diverged): never ranked the best
             value = metrics.get(score["metric"]) if not metrics.get("diverged") else None
             metrics[score["key"]] = float("nan") if value is None else float(value)
-        with tempfile.TemporaryDirectory() as tmp:
-            written = save_run_checkpoint(run, tmp)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if written else None)
+        return directory if save_run_checkpoint(run, directory) else None
+
+    last = []  # the final checkpoint's report: made once the trial's phases are logged, since a
+    # scheduler may stop a trial at its last report (ASHA's max_t) before its function goes on
 
     def on_checkpoint(run, final, scores):
         metrics = report_metrics(run, final)
@@ -108,7 +150,10 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.metrics(scores, run.clock.steps, run.clock.samples)
         if final:
             metrics["replicas_identical"] = replicas_identical(run)
-        report(run, metrics)
+            last.append((metrics, save(run, metrics, final_dir)))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            report(metrics, save(run, metrics, tmp))
 
     e = cfg.eval  # benchmarks scored only at the end follow the last step
     final_evaluation = bool(e.final_only_tasks) or bool(e.harness.tasks and e.harness.at != "every")
@@ -119,15 +164,23 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:  # the console: step k of the total, time left (the driver shows it)
             trial_progress.step(rec["step"])
 
-    try:
-        fit(run, on_step=on_step, on_unload=tracker.unload, on_checkpoint=on_checkpoint, progress=rank == 0)
+    diverged = False
+    with tempfile.TemporaryDirectory() as final_dir:
+        try:
+            fit(run, on_step=on_step, on_unload=tracker.unload, on_checkpoint=on_checkpoint, progress=rank == 0)
+        except FloatingPointError as exc:  # every rank sees the same all-reduced loss
+            diverged = True
+            metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
+            metrics["node_id"] = node_id
+            metrics.update({"diverged": True, "diverged_reason": str(exc)})
+            last[:] = [(metrics, save(run, metrics, final_dir))]
+        finally:
+            tracker.flush()
+        if not last:  # resumed from the final checkpoint (the run had ended, unrecorded): its result again
+            metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
+            metrics["node_id"] = node_id
+            metrics.update({k: v for k, v in (run.evals[-1] if run.evals else {}).items() if k != "step"})
+            last.append((metrics, None))
         tracker.phases(run.timings, run.clock.steps)
-    except FloatingPointError as exc:  # every rank sees the same all-reduced loss
-        tracker.phases(run.timings, run.clock.steps)
-        tracker.flush()
-        metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
-        metrics["node_id"] = node_id
-        metrics.update({"diverged": True, "diverged_reason": str(exc)})
-        report(run, metrics)
-    finally:
-        tracker.flush()
+        report(*last[0])
+    return diverged

@@ -6,14 +6,19 @@
     python -m plora_ray.tune FILE --address auto --storage /shared/sweeps --tracking-uri http://mlflow:5000
     ray job submit --working-dir . -- python -m plora_ray.tune FILE --storage s3://bucket/sweeps ...
 
-One trial = one Ray Train TorchTrainer run (``ray/trainer.py: trainer_for``) built by a Tune
-function that asks for a sliver of memory and no CPU (Train V2 refuses ``Tuner(TorchTrainer)``);
-its workers take the trial's resources, so a node's CPUs all go to workers. On a cluster
+A trial of one worker with the torch engine (the main command's) trains in its Tune function
+(``ray/worker.py: trial_loop``), which holds that worker's resources: no Train controller or
+worker group per trial, Tune keeps its checkpoints (the best by the metric and the latest) and
+restarts it from the last one. Any other trial is one Ray Train TorchTrainer run
+(``ray/trainer.py: trainer_for``) built by a Tune function that asks for a sliver of memory and
+no CPU (Train V2 refuses ``Tuner(TorchTrainer)``); its workers take the trial's resources, so a
+node's CPUs all go to workers. On a cluster
 (``--address``, or inside a Ray Job) the sweep refuses a tracking store only one machine
 reaches once it sees more than one node, before any trial starts (``ray/cluster.py``); failures
 are handled at two levels (``failures`` in the sweep file): Train restarts a trial's worker
 group from its last checkpoint when a worker or node is lost, Tune retries a trial that
-failed anyway, and ``--resume`` continues a sweep whose driver died. The driver creates the
+failed anyway (a one-worker trial: Tune does both, from its last checkpoint), and ``--resume``
+continues a sweep whose driver died. The driver creates the
 MLflow experiment, a parent run for the sweep and one nested run per trial (idempotent per trial id, so a restarted trial continues its
 run, named from its searched values: ``u16 m0.1 r1 s0``); rank 0 of each trial logs the curves
 into it. ``repeats: N`` runs every configuration with N seeds (separate trials). When Tune is
@@ -42,23 +47,25 @@ from plora_ray.sweep.preflight import raise_if_every_trial_failed
 
 driver_console()  # before this process imports Ray: which worker lines the console shows
 
-# the Tune function of a trial only waits on its TorchTrainer: no CPU (a node's CPUs are for
+# the Tune function of a trial that only waits on its TorchTrainer: no CPU (a node's CPUs are for
 # workers: with a sliver of CPU two trial functions on a 1-CPU node left no room for a worker)
 # and a sliver of memory (Tune refuses a request with nothing in it)
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20}
 DIVERGED_PENALTY = {"min": 1e6, "max": -1.0}  # what the searcher sees for a diverged trial
-TRIALS = "trials"  # under the sweep's storage: each trial's Train run, <sweep name>-<trial id>
+TRIALS = "trials"  # under the sweep's storage: each Train trial's run, <sweep name>-<trial id>
 
 
 def trial_function(config: dict, sweep: SweepContext) -> None:
-    """The Tune trainable: build this trial's run config, its MLflow run, its TorchTrainer."""
+    """The Tune trainable: build this trial's run config and its MLflow run, then train it, in
+    this function where every trial of the sweep is one process (``one_process_trials``), else
+    as a Ray Train TorchTrainer run."""
+    started = time.time()
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from plora_ray.ray.cluster import storage_join
-    from plora_ray.ray.trainer import trainer_for
     from plora_ray.config.spec import SweepSpec
-    from plora_ray.config.trials import trial_run_config, trial_values
+    from plora_ray.config.trials import one_process_trials, trial_run_config, trial_values
+    from plora_ray.ray.trainer import CHECKPOINT_SCORE
     from plora_ray.tracking.driver import TrialRecord, set_trial_status, trial_run
     from plora_ray.tracking.naming import active_params, logged_config, run_name, trial_tags
 
@@ -69,11 +76,28 @@ def trial_function(config: dict, sweep: SweepContext) -> None:
     name = run_name(values, cfg.seed, trial_id)
     cfg.name = name  # the progress lines say which trial they come from
     run_cfg = cfg.model_dump(mode="json")
-    train_run = f"{sweep.name}-{trial_id}"  # the trial's Train run: its checkpoints and ledger
+    inline = one_process_trials(spec)
+    # where the trial's checkpoints (and ledger) go: its Tune directory, or its Train run's
+    train_run = f"{sweep.name}-{trial_id}"
+    where = storage_join(sweep.storage, sweep.name, trial_id) if inline else storage_join(sweep.storage, TRIALS, train_run)
     run_id = trial_run(sweep.tracking_uri, sweep.experiment_id, sweep.parent_run_id, trial_id,
-                       name, active_params(run_cfg), trial_tags(values, cfg.seed),
-                       logged_config(run_cfg, storage_join(sweep.storage, TRIALS, train_run)))
+                       name, active_params(run_cfg), trial_tags(values, cfg.seed), logged_config(run_cfg, where))
     tracking = TrialRecord(sweep.tracking_uri, run_id)
+    if inline:
+        from plora_ray.ray.worker import trial_loop
+
+        def extra(metrics):  # what the export of a sweep directory and the searcher read
+            metrics["sweep_metric"], metrics["sweep_mode"] = spec.metric, spec.mode
+            if metrics.get("diverged"):
+                metrics[spec.metric] = DIVERGED_PENALTY[spec.mode]  # the searcher sees it as bad
+
+        diverged = trial_loop(cfg, tracking, {"metric": spec.metric, "key": CHECKPOINT_SCORE}, extra, started)
+        set_trial_status(sweep.tracking_uri, run_id, "diverged" if diverged else "finished")
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from plora_ray.ray.trainer import trainer_for
+
     trainer = trainer_for(cfg, storage_join(sweep.storage, TRIALS), train_run,
                           callbacks=[TuneReportCallback()],
                           tracking=tracking, metric=spec.metric, mode=spec.mode)
@@ -90,6 +114,29 @@ def trial_function(config: dict, sweep: SweepContext) -> None:
     else:
         set_trial_status(sweep.tracking_uri, run_id, "finished")
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
+
+
+def trial_resources(spec) -> dict:
+    """What Tune reserves for a trial's function: the trial's one worker where it trains there
+    (``one_process_trials``), else nothing but a sliver of memory (its Train workers take
+    theirs)."""
+    from plora_ray.config.trials import one_process_trials
+
+    if not one_process_trials(spec):
+        return TRIAL_RESOURCES
+    r = spec.resources
+    return {"cpu": r.cpus_per_worker, **({"gpu": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})}
+
+
+def trial_failures(spec) -> int:
+    """Tune's ``max_failures``: a trial's retries, plus its worker's restarts where the trial
+    trains in its function (Tune restarts it from its last checkpoint in both cases); -1: no limit."""
+    from plora_ray.config.trials import one_process_trials
+
+    f = spec.failures
+    if not one_process_trials(spec):
+        return f.trial_retries
+    return -1 if -1 in (f.trial_retries, f.worker_restarts) else f.trial_retries + f.worker_restarts
 
 
 def _trial_name(spec):
@@ -112,9 +159,10 @@ def build_tuner(spec, sweep: SweepContext, restore_path: str | None = None):
 
     from plora_ray.ray.placement import OrphanedPlacementGroups
     from plora_ray.ray.progress import sweep_progress
+    from plora_ray.ray.trainer import checkpoint_config
     from plora_ray.sweep.space import tune_param_space
 
-    trainable = tune.with_resources(tune.with_parameters(trial_function, sweep=sweep), TRIAL_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(trial_function, sweep=sweep), trial_resources(spec))
     # what Tune's table of a finished trial shows (read by tune.run as Ray's own trainables set it,
     # ray/tune/progress_reporter.py: _detect_progress_metrics); else all 20 keys of its last report
     trainable._progress_metrics = list(dict.fromkeys([spec.metric, "train/loss", "step", "total_steps",
@@ -157,21 +205,24 @@ def build_tuner(spec, sweep: SweepContext, restore_path: str | None = None):
         run_config=ray.tune.RunConfig(name=sweep.name, storage_path=sweep.storage,
                                       callbacks=[sweep_progress(sweep.name), OrphanedPlacementGroups(),
                                                  CSVLoggerCallback(), JsonLoggerCallback()],
-                                      failure_config=ray.tune.FailureConfig(
-                                          max_failures=spec.failures.trial_retries)),
+                                      # a trial that trains in its function: Tune keeps its best
+                                      # checkpoint by the metric and its latest (ray/trainer.py)
+                                      checkpoint_config=checkpoint_config(spec.metric, spec.mode, tune=True),
+                                      failure_config=ray.tune.FailureConfig(max_failures=trial_failures(spec))),
     )
 
 
 def trial_outcomes(results) -> dict[str, str]:
-    """How each trial Tune knows of ended: failed (an error), finished (its final report),
-    stopped_early (stopped by the scheduler after reporting)."""
+    """How each trial Tune knows of ended: failed (an error), finished or diverged (its final
+    report), stopped_early (stopped by the scheduler after reporting)."""
     outcome = {}
     for res in results:
         tid = (res.metrics or {}).get("trial_id")
         if tid is None:  # never reported: end_running_trials' default (failed) covers it
             continue
         final = (res.metrics or {}).get("final")
-        outcome[tid] = "failed" if res.error is not None else "finished" if final else "stopped_early"
+        outcome[tid] = ("failed" if res.error is not None else "stopped_early" if not final
+                        else "diverged" if (res.metrics or {}).get("diverged") else "finished")
     return outcome
 
 
@@ -196,14 +247,17 @@ def summarize(spec, sweep: SweepContext, results=None) -> str:
 
 
 def trial_best_checkpoint(storage: str, sweep_name: str, trial_id: str | None) -> str | None:
-    """The best checkpoint a trial's Train run kept (for a trial stopped early, whose function
-    never reported it), read from local storage; None where unknown."""
+    """The best checkpoint a trial kept (its Train run's, for a trial stopped early, whose
+    function never reported it; or, a trial that trained in its function, its Tune
+    directory's), read from local storage; None where unknown."""
     from plora_ray.ray.cluster import is_uri, storage_join
     from plora_ray.ray.trainer import kept_checkpoints
 
     if not trial_id or is_uri(storage):
         return None
     best, _ = kept_checkpoints(storage_join(storage, TRIALS, f"{sweep_name}-{trial_id}"))
+    if best is None:  # a trial that trained in its Tune function: its Tune directory
+        best, _ = kept_checkpoints(storage_join(storage, sweep_name, trial_id))
     return str(best) if best is not None and best.is_dir() else None
 
 
