@@ -41,3 +41,23 @@ def test_compiled_layers_train_like_eager_and_unloads_stay_exact(tiny_cfg, tmp_p
     assert restored.cfg.model.compile is True  # the run's own config is what its outputs record
     for (name, p), q in zip(run.model.state_dict().items(), restored.model.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_compiling_a_model_that_names_no_decoder_layer_is_refused_before_it_loads(tiny_cfg, monkeypatch):
+    """The refusal comes from preflight's meta-device skeleton (no weight read), before any run
+    or sweep starts; the run's own setup refuses it in the same words."""
+    import pytest
+    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+    from plora_ray.config.schema import ConfigError
+    from plora_ray.sweep.preflight import check_model
+
+    cfg = tiny_cfg(model={"compile": True})
+    check_model(cfg)  # the tiny Llama names its decoder layers
+    # an architecture that names none (transformers gathers them from the model's parts)
+    monkeypatch.setattr(LlamaPreTrainedModel, "_no_split_modules", None)
+    with pytest.raises(ConfigError, match=r"^model.compile: tiny names no repeated decoder layer .*"
+                                          r"set model.compile: false$"):
+        check_model(cfg)
+    with pytest.raises(ConfigError, match="^model.compile: tiny names no repeated decoder layer"):
+        setup(cfg)

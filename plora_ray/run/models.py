@@ -46,12 +46,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
     fast.chat_template = CHATML
     return fast
 
@@ -356,16 +352,23 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_layers(model) -> int:
-    """Regional compilation (``model.compile``): ``torch.compile`` on each decoder layer in place
-    (the classes the model names in ``_no_split_modules``), one graph reused by every layer,
-    with dynamic sequence lengths (padded micro-batches vary: one compile, not one per length).
-    The parameters stay the same tensors, so unloads write into what the graphs read. Inductor's
-    on-disk cache makes later runs' first step cheap. Returns the number of layers compiled."""
+def decoder_layers(model, name: str) -> list[torch.nn.Module]:
+    """The model's repeated decoder layers (its ``_no_split_modules`` classes' modules), which
+    ``model.compile`` compiles; ConfigError naming the model where it names none."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
-    blocks = [m for m in base.modules() if type(m).__name__ in names]
-    for block in blocks:
+    if not (layers := [m for m in base.modules() if type(m).__name__ in names]):
+        raise ConfigError(f"model.compile: {name} names no repeated decoder layer (_no_split_modules) "
+                          "to compile: set model.compile: false")
+    return layers
+
+
+def compile_layers(model, name: str) -> int:
+    """Regional compilation (``model.compile``): ``torch.compile`` on each decoder layer in place,
+    one graph reused by every layer, dynamic sequence lengths (one compile, not one per length).
+    The parameters stay the same tensors, so unloads write into what the graphs read; Inductor's
+    on-disk cache makes later runs' first step cheap. Returns the number of layers compiled."""
+    for block in (blocks := decoder_layers(model, name)):
         block.compile(dynamic=True)
     return len(blocks)
 

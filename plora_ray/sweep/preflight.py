@@ -69,12 +69,15 @@ def check_model(cfg: RunConfig) -> None:
     """The base model exists, every ``lora.target_modules`` name matches a layer LoRA can wrap
     (checked on a meta-device skeleton, so even a 7B model costs a fraction of a second), and its
     tokenizer loads and renders the chat template with an assistant-only mask."""
-    from plora_ray.run.models import check_attention, check_target_modules, check_tokenizer, model_skeleton
+    from plora_ray.run.models import (check_attention, check_target_modules, check_tokenizer, decoder_layers,
+                                      model_skeleton)
 
     check_attention(cfg)  # flash_attention_2 where it cannot run
     skeleton = model_skeleton(cfg.model)
     if cfg.method != "full":
         check_target_modules(skeleton, cfg.lora.target_modules)
+    if cfg.model.compile:  # regional compilation needs the model's decoder layers
+        decoder_layers(skeleton, cfg.model.name_or_path)
     check_tokenizer(cfg.model)
 
 
