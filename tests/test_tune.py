@@ -95,6 +95,8 @@ def test_optuna_asha_sweep_logs_one_run_per_trial_with_curves(tmp_path, capsys):
     assert any(re.search(r": [123] of 4 trials done.*elapsed, ~\d+[smh]", line) for line in sweep_lines)
     assert sweep_lines[-1].startswith(f"sweep {sweep['name']}: 4 of 4 trials done; ") and sweep_lines[-1].endswith(", done")
     assert "tensorboard" not in captured.out.lower() and "Reporting training result" not in captured.err
+    assert "snapshotting has been triggered" not in captured.out + captured.err  # Tune's, after checkpoints
+    assert "Checkpoint successfully created" not in captured.out + captured.err  # each stored checkpoint
 
 
 def test_rays_log_deduplication_keeps_every_progress_line_and_drops_the_startup_warning():

@@ -52,6 +52,11 @@ driver_console()  # before this process imports Ray: which worker lines the cons
 # and a sliver of memory (Tune refuses a request with nothing in it)
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20}
 DIVERGED_PENALTY = {"min": 1e6, "max": -1.0}  # what the searcher sees for a diverged trial
+# Tune's settings for the sweep's fit() (a user's own values win): build_tuner's loggers only;
+# no warning that the experiment's state was saved twice within 5 s, which Tune does after
+# every trial checkpoint when it keeps one per trial, and two trials checkpoint together
+TUNE_SETTINGS = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+                 "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 TRIALS = "trials"  # under the sweep's storage: each Train trial's run, <sweep name>-<trial id>
 
 
@@ -321,7 +326,7 @@ def run_sweep(spec, space: str, storage: str, resume: bool = False, address: str
         signal.signal(signal.SIGTERM, terminate)
     try:
         restore = storage_join(storage, sweep.name) if resume else None
-        with mock.patch.dict(os.environ, {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):  # build_tuner's loggers
+        with mock.patch.dict(os.environ, TUNE_SETTINGS | {k: v for k, v in os.environ.items() if k in TUNE_SETTINGS}):
             results = build_tuner(spec, sweep, restore).fit()
         end_running_trials(uri, parent, trial_outcomes(results))
         text = summarize(spec, sweep, results)
