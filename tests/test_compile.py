@@ -2,11 +2,16 @@
 train as the eager model does, to fp32 rounding, and PLoRA's unloads stay exact through them
 (the parameters the graphs read are the ones unloads write)."""
 
+import pytest
 import torch
 
+from plora_ray.config.schema import ConfigError
 from plora_ray.run.loop import fit, setup
+from plora_ray.sweep.preflight import check_model
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "AVX2",
+                    reason="refused on an AVX2 CPU (compiled LoRA layers gave NaN there): tested below")
 def test_compiled_layers_train_like_eager_and_unloads_stay_exact(tiny_cfg, tmp_path):
     from torch._dynamo.utils import counters
 
@@ -46,12 +51,9 @@ def test_compiled_layers_train_like_eager_and_unloads_stay_exact(tiny_cfg, tmp_p
 def test_compiling_a_model_that_names_no_decoder_layer_is_refused_before_it_loads(tiny_cfg, monkeypatch):
     """The refusal comes from preflight's meta-device skeleton (no weight read), before any run
     or sweep starts; the run's own setup refuses it in the same words."""
-    import pytest
     from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
-    from plora_ray.config.schema import ConfigError
-    from plora_ray.sweep.preflight import check_model
-
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # any CPU compile runs on
     cfg = tiny_cfg(model={"compile": True})
     check_model(cfg)  # the tiny Llama names its decoder layers
     # an architecture that names none (transformers gathers them from the model's parts)
@@ -61,3 +63,17 @@ def test_compiling_a_model_that_names_no_decoder_layer_is_refused_before_it_load
         check_model(cfg)
     with pytest.raises(ConfigError, match="^model.compile: tiny names no repeated decoder layer"):
         setup(cfg)
+
+
+def test_compiling_lora_layers_is_refused_on_an_avx2_cpu_before_anything_loads(tiny_cfg, monkeypatch):
+    """There torch 2.13's compiled LoRA layers gave NaN in the first forward pass (seen with
+    ATEN_CPU_CAPABILITY=avx2; full fine-tuning's layers matched eager): refused in one line by
+    preflight and by the run's own setup; full fine-tuning and GPU runs are not refused."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cfg = tiny_cfg(model={"compile": True})
+    for check in (check_model, setup):
+        with pytest.raises(ConfigError, match=r"^model.compile: torch .* NaN on this CPU \(ATen capability AVX2.*"
+                                              r"set model.compile: false$"):
+            check(cfg)
+    check_model(tiny_cfg(method="full", model={"compile": True}))
+    check_model(tiny_cfg(model={"compile": False}))

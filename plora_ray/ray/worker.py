@@ -112,17 +112,18 @@ def trial_loop(cfg: RunConfig, tracking, score: dict, extra, started: float | No
 def run_loop(cfg: RunConfig, rank: int, world: int, device: torch.device, checkpoint, report, node_id: str,
              tracking=None, score: dict | None = None, start_up: float | None = None) -> bool:
     """The loop of ``loop.fit`` with checkpoints and reports, in a Ray Train worker or (a
-    one-worker trial) in its Tune function (``ray/inline.py``); True if the run diverged.
+    one-worker trial) in its Tune function (:func:`trial_loop`); True if the run diverged.
 
     ``checkpoint``: Ray's checkpoint to resume from, or None; ``report(metrics, directory)``
     hands a checkpoint's metrics and its directory (None: nothing written) to Ray; ``node_id``:
     Ray's node, in every report and (rank 0) in the trial's MLflow run; ``score``
     (a sweep's trial): each report carries the sweep's metric under ``score["key"]``, NaN
-    where not measured (ray/trainer.py); ``start_up``: seconds from the trainer's creation."""
+    where not measured (ray/trainer.py); ``start_up``: seconds from the trainer's creation (or
+    the trial function's start) to this call, ``phase/train_start_s``."""
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
     run = setup(cfg, rank, world, device)
-    if start_up is not None:  # the worker group's start-up, from the trainer's creation
+    if start_up is not None:  # the worker group's (or trial function's) start-up
         run.timings["train_start"] = max(0.0, start_up)
     if checkpoint:
         with checkpoint.as_directory() as d:
