@@ -165,23 +165,23 @@ def run_loop(cfg: RunConfig, rank: int, world: int, device: torch.device, checkp
         if rank == 0:  # the console: step k of the total, time left (the driver shows it)
             trial_progress.step(rec["step"])
 
+    def final_metrics(extra: dict) -> dict:  # a final report fit itself did not make
+        metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
+        return {**metrics, "node_id": node_id, **extra}
+
     diverged = False
     with tempfile.TemporaryDirectory() as final_dir:
         try:
             fit(run, on_step=on_step, on_unload=tracker.unload, on_checkpoint=on_checkpoint, progress=rank == 0)
         except FloatingPointError as exc:  # every rank sees the same all-reduced loss
             diverged = True
-            metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
-            metrics["node_id"] = node_id
-            metrics.update({"diverged": True, "diverged_reason": str(exc)})
+            metrics = final_metrics({"diverged": True, "diverged_reason": str(exc)})
             last[:] = [(metrics, save(run, metrics, final_dir))]
         finally:
             tracker.flush()
         if not last:  # resumed from the final checkpoint (the run had ended, unrecorded): its result again
-            metrics = report_metrics(run, final=True) if run.history else {"step": 0, "final": True}
-            metrics["node_id"] = node_id
-            metrics.update({k: v for k, v in (run.evals[-1] if run.evals else {}).items() if k != "step"})
-            last.append((metrics, None))
+            last.append((final_metrics({k: v for k, v in (run.evals[-1] if run.evals else {}).items()
+                                        if k != "step"}), None))
         tracker.phases(run.timings, run.clock.steps)
         report(*last[0])
     return diverged

@@ -91,12 +91,8 @@ def trial_function(config: dict, sweep: SweepContext) -> None:
     if inline:
         from plora_ray.ray.worker import trial_loop
 
-        def extra(metrics):  # what the export of a sweep directory and the searcher read
-            metrics["sweep_metric"], metrics["sweep_mode"] = spec.metric, spec.mode
-            if metrics.get("diverged"):
-                metrics[spec.metric] = DIVERGED_PENALTY[spec.mode]  # the searcher sees it as bad
-
-        diverged = trial_loop(cfg, tracking, {"metric": spec.metric, "key": CHECKPOINT_SCORE}, extra, started)
+        diverged = trial_loop(cfg, tracking, {"metric": spec.metric, "key": CHECKPOINT_SCORE},
+                              lambda metrics: sweep_keys(metrics, spec), started)
         set_trial_status(sweep.tracking_uri, run_id, "diverged" if diverged else "finished")
         return
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -112,13 +108,18 @@ def trial_function(config: dict, sweep: SweepContext) -> None:
     # the trial's best checkpoint by the sweep's metric (kept besides the latest: ray/trainer.py)
     metrics["best_checkpoint_path"] = (result.best_checkpoints[-1][0].path if result.best_checkpoints
                                        else metrics["checkpoint_path"])
-    metrics["sweep_metric"], metrics["sweep_mode"] = spec.metric, spec.mode  # for the export of a sweep dir
-    if metrics.get("diverged"):
-        set_trial_status(sweep.tracking_uri, run_id, "diverged")
-        metrics[spec.metric] = DIVERGED_PENALTY[spec.mode]  # the searcher sees it as bad
-    else:
-        set_trial_status(sweep.tracking_uri, run_id, "finished")
+    set_trial_status(sweep.tracking_uri, run_id, "diverged" if metrics.get("diverged") else "finished")
+    sweep_keys(metrics, spec)
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
+
+
+def sweep_keys(metrics: dict, spec) -> None:
+    """What a trial's report to Tune adds: the sweep's metric and mode (the export of a sweep
+    directory reads them) and, for a diverged trial, a penalty as the metric (the searcher sees
+    it as bad)."""
+    metrics["sweep_metric"], metrics["sweep_mode"] = spec.metric, spec.mode
+    if metrics.get("diverged"):
+        metrics[spec.metric] = DIVERGED_PENALTY[spec.mode]
 
 
 def trial_resources(spec) -> dict:
