@@ -10,8 +10,6 @@ from plora_ray.run.loop import fit, setup
 from plora_ray.sweep.preflight import check_model
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "AVX2",
-                    reason="refused on an AVX2 CPU (compiled LoRA layers gave NaN there): tested below")
 def test_compiled_layers_train_like_eager_and_unloads_stay_exact(tiny_cfg, tmp_path):
     from torch._dynamo.utils import counters
 
@@ -65,15 +63,40 @@ def test_compiling_a_model_that_names_no_decoder_layer_is_refused_before_it_load
         setup(cfg)
 
 
-def test_compiling_lora_layers_is_refused_on_an_avx2_cpu_before_anything_loads(tiny_cfg, monkeypatch):
-    """There torch 2.13's compiled LoRA layers gave NaN in the first forward pass (seen with
-    ATEN_CPU_CAPABILITY=avx2; full fine-tuning's layers matched eager): refused in one line by
-    preflight and by the run's own setup; full fine-tuning and GPU runs are not refused."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    cfg = tiny_cfg(model={"compile": True})
-    for check in (check_model, setup):
-        with pytest.raises(ConfigError, match=r"^model.compile: torch .* NaN on this CPU \(ATen capability AVX2.*"
-                                              r"set model.compile: false$"):
-            check(cfg)
-    check_model(tiny_cfg(method="full", model={"compile": True}))
-    check_model(tiny_cfg(model={"compile": False}))
+def test_code_for_two_vector_isas_is_cached_apart_and_each_matches_eager(tiny_cfg, monkeypatch):
+    """Inductor's graph cache key (torch 2.13) omits the CPU vector ISA it generated code for:
+    a graph cached under AVX-512 and loaded under AVX2 gave NaN (the loops of one ISA over the
+    vectors of another). Each ISA gets its own cache folder, so a second ISA on one cache root
+    (``ATEN_CPU_CAPABILITY``, or nodes of two CPU kinds sharing ``PLORA_RAY_CACHE``) compiles
+    its own code, which matches eager as the first ISA's does."""
+    import os
+
+    import torch._dynamo
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    native = str(pick_vec_isa())
+    if native == "INVALID_VEC_ISA":
+        pytest.skip("Inductor generates no vectorized CPU code here")
+    cfg = tiny_cfg(seed=0)
+    ids = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def logits(run):
+        torch.manual_seed(1)  # non-zero LoRA B factors, the same in every run: the adapters count
+        for name, p in run.model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        with torch.no_grad():
+            return run.model(ids).logits
+
+    reference = logits(setup(cfg))
+    compiled_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": True})})
+    folders = []
+    for capability in (None, "default" if native == "avx2" else "avx2"):
+        if capability:  # Inductor now generates another ISA's code (ATen's own kernels are chosen once)
+            monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+        torch._dynamo.reset()  # compile again, through Inductor's on-disk caches
+        out = logits(setup(compiled_cfg))
+        folders.append(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        assert torch.isfinite(out).all(), capability
+        assert torch.allclose(out, reference, rtol=1e-5, atol=1e-5), (capability, (out - reference).abs().max())
+    assert folders[0] != folders[1], folders

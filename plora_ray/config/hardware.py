@@ -40,18 +40,3 @@ def resolve_dtype(cfg: RunConfig) -> RunConfig:
     data["model"]["dtype"] = auto_dtype(cfg.distributed.use_gpu)
     return RunConfig.model_validate(data)
 
-
-def compile_refusal(cfg: RunConfig) -> str | None:
-    """Why ``model.compile`` must not run here, or None. On a CPU where ATen's capability is
-    AVX2, torch 2.13's Inductor code for a decoder layer holding peft's LoRA layers gave NaN in
-    the first forward pass (full fine-tuning's layer matched eager; seen with
-    ``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 Xeon, which makes Inductor emit its AVX2 code:
-    bench/RESULTS.md). Decided where it is called (preflight on the driver, setup on the worker)."""
-    if not cfg.model.compile or cfg.distributed.use_gpu or cfg.method == "full":
-        return None
-    import torch
-
-    if torch.backends.cpu.get_cpu_capability() != "AVX2":
-        return None
-    return (f"model.compile: torch {torch.__version__}'s compiled LoRA layers give NaN on this CPU (ATen "
-            "capability AVX2, bench/RESULTS.md): set model.compile: false")

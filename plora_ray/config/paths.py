@@ -2,8 +2,9 @@
 
 ``$PLORA_RAY_CACHE`` or ``~/.cache/plora_ray``; under it ``wheels/``, ``data/``, ``models/``
 (:mod:`plora_ray.assets.fetch`), ``datasets/`` (tokenised examples), ``kernels/`` (the fused
-merge) and ``torch_extensions/<python>-<environment>/`` (DeepSpeed's JIT-built ops, unless
-``TORCH_EXTENSIONS_DIR``).
+merge), ``torch_extensions/<python>-<environment>/`` (DeepSpeed's JIT-built ops, unless
+``TORCH_EXTENSIONS_DIR``) and ``inductor/<vector ISA>/`` (``model.compile``'s graphs and kernels,
+unless ``TORCHINDUCTOR_CACHE_DIR``).
 """
 
 from __future__ import annotations
@@ -38,3 +39,25 @@ def use_extensions_dir() -> None:
     (torch reads ``TORCH_EXTENSIONS_DIR``), whoever started the process (a Ray worker, a spawned
     gloo test, a benchmark's child)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+
+
+def inductor_cache_dir(isa: str) -> str:
+    """Where Inductor keeps ``model.compile``'s graphs and kernels: one folder per CPU vector ISA
+    that Inductor generates code for (``isa``, e.g. ``avx2``), unless ``TORCHINDUCTOR_CACHE_DIR``
+    names a folder of the user's. Inductor's graph cache key (torch 2.13) omits that ISA: a graph
+    cached by an AVX-512 process and loaded by an AVX2 one (``ATEN_CPU_CAPABILITY=avx2``, or nodes
+    of two CPU kinds sharing the cache root) ran AVX-512 loops over AVX2 vectors and gave NaN,
+    and the reverse corrupted the heap (bench/RESULTS.md)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    ours = cache_root() / "inductor"
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # Inductor writes its default there on first use
+    if chosen and Path(chosen).parent != ours and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen
+    folder = "-".join(isa.lower().split())
+    return str(ours / ("scalar" if folder in ("", "invalid_vec_isa") else folder))
+
+
+def use_inductor_cache_dir(isa: str) -> None:
+    """Before this process compiles: Inductor reads and writes :func:`inductor_cache_dir`."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(isa)

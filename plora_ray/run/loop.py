@@ -17,8 +17,7 @@ import torch
 from tqdm import tqdm
 
 from plora_ray.config.names import IGNORE
-from plora_ray.config.hardware import compile_refusal
-from plora_ray.config.schema import ConfigError, RunConfig
+from plora_ray.config.schema import RunConfig
 from plora_ray.core.clock import UnloadClock, lap
 from plora_ray.core.schedule import StageLR, make_scheduler
 from plora_ray.core.unloader import PeriodicUnloader, UnloadEvent
@@ -111,9 +110,7 @@ def setup(cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | 
     engine = make_engine(model, cfg, device or torch.device("cpu"), rank, world)
     if d.packing and len(examples) >= 2:
         check_packing(cfg, engine, examples, tokenizer.pad_token_id, rank)
-    if cfg.model.compile:  # refused by preflight first: no decoder layer, or a CPU it fails on
-        if why := compile_refusal(cfg):
-            raise ConfigError(why)
+    if cfg.model.compile:  # refused by preflight first where the model names no decoder layer
         compile_layers(model, cfg.model.name_or_path)
     timings = {"model_load": t1 - t0, "tokenise": t2 - t1, "engine": time.perf_counter() - t2}
     o, p = cfg.optim, cfg.plora

@@ -367,7 +367,13 @@ def compile_layers(model, name: str) -> int:
     """Regional compilation (``model.compile``): ``torch.compile`` on each decoder layer in place,
     one graph reused by every layer, dynamic sequence lengths (one compile, not one per length).
     The parameters stay the same tensors, so unloads write into what the graphs read; Inductor's
-    on-disk cache makes later runs' first step cheap. Returns the number of layers compiled."""
+    on-disk cache makes later runs' first step cheap, kept per CPU vector ISA
+    (:func:`~plora_ray.config.paths.inductor_cache_dir`). Returns the number of layers compiled."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    from plora_ray.config.paths import use_inductor_cache_dir
+
+    use_inductor_cache_dir(str(pick_vec_isa()))
     for block in (blocks := decoder_layers(model, name)):
         block.compile(dynamic=True)
     return len(blocks)

@@ -69,7 +69,6 @@ def check_model(cfg: RunConfig) -> None:
     """The base model exists, every ``lora.target_modules`` name matches a layer LoRA can wrap
     (checked on a meta-device skeleton, so even a 7B model costs a fraction of a second), and its
     tokenizer loads and renders the chat template with an assistant-only mask."""
-    from plora_ray.config.hardware import compile_refusal
     from plora_ray.run.models import (check_attention, check_target_modules, check_tokenizer, decoder_layers,
                                       model_skeleton)
 
@@ -77,10 +76,8 @@ def check_model(cfg: RunConfig) -> None:
     skeleton = model_skeleton(cfg.model)
     if cfg.method != "full":
         check_target_modules(skeleton, cfg.lora.target_modules)
-    if cfg.model.compile:  # regional compilation needs the model's decoder layers and a CPU it runs on
+    if cfg.model.compile:  # regional compilation needs the model's decoder layers
         decoder_layers(skeleton, cfg.model.name_or_path)
-        if why := compile_refusal(cfg):
-            raise ConfigError(why)
     check_tokenizer(cfg.model)
 
 
