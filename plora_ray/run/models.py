@@ -394,10 +394,9 @@ def build_model(cfg: RunConfig, world: int = 1):
     if d.engine == "deepspeed" and d.zero_stage == 3:
         import deepspeed
 
-        from plora_ray.config.paths import use_extensions_dir
-        from plora_ray.run.dsconfig import deepspeed_config
+        from plora_ray.run.dsconfig import deepspeed_config, prepare_deepspeed
 
-        use_extensions_dir()  # init_distributed builds DeepSpeed's shared-memory all-reduce on the CPU
+        prepare_deepspeed()
         zero3 = deepspeed_config(cfg, world, hidden_width(cfg.model))
         deepspeed.init_distributed()  # zero.Init reads the world size from DeepSpeed's comm
     model, tokenizer = load_base(cfg.model, cfg.seed, zero3)
