@@ -415,6 +415,24 @@ def test_preflight_refuses_a_sweep_with_one_line_before_ray(tmp_path, capsys, mo
     assert _snapshot(tmp_path) == before
 
 
+
+def test_an_mlflow_setting_mlflow_cannot_read_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    """MLflow reads ``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS`` as an integer inside its logging
+    thread: 0.5 killed that thread and every later wait for a logged batch hung. Refused first."""
+    from plora_ray.cli.tune import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep.yaml").write_text(with_space())
+    monkeypatch.setenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "0.5")
+    code = main(["sweep.yaml", "--dry-run", "--storage", "sweeps"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == ("error: environment variable MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS='0.5': MLflow reads it "
+                      "as int: give such a value, or unset it")
+    assert not (tmp_path / "sweeps").exists()
+    monkeypatch.setenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")  # an integer passes
+    assert main(["sweep.yaml", "--dry-run", "--storage", "sweeps"]) == 0
+
 def test_sweep_cli_fails_before_ray_in_seconds(tmp_path):
     """Without --dry-run: exit 2, one line, no traceback, no storage, and Ray never started."""
     (tmp_path / "sweep.yaml").write_text(with_base(lora={"target_modules": ["q_proj", "nonexistent_proj"]}))

@@ -142,6 +142,7 @@ def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
     data of every trial (each distinct value once); raises ConfigError / DataError."""
     from plora_ray.ray.cluster import is_uri
     from plora_ray.config.trials import trial_points, trial_run_config
+    from plora_ray.tracking.driver import check_mlflow_environment
 
     if is_uri(storage_dir):  # s3://, gs://...: Ray writes it; only a local path is probed here
         if not tracking_uri:
@@ -156,6 +157,7 @@ def check_sweep(spec, storage_dir: str | os.PathLike, resume: bool = False,
                               "without --resume, or give its --storage")
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
         check_writable(Path(tracking_uri.removeprefix("sqlite:///")).parent, "--tracking-uri directory")
+    check_mlflow_environment()
     if not spec._check_paths:
         return
     try:

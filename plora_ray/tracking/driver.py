@@ -56,6 +56,23 @@ class TrialRecord:
     run_id: str
 
 
+def check_mlflow_environment() -> None:
+    """MLflow's own settings in the environment (``MLFLOW_*``) that MLflow cannot read, refused
+    before any run: MLflow parses some only inside its asynchronous logging thread (e.g.
+    ``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS=0.5``, which must be an integer), where the failure
+    kills the thread and every wait for a logged batch then hangs. ConfigError naming the variable."""
+    import mlflow.environment_variables as variables
+
+    from plora_ray.config.schema import ConfigError
+
+    for var in vars(variables).values():
+        if isinstance(var, variables._EnvironmentVariable) and var.get_raw() is not None:
+            try:
+                var.get()
+            except ValueError:
+                raise ConfigError(f"environment variable {var.name}={var.get_raw()!r}: MLflow reads it as "
+                                  f"{getattr(var.type, '__name__', var.type)}: give such a value, or unset it") from None
+
 def mlflow_client(tracking_uri: str):
     """A client on ``tracking_uri`` (no global MLflow state; a new SQLite store is created)."""
     from mlflow import MlflowClient  # lazy: importing mlflow costs about 1 s
