@@ -58,6 +58,9 @@ def inductor_cache_dir(isa: str) -> str:
     return str(ours / ("scalar" if folder in ("", "invalid_vec_isa") else folder))
 
 
-def use_inductor_cache_dir(isa: str) -> None:
-    """Before this process compiles: Inductor reads and writes :func:`inductor_cache_dir`."""
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(isa)
+def use_inductor_cache_dir() -> None:
+    """Before this process compiles: Inductor reads and writes :func:`inductor_cache_dir` of the
+    ISA it generates code for now (``ATEN_CPU_CAPABILITY`` can lower it)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(str(pick_vec_isa()))

@@ -209,16 +209,19 @@ def check_deepspeed_config(cfg: RunConfig) -> dict | None:
     return merged
 
 
-def prepare_deepspeed() -> None:
+def prepare_deepspeed(init_distributed: bool = False) -> None:
     """Before this process first starts DeepSpeed's communication (``deepspeed.initialize`` or
     ``init_distributed``): JIT-built ops go to the cache root's per-environment folder, and its
     shared-memory all-reduce (``deepspeed_shm_comm``, which ``init_distributed`` JIT-builds on
     the CPU: ≈ 20 s on 2 cores, once per environment) is not built. Only
     ``inference_all_reduce`` (DeepSpeed-Inference's tensor parallelism) calls it, and that falls
-    back to ``torch.distributed.all_reduce`` without it; training's collectives never use it."""
+    back to ``torch.distributed.all_reduce`` without it; training's collectives never use it.
+    ``init_distributed``: then start DeepSpeed's communication (``deepspeed.init_distributed``)."""
     use_extensions_dir()
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
     if (builder := get_accelerator().create_op_builder("ShareMemCommBuilder")) is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    if init_distributed:
+        deepspeed.init_distributed()

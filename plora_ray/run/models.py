@@ -22,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from plora_ray.assets.templates import CHATML, apply_template
 from plora_ray.config.names import IGNORE
+from plora_ray.config.paths import use_inductor_cache_dir
 from plora_ray.config.schema import ConfigError, ModelConfig, RunConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -365,15 +366,10 @@ def decoder_layers(model, name: str) -> list[torch.nn.Module]:
 
 def compile_layers(model, name: str) -> int:
     """Regional compilation (``model.compile``): ``torch.compile`` on each decoder layer in place,
-    one graph reused by every layer, dynamic sequence lengths (one compile, not one per length).
-    The parameters stay the same tensors, so unloads write into what the graphs read; Inductor's
-    on-disk cache makes later runs' first step cheap, kept per CPU vector ISA
-    (:func:`~plora_ray.config.paths.inductor_cache_dir`). Returns the number of layers compiled."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    from plora_ray.config.paths import use_inductor_cache_dir
-
-    use_inductor_cache_dir(str(pick_vec_isa()))
+    one graph reused by every layer, dynamic lengths. Unloads write into the parameters the graphs
+    read; Inductor's on-disk cache (one per CPU vector ISA: ``config.paths.inductor_cache_dir``)
+    makes later runs' first step cheap. Returns the number of layers compiled."""
+    use_inductor_cache_dir()
     for block in (blocks := decoder_layers(model, name)):
         block.compile(dynamic=True)
     return len(blocks)
@@ -392,13 +388,10 @@ def build_model(cfg: RunConfig, world: int = 1):
     group up) the base is built partitioned (``deepspeed.zero.Init``): no rank ever holds it all."""
     d, zero3 = cfg.distributed, None
     if d.engine == "deepspeed" and d.zero_stage == 3:
-        import deepspeed
-
         from plora_ray.run.dsconfig import deepspeed_config, prepare_deepspeed
 
-        prepare_deepspeed()
         zero3 = deepspeed_config(cfg, world, hidden_width(cfg.model))
-        deepspeed.init_distributed()  # zero.Init reads the world size from DeepSpeed's comm
+        prepare_deepspeed(init_distributed=True)  # zero.Init reads the world size from DeepSpeed's comm
     model, tokenizer = load_base(cfg.model, cfg.seed, zero3)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
