@@ -70,8 +70,9 @@ def check_mlflow_environment() -> None:
             try:
                 var.get()
             except ValueError:
+                kind = "true, false, 1 or 0" if var.type is bool else getattr(var.type, "__name__", var.type)
                 raise ConfigError(f"environment variable {var.name}={var.get_raw()!r}: MLflow reads it as "
-                                  f"{getattr(var.type, '__name__', var.type)}: give such a value, or unset it") from None
+                                  f"{kind}: give such a value, or unset it") from None
 
 def mlflow_client(tracking_uri: str):
     """A client on ``tracking_uri`` (no global MLflow state; a new SQLite store is created)."""
