@@ -107,21 +107,28 @@ def test_inductor_caches_one_folder_per_vector_isa_under_the_cache_root(monkeypa
     """model.compile's Inductor cache: a folder per ISA under the cache root (Inductor's graph
     cache key omits the ISA: tests/test_compile.py), Inductor's own default re-chosen, a folder
     of the user's kept."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    from plora_ray.config.paths import inductor_cache_dir, use_inductor_cache_dir
+    from plora_ray.config.paths import inductor_cache_dir
+    from plora_ray.run.compiled import use_inductor_cache_dir
 
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "c"))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what Inductor writes there itself
     assert inductor_cache_dir("avx2") == str(tmp_path / "c" / "inductor" / "avx2")
     assert inductor_cache_dir("avx512 avx512_vnni amx_tile") == str(tmp_path / "c" / "inductor" / "avx512-avx512_vnni-amx_tile")
     assert inductor_cache_dir("INVALID_VEC_ISA") == str(tmp_path / "c" / "inductor" / "scalar")
-    use_inductor_cache_dir()
-    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent == tmp_path / "c" / "inductor"
-    assert inductor_cache_dir("avx2") == str(tmp_path / "c" / "inductor" / "avx2")  # ours: re-chosen by ISA
+    here = inductor_cache_dir(str(pick_vec_isa()))
+    for before in (None, default_cache_dir(), inductor_cache_dir("avx2")):  # unset, Inductor's, ours
+        if before is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
+        use_inductor_cache_dir()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == here, before
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own wins
     use_inductor_cache_dir()
-    assert inductor_cache_dir("avx2") == str(tmp_path / "mine") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
 
 def test_deepspeed_builds_no_inference_all_reduce_for_training(monkeypatch, tmp_path):
     """DeepSpeed's ``init_distributed`` JIT-builds its shared-memory all-reduce on the CPU

@@ -42,25 +42,8 @@ def use_extensions_dir() -> None:
 
 
 def inductor_cache_dir(isa: str) -> str:
-    """Where Inductor keeps ``model.compile``'s graphs and kernels: one folder per CPU vector ISA
-    that Inductor generates code for (``isa``, e.g. ``avx2``), unless ``TORCHINDUCTOR_CACHE_DIR``
-    names a folder of the user's. Inductor's graph cache key (torch 2.13) omits that ISA: a graph
-    cached by an AVX-512 process and loaded by an AVX2 one (``ATEN_CPU_CAPABILITY=avx2``, or nodes
-    of two CPU kinds sharing the cache root) ran AVX-512 loops over AVX2 vectors and gave NaN,
-    and the reverse corrupted the heap (bench/RESULTS.md)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    ours = cache_root() / "inductor"
-    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # Inductor writes its default there on first use
-    if chosen and Path(chosen).parent != ours and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
-        return chosen
+    """Where Inductor keeps ``model.compile``'s graphs and kernels for code of one CPU vector ISA
+    (``isa`` as Inductor names it, e.g. ``avx2``): a folder of its own under the cache root
+    (``run.compiled.use_inductor_cache_dir``: Inductor's graph cache key omits the ISA)."""
     folder = "-".join(isa.lower().split())
-    return str(ours / ("scalar" if folder in ("", "invalid_vec_isa") else folder))
-
-
-def use_inductor_cache_dir() -> None:
-    """Before this process compiles: Inductor reads and writes :func:`inductor_cache_dir` of the
-    ISA it generates code for now (``ATEN_CPU_CAPABILITY`` can lower it)."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(str(pick_vec_isa()))
+    return str(cache_root() / "inductor" / ("scalar" if folder in ("", "invalid_vec_isa") else folder))

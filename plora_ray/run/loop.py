@@ -24,7 +24,8 @@ from plora_ray.core.unloader import PeriodicUnloader, UnloadEvent
 from plora_ray.run.data import StepPlan, collate, load_examples, pack
 from plora_ray.run.engines import make_engine
 from plora_ray.run.loss import loss_positions, loss_sum, packing_isolated
-from plora_ray.run.models import build_model, compile_layers
+from plora_ray.run.compiled import compile_layers
+from plora_ray.run.models import build_model
 from plora_ray.run.unloading import build_unloader
 
 

@@ -22,7 +22,6 @@ from transformers.pytorch_utils import Conv1D
 
 from plora_ray.assets.templates import CHATML, apply_template
 from plora_ray.config.names import IGNORE
-from plora_ray.config.paths import use_inductor_cache_dir
 from plora_ray.config.schema import ConfigError, ModelConfig, RunConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -351,28 +350,6 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def decoder_layers(model, name: str) -> list[torch.nn.Module]:
-    """The model's repeated decoder layers (its ``_no_split_modules`` classes' modules), which
-    ``model.compile`` compiles; ConfigError naming the model where it names none."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or ())
-    if not (layers := [m for m in base.modules() if type(m).__name__ in names]):
-        raise ConfigError(f"model.compile: {name} names no repeated decoder layer (_no_split_modules) "
-                          "to compile: set model.compile: false")
-    return layers
-
-
-def compile_layers(model, name: str) -> int:
-    """Regional compilation (``model.compile``): ``torch.compile`` on each decoder layer in place,
-    one graph reused by every layer, dynamic lengths. Unloads write into the parameters the graphs
-    read; Inductor's on-disk cache (one per CPU vector ISA: ``config.paths.inductor_cache_dir``)
-    makes later runs' first step cheap. Returns the number of layers compiled."""
-    use_inductor_cache_dir()
-    for block in (blocks := decoder_layers(model, name)):
-        block.compile(dynamic=True)
-    return len(blocks)
 
 
 def hidden_width(cfg: ModelConfig) -> int | None:

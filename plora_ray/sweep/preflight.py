@@ -69,8 +69,8 @@ def check_model(cfg: RunConfig) -> None:
     """The base model exists, every ``lora.target_modules`` name matches a layer LoRA can wrap
     (checked on a meta-device skeleton, so even a 7B model costs a fraction of a second), and its
     tokenizer loads and renders the chat template with an assistant-only mask."""
-    from plora_ray.run.models import (check_attention, check_target_modules, check_tokenizer, decoder_layers,
-                                      model_skeleton)
+    from plora_ray.run.compiled import decoder_layers
+    from plora_ray.run.models import check_attention, check_target_modules, check_tokenizer, model_skeleton
 
     check_attention(cfg)  # flash_attention_2 where it cannot run
     skeleton = model_skeleton(cfg.model)
