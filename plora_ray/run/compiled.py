@@ -28,8 +28,8 @@ def use_inductor_cache_dir() -> None:
     CPU vector ISA it generates code for now (``config.paths.inductor_cache_dir``;
     ``ATEN_CPU_CAPABILITY`` can lower the ISA), unless ``TORCHINDUCTOR_CACHE_DIR`` names a folder
     of the user's. Inductor's graph cache key (torch 2.13) omits the ISA: a graph cached by an
-    AVX-512 process and loaded by an AVX2 one ran AVX-512 loops over AVX2 vectors and gave NaN,
-    and the reverse corrupted the heap (bench/RESULTS.md)."""
+    AVX-512 process and loaded by an AVX2 one gave NaN, and the reverse corrupted the heap
+    (bench/RESULTS.md)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
